@@ -1,0 +1,349 @@
+"""The stage contract.
+
+A stage is a small class with:
+
+- a registered ``name`` (the word used in pipeline.yaml),
+- a pydantic ``Config`` (its options; unknown keys are rejected),
+- the columns it ``reads`` and ``writes`` (name -> Arrow type),
+- the ``resources`` it needs (CPUs, GPUs, memory),
+- ``setup()``, run once per worker before the first batch (load models here),
+- and one method that does the work.
+
+Three kinds exist:
+
+``SourceStage``  lists independent ``tasks`` (files, byte ranges, a crawl) and ``read(task)`` yields
+                 Arrow tables of documents for one task.
+``MapStage``     ``process(table) -> table`` for one batch; streamable, runs in parallel over shards.
+                 A filter returns fewer rows; the runner counts rows in/out, the stage names reasons.
+``GlobalStage``  ``run(dataset, writer, ctx)`` must see the whole dataset (dedup, top-k selection).
+
+Runners know nothing else about a stage. Every stage is also a library call::
+
+    from curate.stages.language_id import LanguageId
+    table = LanguageId(languages=["en"])(table_or_parquet_path)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Iterator
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger("curate")
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage's options. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+
+class Resources(BaseModel):
+    """What one worker of a stage needs. Runners use it to size pools and ask Ray for slots."""
+
+    model_config = ConfigDict(extra="forbid")
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One independent unit of work of a source stage (a file, a byte range, a crawl).
+
+    ``id`` must be stable across runs: it names the output shard and the completion record.
+    """
+
+    id: str
+    payload: Any = None
+
+
+class StageError(Exception):
+    """A stage cannot run: bad input schema, missing model file, ... (a clear, user-facing error)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+REGISTRY: dict[str, type["Stage"]] = {}
+
+
+def register(cls: type["Stage"]) -> type["Stage"]:
+    """Class decorator: make a stage available by its ``name`` in pipeline.yaml."""
+    name = getattr(cls, "name", None)
+    if not name:
+        raise TypeError(f"{cls.__qualname__} has no stage name")
+    other = REGISTRY.get(name)
+    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
+        raise TypeError(f"stage name {name!r} is taken by {other.__module__}.{other.__qualname__}")
+    REGISTRY[name] = cls
+    return cls
+
+
+def load_builtin_stages() -> None:
+    """Import every module of ``curate.stages`` so that their stages register themselves."""
+    import importlib
+    import pkgutil
+
+    import curate.stages as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+
+
+def get_stage(name: str) -> type["Stage"]:
+    load_builtin_stages()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"unknown stage {name!r}; known stages: {known}") from None
+
+
+def list_stages() -> dict[str, type["Stage"]]:
+    load_builtin_stages()
+    return dict(sorted(REGISTRY.items()))
+
+
+# --------------------------------------------------------------------------------------------------
+# counters
+
+
+class Counters:
+    """Per-stage counters, merged by the runner into stats.json.
+
+    Keys are plain strings; by convention ``dropped/<reason>``, ``errors/<reason>`` and free keys
+    (``tokens/prompt``, ``pages/fetched``...). ``in``/``out`` rows are counted by the runner.
+    """
+
+    def __init__(self, data: dict[str, int] | None = None):
+        self.data: Counter[str] = Counter(data or {})
+
+    def add(self, key: str, n: int | float = 1) -> None:
+        if n:
+            self.data[key] += n
+
+    def merge(self, other: "Counters | dict[str, int]") -> None:
+        self.data.update(other.data if isinstance(other, Counters) else other)
+
+    def take(self) -> dict[str, int]:
+        """Return and reset (the runner takes them after each task)."""
+        out = dict(self.data)
+        self.data.clear()
+        return out
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.data)
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+
+
+class Stage:
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[dict[str, pa.DataType]] = {}
+    resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, config: StageConfig | dict | None = None, **options: Any):
+        if isinstance(config, StageConfig):
+            if options:
+                config = config.model_copy(update=options)
+            self.config = self.Config.model_validate(config.model_dump())
+        else:
+            self.config = self.Config.model_validate({**(config or {}), **options})
+        self.counters = Counters()
+        self._is_setup = False
+        self._side: dict[str, list[pa.Table]] = {}
+        # Set by the runner: where this stage may keep scratch/state files (local path), and the
+        # step name in the pipeline. Library calls leave them unset.
+        self.workdir: str | None = None
+        self.step_name: str = self.name
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load models/resources once per worker. Override; keep it idempotent."""
+
+    def ensure_setup(self) -> None:
+        if not self._is_setup:
+            self.setup()
+            self._is_setup = True
+
+    def teardown(self) -> None:
+        """Release resources (engines, pools). Called by runners at the end of a worker's life."""
+
+    # -- bookkeeping helpers -----------------------------------------------------------------------
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.counters.add(f"dropped/{reason}", n)
+
+    def error(self, reason: str, n: int = 1, *, doc_id: str | None = None, detail: str = "") -> None:
+        """Count (and log) a per-document error that was skipped; never silent."""
+        self.counters.add(f"errors/{reason}", n)
+        if self.counters.data[f"errors/{reason}"] <= 5:  # log the first few of each kind
+            log.warning("%s: %s%s%s", self.step_name, reason,
+                        f" (doc {doc_id})" if doc_id else "", f": {detail}" if detail else "")
+
+    def count(self, key: str, n: int | float = 1) -> None:
+        self.counters.add(key, n)
+
+    def side(self, name: str, table: pa.Table) -> None:
+        """Emit a side table (e.g. dropped documents, cluster tables). The runner writes it to
+        ``<output>/<step>/_<name>/`` with the same shard naming as the main output."""
+        if table.num_rows:
+            self._side.setdefault(name, []).append(table)
+
+    def take_side(self) -> dict[str, pa.Table]:
+        out = {k: pa.concat_tables(v, promote_options="permissive") for k, v in self._side.items()}
+        self._side.clear()
+        return out
+
+    # -- introspection -----------------------------------------------------------------------------
+    @classmethod
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    def check_columns(self, table: pa.Table | pa.RecordBatch) -> None:
+        missing = [c for c in self.reads if c not in table.schema.names]
+        if missing:
+            raise StageError(
+                f"stage {self.step_name!r} ({self.name}) needs column(s) {missing}; "
+                f"the input has {table.schema.names}")
+
+
+class SourceStage(Stage):
+    kind = "source"
+
+    def tasks(self) -> list[Task]:
+        raise NotImplementedError
+
+    def read(self, task: Task) -> Iterator[pa.Table]:
+        raise NotImplementedError
+
+    def __call__(self) -> pa.Table:
+        """Library call: read everything into one table."""
+        from curate.pipeline.schema import empty_docs
+
+        self.ensure_setup()
+        parts = [t for task in self.tasks() for t in self.read(task) if t.num_rows]
+        return pa.concat_tables(parts, promote_options="permissive") if parts else empty_docs()
+
+
+class MapStage(Stage):
+    kind = "map"
+    # When a batch raises, retry its rows one by one and skip (count) only the rows that fail.
+    isolate_errors: ClassVar[bool] = True
+
+    def process(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def process_safe(self, table: pa.Table) -> pa.Table:
+        """What runners call: checks columns, isolates failing documents, keeps every column."""
+        self.ensure_setup()
+        self.check_columns(table)
+        try:
+            out = self.process(table)
+        except StageError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not self.isolate_errors or table.num_rows == 0:
+                raise
+            if table.num_rows == 1:
+                doc_id = table.column("id")[0].as_py() if "id" in table.schema.names else None
+                self.error(f"exception/{type(exc).__name__}", doc_id=doc_id, detail=str(exc)[:300])
+                return self._empty_like(table)
+            parts = [self.process_safe(table.slice(i, 1)) for i in range(table.num_rows)]
+            out = pa.concat_tables(parts, promote_options="permissive")
+        lost = [c for c in table.schema.names if c not in out.schema.names]
+        if lost:
+            raise StageError(f"stage {self.step_name!r} ({self.name}) dropped column(s) {lost}; "
+                             "stages add columns but must keep the ones they receive")
+        return out
+
+    def _empty_like(self, table: pa.Table) -> pa.Table:
+        # an empty result with the output schema, obtained by running on zero rows
+        try:
+            return self.process(table.slice(0, 0))
+        except Exception:  # noqa: BLE001
+            return table.slice(0, 0)
+
+    def __call__(self, data: "pa.Table | pa.RecordBatch | str | list[str]") -> pa.Table:
+        """Library call on a table, a record batch, or a Parquet file/folder/glob path(s)."""
+        from curate.pipeline.io import as_table_iter
+
+        parts = [self.process_safe(t) for t in as_table_iter(data)]
+        parts = [p for p in parts if p.num_rows] or parts[:1]
+        return pa.concat_tables(parts, promote_options="permissive")
+
+
+class FilterStage(MapStage):
+    """A map stage that keeps or drops rows. Implement ``keep(table) -> (mask, reasons)``.
+
+    ``mask`` is a sequence of bools (True = keep); ``reasons`` gives, for each dropped row, the
+    reason string (None for kept rows). The base class counts ``dropped/<reason>`` and, when the
+    option ``save_dropped`` exists and is true, emits dropped rows (with a ``drop_reason`` column)
+    as the side output ``dropped``. Score columns should be added in ``annotate`` so thresholds
+    can be re-tuned later without recomputing.
+    """
+
+    def annotate(self, table: pa.Table) -> pa.Table:
+        """Optionally add score columns before deciding. Default: unchanged."""
+        return table
+
+    def keep(self, table: pa.Table) -> tuple[Iterable[bool], list[str | None]]:
+        raise NotImplementedError
+
+    def process(self, table: pa.Table) -> pa.Table:
+        table = self.annotate(table)
+        if table.num_rows == 0:
+            return table
+        mask, reasons = self.keep(table)
+        mask = pa.array(list(mask), type=pa.bool_())
+        for r in reasons:
+            if r is not None:
+                self.drop(r)
+        if getattr(self.config, "save_dropped", False):
+            dropped = table.filter(pa.compute.invert(mask))
+            if dropped.num_rows:
+                dropped = dropped.append_column(
+                    "drop_reason", pa.array([r for r in reasons if r is not None], pa.string()))
+                self.side("dropped", dropped)
+        return table.filter(mask)
+
+
+class GlobalStage(Stage):
+    """A stage that must see all shards. ``run`` reads ``dataset`` (streaming, any number of
+    passes), writes results through ``writer`` and may parallelise with ``ctx.map``."""
+
+    kind = "global"
+
+    def run(self, dataset: "Dataset", writer: "Writer", ctx: "RunContext") -> None:
+        raise NotImplementedError
+
+    def __call__(self, data: "pa.Table | str | list[str]", workdir: str | None = None) -> pa.Table:
+        """Library call: run on a table or Parquet path(s) in this process; returns a table."""
+        import tempfile
+
+        from curate.pipeline.io import Dataset, MemoryWriter
+        from curate.pipeline.context import RunContext
+
+        self.ensure_setup()
+        ds = Dataset.from_any(data)
+        writer = MemoryWriter()
+        with tempfile.TemporaryDirectory(prefix=f"curate-{self.name}-") as tmp:
+            self.workdir = workdir or tmp
+            self.run(ds, writer, RunContext.inline(self.workdir))
+        return writer.table()
+
+
+# typing-only names (defined in io/context) -------------------------------------------------------
+Dataset = Any
+Writer = Any
+RunContext = Any
