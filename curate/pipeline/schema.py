@@ -62,10 +62,12 @@ def metadata_of(table: pa.Table) -> list[dict]:
     return [json.loads(m) if m else {} for m in table.column("metadata").to_pylist()]
 
 
-def ensure_doc_columns(table: pa.Table, source: str = "", id_prefix: str = "") -> pa.Table:
+def ensure_doc_columns(table: pa.Table, source: str = "", id_prefix: str = "",
+                       offset: int = 0) -> pa.Table:
     """Complete a table read from user data to the document schema (adds missing columns).
 
-    Missing ``id`` values are derived from ``source`` (or ``id_prefix``) and the row position.
+    Missing ``id`` values are derived from ``source`` (or ``id_prefix``) and the row position
+    (``offset`` + row index within ``table``).
     """
     n = table.num_rows
     names = table.schema.names
@@ -75,7 +77,7 @@ def ensure_doc_columns(table: pa.Table, source: str = "", id_prefix: str = "") -
         table = table.set_column(names.index("text"), "text", table.column("text").cast(pa.string()))
     if "id" not in names:
         base = id_prefix or source
-        table = table.add_column(0, "id", pa.array([make_id(base, i) for i in range(n)], pa.string()))
+        table = table.add_column(0, "id", pa.array([make_id(base, offset + i) for i in range(n)], pa.string()))
     elif table.schema.field("id").type != pa.string():
         i = table.schema.names.index("id")
         table = table.set_column(i, "id", table.column("id").cast(pa.string()))

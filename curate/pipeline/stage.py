@@ -205,6 +205,17 @@ class Stage:
         self._side.clear()
         return out
 
+    # -- validation --------------------------------------------------------------------------------
+    def check(self) -> list[tuple[str, str]]:
+        """Problems found before any work starts, as (option key, message) pairs: missing input
+        files, unreachable model paths... Called by ``curate validate`` and before ``curate run``."""
+        return []
+
+    def fingerprint_extra(self) -> str:
+        """Anything beyond the options that should invalidate finished outputs when it changes
+        (e.g. a source's file sizes). Part of the step fingerprint used for resume."""
+        return ""
+
     # -- introspection -----------------------------------------------------------------------------
     @classmethod
     def doc(cls) -> str:

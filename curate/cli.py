@@ -1,0 +1,183 @@
+"""The ``curate`` command line.
+
+  curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH]
+  curate validate FILE
+  curate stages [NAME]
+  curate inspect PATH [--rows N]
+
+Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from importlib import resources
+
+import click
+
+from curate import __version__
+
+
+def quickstart_path() -> str:
+    """The quickstart pipeline shipped inside the package (``curate run`` with no file)."""
+    return str(resources.files("curate") / "configs" / "quickstart.yaml")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "trafilatura", "datasketch", "numba", "filelock", "datatrove"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="curate")
+def main() -> None:
+    """curate: clean, deduplicated, scored and synthetic corpora for continued pre-training."""
+
+
+@main.command()
+@click.argument("file", required=False)
+@click.option("--force", is_flag=True, help="Recompute every step, ignoring finished shards.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default=None, help="Override `runner:`.")
+@click.option("--workers", type=int, default=None, help="Override `workers:` (processes).")
+@click.option("--output", default=None, help="Override `output:` (local path or fsspec URL).")
+@click.option("--quiet", "-q", is_flag=True, help="Warnings and the final table only.")
+def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
+        quiet: bool) -> None:
+    """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
+    from curate.pipeline.config import ConfigError, load_pipeline
+    from curate.pipeline.runner import PipelineError, Runner
+    from curate.pipeline.stats import funnel_table
+
+    _setup_logging(quiet)
+    file = file or quickstart_path()
+    try:
+        pipe = load_pipeline(file, overrides={"runner": runner, "workers": workers, "output": output})
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
+                                     pipe.spec.runner)
+    try:
+        result = Runner(pipe, force=force, workers=workers, progress=not quiet).run()
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo(funnel_table(result.stats))
+    click.echo(f"\noutput: {result.output}  (stats.json, manifest.json; {result.seconds:.1f}s)")
+
+
+@main.command()
+@click.argument("file")
+def validate(file: str) -> None:
+    """Check a pipeline file without running it (stages, options, inputs)."""
+    from curate.pipeline.config import ConfigError, load_pipeline
+    from curate.pipeline.runner import Segment, plan
+
+    try:
+        pipe = load_pipeline(file)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{file}: valid pipeline {pipe.spec.name!r}, {len(pipe.steps)} steps, output {pipe.output}")
+    for item in plan(pipe):
+        if isinstance(item, Segment):
+            chain = ([item.source.name] if item.source else [f"<{item.head.name}>"]) + [s.name for s in item.chain]
+            click.echo(f"  map    {' -> '.join(dict.fromkeys(chain))}  => {item.target.name}/")
+        else:
+            click.echo(f"  global {item.name} ({item.stage.name}) <- {', '.join(item.inputs)}  => {item.name}/")
+
+
+@main.command()
+@click.argument("name", required=False)
+def stages(name: str | None) -> None:
+    """List registered stages, or show one stage's options."""
+    from curate.pipeline.stage import get_stage, list_stages
+
+    if name is None:
+        reg = list_stages()
+        width = max(map(len, reg)) if reg else 0
+        for n, cls in reg.items():
+            click.echo(f"{n.ljust(width)}  {cls.kind:<6}  {cls.doc()}")
+        click.echo("\n`curate stages NAME` shows a stage's options.")
+        return
+    try:
+        cls = get_stage(name)
+    except KeyError as exc:
+        click.echo(f"error: {exc.args[0]}", err=True)
+        sys.exit(2)
+    click.echo(f"{name} ({cls.kind} stage): {cls.doc()}\n")
+    if cls.reads:
+        click.echo(f"reads:  {', '.join(cls.reads)}")
+    if cls.writes:
+        click.echo(f"writes: {', '.join(f'{k} ({v})' for k, v in cls.writes.items())}")
+    r = cls.resources
+    click.echo(f"needs:  {r.cpus:g} CPU, {r.gpus:g} GPU" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))
+    click.echo("\noptions:")
+    for key, f in cls.Config.model_fields.items():
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        desc = f" — {f.description}" if f.description else ""
+        click.echo(f"  {key}: {ann} ({default}){desc}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--rows", "-n", default=3, help="Sample rows to show.")
+def inspect(path: str, rows: int) -> None:
+    """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from curate.pipeline.io import Dataset, get_fs, join
+
+    fs, root = get_fs(path)
+    manifest = join(root, "manifest.json")
+    if fs.isdir(root) and fs.exists(manifest):
+        with fs.open(manifest) as f:
+            m = json.load(f)
+        click.echo(f"{path}: output of pipeline {m.get('pipeline')!r}")
+        for step, s in m["steps"].items():
+            n = sum(sh["rows"] for sh in s["shards"])
+            click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
+        click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step.")
+        return
+    try:
+        ds = Dataset.from_any(path)
+    except FileNotFoundError:
+        click.echo(f"error: {path}: not found", err=True)
+        sys.exit(2)
+    if not ds.files:
+        click.echo(f"{path}: no Parquet files")
+        return
+    table = ds.to_table()
+    click.echo(f"{path}: {len(ds.files)} files, {table.num_rows:,} rows\n\nschema:")
+    for field in table.schema:
+        col = table.column(field.name)
+        nulls = col.null_count
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            lens = pc.utf8_length(col)
+            summary = f"len mean {pc.mean(lens).as_py() or 0:,.0f}, max {pc.max(lens).as_py() or 0:,}"
+        elif pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+            mm = pc.min_max(col)
+            summary = f"min {mm['min'].as_py()}, mean {pc.mean(col).as_py()}, max {mm['max'].as_py()}"
+        elif pa.types.is_boolean(field.type):
+            summary = f"true {pc.sum(col).as_py() or 0:,}"
+        else:
+            summary = ""
+        click.echo(f"  {field.name}: {field.type}  {summary}" + (f", nulls {nulls:,}" if nulls else ""))
+    click.echo("\nsample:")
+    for row in table.slice(0, rows).to_pylist():
+        short = {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v) for k, v in row.items()}
+        click.echo("  " + json.dumps(short, ensure_ascii=False, default=str))
+
+
+if __name__ == "__main__":
+    main()

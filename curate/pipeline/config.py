@@ -1,0 +1,256 @@
+"""pipeline.yaml: loading and whole-file validation before any work starts.
+
+::
+
+    name: finance-web
+    plugins: [my_project.stages]   # optional: modules defining your own @register stages
+    output: out/finance            # local path or any fsspec URL (s3://bucket/prefix, memory://x)
+    runner: local                  # local (default) | ray
+    workers: 2                     # processes of the local runner (default: CPU count)
+    batch_size: 1000               # rows per batch through map stages
+    rows_per_shard: 50000          # rows per output Parquet shard
+    max_error_fraction: 0.5        # stop the run when more documents than this fail in a step
+    engines:                       # named LLM engines stages refer to with `engine: <name>`
+      small: {kind: transformers}
+    inputs:                        # named sources
+      pages: {stage: read_warc, options: {paths: [crawl/*.warc.gz]}}
+    stages:                        # named steps; `input` defaults to the previous step
+      - {stage: extract_html}
+      - {name: lid, stage: language_id, options: {languages: [en]}}
+      - {name: rc, stage: reading_comprehension, input: lid}
+
+Every error names the file, the step and the key; the CLI exits with code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curate.pipeline.stage import Stage, get_stage
+
+
+class ConfigError(Exception):
+    """An invalid pipeline file. ``problems`` lists (where, message) pairs."""
+
+    def __init__(self, path: str, problems: list[tuple[str, str]]):
+        self.path = path
+        self.problems = problems
+        lines = [f"{path}: {where}: {msg}" if where else f"{path}: {msg}" for where, msg in problems]
+        super().__init__("invalid pipeline\n  " + "\n  ".join(lines))
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    stage: str
+    input: str | list[str] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    save: bool = False  # materialise this step's output even when it is fused with the next
+
+
+class PipelineSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "pipeline"
+    output: str
+    runner: Literal["local", "ray"] = "local"
+    workers: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=1000, ge=1)
+    rows_per_shard: int = Field(default=50_000, ge=1)
+    max_error_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    plugins: list[str] = Field(default_factory=list)  # modules to import: your own @register stages
+    engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    inputs: dict[str, StepSpec] = Field(default_factory=dict)
+    stages: list[StepSpec] = Field(default_factory=list)
+
+
+class Step:
+    """A validated step: its name, stage instance, inputs and fingerprint."""
+
+    def __init__(self, name: str, stage: Stage, inputs: list[str], save: bool, spec: StepSpec):
+        self.name = name
+        self.stage = stage
+        self.inputs = inputs
+        self.save = save
+        self.spec = spec
+        self.fingerprint = ""
+
+    @property
+    def kind(self) -> str:
+        return self.stage.kind
+
+    def options(self) -> dict[str, Any]:
+        return self.stage.config.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        return f"Step({self.name!r}, {self.stage.name}, inputs={self.inputs})"
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec, steps: dict[str, Step], path: str = "<dict>"):
+        self.spec = spec
+        self.steps = steps  # in file order: inputs first, then stages
+        self.path = path
+
+    @property
+    def output(self) -> str:
+        return self.spec.output
+
+    def consumers(self, name: str) -> list[Step]:
+        return [s for s in self.steps.values() if name in s.inputs]
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err.get("loc", ()))
+
+
+def _fmt(err: dict) -> str:
+    msg = err.get("msg", "invalid")
+    if err.get("type") == "extra_forbidden":
+        return "unknown key"
+    if err.get("type") == "missing":
+        return "required key is missing"
+    if "input" in err and err.get("type") not in ("missing",):
+        return f"{msg} (got {err['input']!r})"[:300]
+    return msg
+
+
+def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None) -> Pipeline:
+    """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem."""
+    path = source if isinstance(source, str) else "<dict>"
+    if isinstance(source, str):
+        if not os.path.exists(source):
+            raise ConfigError(path, [("", "file not found")])
+        try:
+            with open(source, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(path, [("", f"not valid YAML: {exc}")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(path, [("", f"not UTF-8 text: {exc}")]) from None
+    else:
+        raw = dict(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(path, [("", "the file must be a mapping with keys name, output, inputs, stages")])
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+
+    problems: list[tuple[str, str]] = []
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        for e in exc.errors():
+            loc = e.get("loc", ())
+            if loc and loc[0] == "stages" and len(loc) > 1 and isinstance(loc[1], int):
+                st = (raw.get("stages") or [])[loc[1]] if isinstance(raw.get("stages"), list) else {}
+                label = (st.get("name") or st.get("stage")) if isinstance(st, dict) else None
+                where = f"stage {label!r} (stages[{loc[1]}])" if label else f"stages[{loc[1]}]"
+                rest = ".".join(str(p) for p in loc[2:])
+                problems.append((f"{where}: key {rest!r}" if rest else where, _fmt(e)))
+            elif loc and loc[0] == "inputs" and len(loc) > 1:
+                rest = ".".join(str(p) for p in loc[2:])
+                problems.append((f"input {loc[1]!r}: key {rest!r}" if rest else f"input {loc[1]!r}", _fmt(e)))
+            else:
+                problems.append((f"key {_loc(e)!r}", _fmt(e)))
+        raise ConfigError(path, problems) from None
+
+    for mod in spec.plugins:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # noqa: BLE001
+            problems.append(("key 'plugins'", f"cannot import {mod!r}: {type(exc).__name__}: {exc}"))
+    if not spec.inputs and not spec.stages:
+        problems.append(("", "the pipeline has no inputs and no stages"))
+
+    steps: dict[str, Step] = {}
+    entries: list[tuple[str, str, StepSpec, bool]] = []
+    for name, s in spec.inputs.items():
+        entries.append((name, f"input {name!r}", s, True))
+    for i, s in enumerate(spec.stages):
+        name = s.name or s.stage
+        entries.append((name, f"stage {name!r} (stages[{i}])", s, False))
+
+    seen: set[str] = set()   # every step name declared so far, valid or not
+    previous: str | None = None
+    only_input = next(iter(spec.inputs)) if len(spec.inputs) == 1 else None
+    for name, where, s, is_input in entries:
+        if name in seen:
+            problems.append((where, f"step name {name!r} is used twice; give one of them `name:`"))
+            continue
+        seen.add(name)
+        try:
+            cls = get_stage(s.stage)
+        except KeyError as exc:
+            problems.append((f"{where}: key 'stage'", str(exc.args[0])))
+            previous = name
+            continue
+        options = dict(s.options)
+        eng = options.get("engine")
+        if isinstance(eng, str):
+            if eng not in spec.engines:
+                problems.append((f"{where}: key 'options.engine'",
+                                 f"unknown engine {eng!r}; defined engines: {sorted(spec.engines) or 'none'}"))
+                previous = name
+                continue
+            options["engine"] = spec.engines[eng]
+        try:
+            stage = cls(options)
+        except ValidationError as exc:
+            for e in exc.errors():
+                problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e)))
+            previous = name
+            continue
+        stage.step_name = name
+        for key, msg in stage.check():
+            problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
+
+        if is_input or stage.kind == "source":
+            if not is_input:
+                problems.append((where, f"{s.stage} is a source stage; list it under `inputs:`"))
+            if s.input is not None:
+                problems.append((f"{where}: key 'input'", "a source takes no input"))
+            inputs: list[str] = []
+        else:
+            if is_input:
+                problems.append((where, f"{s.stage} is not a source stage; list it under `stages:`"))
+            if s.input is None:
+                default = only_input if previous is None else previous
+                inputs = [default] if default else []
+                if not inputs:
+                    problems.append((f"{where}: key 'input'", "no input: name a step or define `inputs:`"))
+            else:
+                inputs = [s.input] if isinstance(s.input, str) else list(s.input)
+                for inp in inputs:
+                    if inp not in [e[0] for e in entries]:
+                        problems.append((f"{where}: key 'input'", f"unknown step {inp!r}"))
+                    elif inp not in seen or inp == name:
+                        problems.append((f"{where}: key 'input'", f"step {inp!r} comes later; inputs must come first"))
+            if stage.kind == "map" and len(inputs) > 1:
+                problems.append((f"{where}: key 'input'", f"{s.stage} is a map stage and takes one input"))
+        steps[name] = Step(name, stage, inputs, s.save, s)
+        if not is_input:
+            previous = name
+
+    if problems:
+        raise ConfigError(path, problems)
+    pipe = Pipeline(spec, steps, path)
+    _fingerprint(pipe)
+    return pipe
+
+
+def _fingerprint(pipe: Pipeline) -> None:
+    """A step's fingerprint covers its stage, options and everything upstream: a change anywhere
+    above a step invalidates its finished shards on the next run."""
+    for step in pipe.steps.values():
+        h = hashlib.sha256()
+        h.update(json.dumps({"stage": step.stage.name, "options": step.options(),
+                             "fingerprint_extra": step.stage.fingerprint_extra()},
+                            sort_keys=True, default=str).encode())
+        for inp in step.inputs:
+            h.update(pipe.steps[inp].fingerprint.encode())
+        step.fingerprint = h.hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""Per-step counters (stats.json), the funnel table, and progress reporting.
+
+A progress bar (tqdm: docs/s, ETA when the total is known) on a terminal; plain log lines every
+``interval`` seconds otherwise (CI logs, Airflow, Docker).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+log = logging.getLogger("curate")
+
+
+class StepStats:
+    def __init__(self, name: str, stage: str):
+        self.name = name
+        self.stage = stage
+        self.rows_in = 0
+        self.rows_out = 0
+        self.counters: Counter[str] = Counter()
+        self.seconds = 0.0
+        self.shards = 0
+        self.status = "pending"
+
+    def add(self, rows_in: int = 0, rows_out: int = 0, counters: dict | None = None) -> None:
+        self.rows_in += rows_in
+        self.rows_out += rows_out
+        if counters:
+            self.counters.update(counters)
+
+    def errors(self) -> int:
+        return sum(v for k, v in self.counters.items() if k.startswith("errors/"))
+
+    def to_dict(self) -> dict[str, Any]:
+        dropped = {k[8:]: v for k, v in sorted(self.counters.items()) if k.startswith("dropped/")}
+        errors = {k[7:]: v for k, v in sorted(self.counters.items()) if k.startswith("errors/")}
+        other = {k: v for k, v in sorted(self.counters.items())
+                 if not k.startswith(("dropped/", "errors/"))}
+        return {"stage": self.stage, "status": self.status, "in": self.rows_in, "out": self.rows_out,
+                "dropped": dropped, "errors": errors, "counters": other,
+                "shards": self.shards, "seconds": round(self.seconds, 3)}
+
+
+def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time."""
+    rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons)", "errors", "time")]
+    for name, s in stats.items():
+        kept = f"{100 * s['out'] / s['in']:.1f}%" if s["in"] else "-"
+        top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])[:3]
+        dropped = ", ".join(f"{k} {v:,}" for k, v in top) or "-"
+        errs = sum(s["errors"].values())
+        rows.append((name, s["stage"], f"{s['in']:,}", f"{s['out']:,}", kept, dropped,
+                     f"{errs:,}" if errs else "-", f"{s['seconds']:.1f}s"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(str(c).rjust(w) if i in (2, 3, 4, 6, 7) else str(c).ljust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+class Progress:
+    """Counts documents for one step; a tqdm bar on a TTY, log lines otherwise."""
+
+    def __init__(self, step: str, total: int | None = None, interval: float = 10.0,
+                 tty: bool | None = None, enabled: bool = True):
+        self.step = step
+        self.total = total
+        self.n = 0
+        self.tokens = 0
+        self.start = time.monotonic()
+        self.interval = interval
+        self._last = self.start
+        self._bar = None
+        self.enabled = enabled
+        tty = sys.stderr.isatty() if tty is None else tty
+        if enabled and tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc=step, unit="doc", dynamic_ncols=True, leave=True)
+
+    def update(self, n: int, tokens: int = 0) -> None:
+        self.n += n
+        self.tokens += tokens
+        if self._bar is not None:
+            self._bar.update(n)
+            if self.tokens:
+                el = max(time.monotonic() - self.start, 1e-9)
+                self._bar.set_postfix_str(f"{self.tokens / el:.1f} tok/s", refresh=False)
+        elif self.enabled:
+            now = time.monotonic()
+            if now - self._last >= self.interval:
+                self._last = now
+                self._log(now)
+
+    def _log(self, now: float) -> None:
+        el = max(now - self.start, 1e-9)
+        msg = f"[{self.step}] {self.n:,} docs, {self.n / el:,.1f} docs/s"
+        if self.total:
+            rate = self.n / el
+            msg += f", {100 * self.n / self.total:.0f}% of {self.total:,}"
+            if 0 < self.n < self.total:
+                msg += f", ETA {(self.total - self.n) / rate:,.0f}s"
+        if self.tokens:
+            msg += f", {self.tokens / el:,.1f} generated tok/s"
+        log.info(msg)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled:
+            self._log(time.monotonic())

@@ -1,0 +1,111 @@
+"""``read_jsonl``: documents from JSON Lines files (.jsonl, .jsonl.gz, .zst...; local or fsspec).
+
+A line that is not valid JSON, not an object, not UTF-8, or has no text is counted under
+``errors/<reason>`` (the first few are logged with file and line number) and skipped; the rest of the
+file is read.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import json
+from typing import Iterator
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.pipeline.io import get_fs, to_url
+from curate.pipeline.schema import docs_table, dumps_meta, make_id
+from curate.pipeline.stage import SourceStage, StageConfig, Task, register
+
+
+class ReadJsonlConfig(StageConfig):
+    paths: list[str] | str = Field(description="files, folders or globs of JSON Lines (compression by suffix)")
+    text_key: str = Field("text", description="key holding the document text")
+    id_key: str | None = Field("id", description="key holding the id; derived from file+line when absent")
+    source_key: str | None = Field(None, description="key holding the source url/path (default: the file)")
+    batch_size: int = Field(2048, ge=1)
+
+
+def expand(paths: list[str], suffixes: tuple[str, ...]) -> list[str]:
+    out: list[str] = []
+    for p in paths:
+        fs, root = get_fs(p)
+        if _glob.has_magic(root):
+            found = sorted(fs.glob(root))
+        elif fs.isdir(root):
+            found = sorted(f for f in fs.find(root) if f.endswith(suffixes))
+        elif fs.exists(root):
+            found = [root]
+        else:
+            raise FileNotFoundError(p)
+        out.extend(to_url(fs, f) for f in found)
+    return out
+
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz", ".json.gz", ".ndjson")
+
+
+@register
+class ReadJsonl(SourceStage):
+    """Read documents from JSON Lines files; other keys go to metadata; bad lines are counted."""
+
+    name = "read_jsonl"
+    Config = ReadJsonlConfig
+    writes = {"id": pa.string(), "text": pa.string(), "source": pa.string(), "metadata": pa.string()}
+
+    def _paths(self) -> list[str]:
+        p = self.config.paths
+        return [p] if isinstance(p, str) else list(p)
+
+    def check(self) -> list[tuple[str, str]]:
+        try:
+            files = expand(self._paths(), JSONL_SUFFIXES)
+        except FileNotFoundError as exc:
+            return [("paths", f"not found: {exc.args[0]}")]
+        return [] if files else [("paths", f"no JSON Lines files match {self._paths()}")]
+
+    def tasks(self) -> list[Task]:
+        return [Task(id=f, payload=f) for f in expand(self._paths(), JSONL_SUFFIXES)]
+
+    def read(self, task: Task) -> Iterator[pa.Table]:
+        cfg = self.config
+        path = task.payload
+        fs, p = get_fs(path)
+        rows: list[tuple[str, str, str, str]] = []
+        with fs.open(p, "rb", compression="infer") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self.error("not_utf8", doc_id=where, detail=str(exc))
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    self.error("bad_json", doc_id=where, detail=str(exc))
+                    continue
+                if not isinstance(obj, dict):
+                    self.error("not_an_object", doc_id=where)
+                    continue
+                text = obj.pop(cfg.text_key, None)
+                if not isinstance(text, str):
+                    self.error("no_text", doc_id=where, detail=f"key {cfg.text_key!r} missing or not a string")
+                    continue
+                doc_id = obj.pop(cfg.id_key, None) if cfg.id_key else None
+                source = obj.pop(cfg.source_key, None) if cfg.source_key else None
+                rows.append((str(doc_id) if doc_id is not None else make_id(path, lineno), text,
+                             str(source) if source is not None else path, dumps_meta(obj)))
+                if len(rows) >= cfg.batch_size:
+                    yield _table(rows)
+                    rows = []
+        if rows:
+            yield _table(rows)
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> pa.Table:
+    ids, texts, sources, metas = zip(*rows)
+    return docs_table(ids, texts, sources, metas)

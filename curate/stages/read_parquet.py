@@ -1,0 +1,71 @@
+"""``read_parquet``: documents from Parquet files (local or any fsspec URL), one task per file."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pyarrow as pa
+from pydantic import Field
+
+from curate.pipeline.io import get_fs, iter_parquet, list_parquet
+from curate.pipeline.schema import ensure_doc_columns
+from curate.pipeline.stage import SourceStage, StageConfig, StageError, Task, register
+
+
+class ReadParquetConfig(StageConfig):
+    paths: list[str] | str = Field(description="files, folders or globs (local or fsspec URLs)")
+    text_column: str = Field("text", description="column holding the document text")
+    id_column: str | None = Field("id", description="column holding ids; missing ids are derived "
+                                                    "from the file path and row number")
+    columns: list[str] | None = Field(None, description="read only these columns (plus text/id)")
+    batch_size: int = Field(4096, ge=1)
+
+
+@register
+class ReadParquet(SourceStage):
+    """Read documents from Parquet files; adds id/source/metadata columns when missing."""
+
+    name = "read_parquet"
+    Config = ReadParquetConfig
+    writes = {"id": pa.string(), "text": pa.string(), "source": pa.string(), "metadata": pa.string()}
+
+    def _paths(self) -> list[str]:
+        p = self.config.paths
+        return [p] if isinstance(p, str) else list(p)
+
+    def check(self) -> list[tuple[str, str]]:
+        try:
+            files = list_parquet(self._paths())
+        except FileNotFoundError as exc:
+            return [("paths", f"not found: {exc.args[0]}")]
+        return [] if files else [("paths", f"no Parquet files match {self._paths()}")]
+
+    def tasks(self) -> list[Task]:
+        return [Task(id=f, payload=f) for f in list_parquet(self._paths())]
+
+    def fingerprint_extra(self) -> str:
+        out = []
+        try:
+            for f in list_parquet(self._paths()):
+                fs, p = get_fs(f)
+                out.append(f"{f}:{fs.size(p)}")
+        except FileNotFoundError:
+            pass
+        return "|".join(out)
+
+    def read(self, task: Task) -> Iterator[pa.Table]:
+        cfg = self.config
+        cols = None
+        if cfg.columns:
+            cols = list(dict.fromkeys([*cfg.columns, cfg.text_column] + ([cfg.id_column] if cfg.id_column else [])))
+        offset = 0
+        for t in iter_parquet(task.payload, columns=cols, batch_size=cfg.batch_size):
+            if cfg.text_column not in t.schema.names:
+                raise StageError(f"{task.payload}: no column {cfg.text_column!r} (columns: {t.schema.names})")
+            if cfg.text_column != "text":
+                t = t.rename_columns(["text" if c == cfg.text_column else c for c in t.schema.names])
+            if cfg.id_column and cfg.id_column != "id" and cfg.id_column in t.schema.names:
+                t = t.rename_columns(["id" if c == cfg.id_column else c for c in t.schema.names])
+            t = ensure_doc_columns(t, source=task.payload, offset=offset)
+            offset += t.num_rows
+            yield t

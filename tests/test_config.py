@@ -1,0 +1,122 @@
+"""pipeline.yaml validation: every error names the file, the step and the key; the CLI exits 2."""
+
+import subprocess
+
+import pytest
+
+from curate.pipeline.config import ConfigError, load_pipeline
+from helpers import pipeline_dict, write_corpus, write_yaml
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    write_corpus(str(tmp_path / "in"), files=1, rows=10)
+    return str(tmp_path / "in")
+
+
+def problems_of(path):
+    with pytest.raises(ConfigError) as ei:
+        load_pipeline(path)
+    return ei.value, str(ei.value)
+
+
+def test_valid_pipeline_loads(tmp_path, corpus):
+    p = write_yaml(str(tmp_path / "p.yaml"), pipeline_dict(corpus, str(tmp_path / "out")))
+    pipe = load_pipeline(p)
+    assert list(pipe.steps) == ["docs", "word_count", "min_words", "top", "counts2"]
+    assert pipe.steps["word_count"].inputs == ["docs"]
+    assert pipe.steps["counts2"].inputs == ["min_words"]
+    assert len({s.fingerprint for s in pipe.steps.values()}) == 5
+
+
+def test_unknown_stage(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][1]["stage"] = "min_wordz"
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    err, msg = problems_of(p)
+    assert p in msg and "stage 'min_wordz'" in msg and "key 'stage'" in msg and "unknown stage" in msg
+
+
+def test_unknown_option(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][1]["options"]["min_wrods"] = 3
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    _, msg = problems_of(p)
+    assert "stage 'min_words'" in msg and "options.min_wrods" in msg and "unknown key" in msg
+
+
+def test_wrongly_typed_option(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][2]["options"]["k"] = "many"
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    _, msg = problems_of(p)
+    assert "stage 'top'" in msg and "options.k" in msg and "'many'" in msg
+
+
+def test_missing_input_file(tmp_path):
+    d = pipeline_dict(str(tmp_path / "nope"), str(tmp_path / "out"))
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    _, msg = problems_of(p)
+    assert "input 'docs'" in msg and "options.paths" in msg and "not found" in msg
+
+
+def test_missing_pipeline_file_and_bad_yaml(tmp_path):
+    _, msg = problems_of(str(tmp_path / "absent.yaml"))
+    assert "absent.yaml" in msg and "file not found" in msg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    _, msg = problems_of(str(bad))
+    assert "bad.yaml" in msg and "not valid YAML" in msg and "line" in msg
+
+
+def test_top_level_errors(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"), runner="spark", rows_per_shard=0)
+    del d["output"]
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    err, msg = problems_of(p)
+    keys = {w for w, _ in err.problems}
+    assert {"key 'runner'", "key 'rows_per_shard'", "key 'output'"} <= keys
+
+
+def test_graph_errors(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][3]["input"] = "nowhere"
+    d["stages"].append({"stage": "word_count"})            # duplicate name
+    d["stages"].append({"stage": "read_parquet", "options": {"paths": corpus}})  # source in stages
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    err, msg = problems_of(p)
+    assert "stage 'counts2'" in msg and "unknown step 'nowhere'" in msg
+    assert "used twice" in msg
+    assert "source stage" in msg
+
+
+def test_unknown_engine_reference(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][0]["options"] = {"engine": "big"}
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    _, msg = problems_of(p)
+    assert "options.engine" in msg and "unknown engine 'big'" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][1]["options"]["bogus"] = 1
+    d["stages"][2]["options"]["k"] = -3
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    err, _ = problems_of(p)
+    assert len(err.problems) == 2
+
+
+def test_cli_validate_exit_codes(tmp_path, corpus, curate_cmd):
+    good = write_yaml(str(tmp_path / "good.yaml"), pipeline_dict(corpus, str(tmp_path / "out")))
+    r = subprocess.run(curate_cmd + ["validate", good], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "valid pipeline" in r.stdout and "global top" in r.stdout
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    d["stages"][0]["stage"] = "nope"
+    bad = write_yaml(str(tmp_path / "bad.yaml"), d)
+    for cmd in (["validate", bad], ["run", bad]):
+        r = subprocess.run(curate_cmd + cmd, capture_output=True, text=True)
+        assert r.returncode == 2
+        assert "bad.yaml" in r.stderr and "stage 'nope'" in r.stderr and "key 'stage'" in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
