@@ -237,3 +237,14 @@ def test_plain_progress_lines_when_not_a_tty(tmp_path, corpus, caplog):
     p.update(40)
     p.close()
     assert any("[step] 40 docs" in r.message and "40% of 100" in r.message for r in caplog.records)
+
+
+def test_second_run_on_same_output_is_refused(tmp_path, corpus):
+    import fcntl
+    out = str(tmp_path / "out")
+    os.makedirs(os.path.join(out, "_curate"))
+    with open(os.path.join(out, "_curate", "lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)   # as a running `curate run` holds it
+        with pytest.raises(PipelineError, match="another curate run"):
+            run_pipeline(pipeline_dict(corpus, out), progress=False)
+    assert run_pipeline(pipeline_dict(corpus, out), progress=False).stats["top"]["out"] == 50

@@ -381,7 +381,29 @@ class Runner:
         return files
 
     # -- the run -----------------------------------------------------------------------------------
+    def _lock(self) -> Any:
+        """Refuse to run when another live run writes the same (local) output."""
+        if not is_local(self.layout.fs):
+            return None
+        import fcntl
+        os.makedirs(os.path.join(self.layout.root, "_curate"), exist_ok=True)
+        fh = open(os.path.join(self.layout.root, "_curate", "lock"), "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise PipelineError(f"another curate run is writing {self.layout.url}; wait for it or stop it") from None
+        return fh
+
     def run(self) -> RunResult:
+        lock = self._lock()
+        try:
+            return self._run()
+        finally:
+            if lock is not None:
+                lock.close()
+
+    def _run(self) -> RunResult:
         t0 = time.monotonic()
         fs = self.layout.fs
         if self.force:
@@ -502,6 +524,7 @@ class Runner:
             self._add_record(rec)
             head = rec["steps"][names[0]]
             bar.update(head["out"] if seg.source is not None else head["in"])
+        bar.tasks(len(records), len(tasks))
         futures = {self._executor.submit(run_task, payload, i, tasks[i]): i for i in pending}
         try:
             while futures:
@@ -519,6 +542,7 @@ class Runner:
                     if not getattr(self._executor, "streams_progress", True):
                         head = rec["steps"][names[0]]
                         bar.update(head["out"] if seg.source is not None else head["in"])
+                    bar.tasks(len(records), len(tasks))
                     self._check_errors(names)
         finally:
             for f in futures:

@@ -84,14 +84,27 @@ class Progress:
             from tqdm import tqdm
             self._bar = tqdm(total=total, desc=step, unit="doc", dynamic_ncols=True, leave=True)
 
+    def tasks(self, done: int, total: int) -> None:
+        """Show finished/total tasks (an estimate of progress when the row total is unknown)."""
+        self._tasks = (done, total)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=True)
+
+    def _postfix(self) -> str:
+        parts = []
+        if getattr(self, "_tasks", None):
+            parts.append(f"tasks {self._tasks[0]}/{self._tasks[1]}")
+        if self.tokens:
+            parts.append(f"{self.tokens / max(time.monotonic() - self.start, 1e-9):.1f} tok/s")
+        return ", ".join(parts)
+
     def update(self, n: int, tokens: int = 0) -> None:
         self.n += n
         self.tokens += tokens
         if self._bar is not None:
             self._bar.update(n)
             if self.tokens:
-                el = max(time.monotonic() - self.start, 1e-9)
-                self._bar.set_postfix_str(f"{self.tokens / el:.1f} tok/s", refresh=False)
+                self._bar.set_postfix_str(self._postfix(), refresh=False)
         elif self.enabled:
             now = time.monotonic()
             if now - self._last >= self.interval:
@@ -106,6 +119,8 @@ class Progress:
             msg += f", {100 * self.n / self.total:.0f}% of {self.total:,}"
             if 0 < self.n < self.total:
                 msg += f", ETA {(self.total - self.n) / rate:,.0f}s"
+        if getattr(self, "_tasks", None):
+            msg += f", tasks {self._tasks[0]}/{self._tasks[1]}"
         if self.tokens:
             msg += f", {self.tokens / el:,.1f} generated tok/s"
         log.info(msg)
