@@ -348,10 +348,13 @@ class Runner:
         m = self.layout.read_json(join(self.layout.state_dir(step.name), "DONE.json"))
         return m if m and m.get("fingerprint") == step.fingerprint else None
 
-    def _reset_step(self, step: Step) -> None:
+    def _reset_step(self, step: Step, workdir: bool = False) -> None:
+        """Delete a step's output and completion records. A stage's own working folder (crawl
+        frontier, LLM request cache) is kept unless ``workdir`` (``--force``); a global stage's
+        scratch is always cleared."""
         self.layout.rm(self.layout.step_dir(step.name))
         self.layout.rm(self.layout.state_dir(step.name))
-        if os.path.isdir(self.layout.workdir(step.name)) and step.stage.kind == "global":
+        if workdir or step.stage.kind == "global":
             shutil.rmtree(self.layout.workdir(step.name), ignore_errors=True)
 
     def _sink(self, msg: tuple) -> None:
@@ -408,7 +411,7 @@ class Runner:
         fs = self.layout.fs
         if self.force:
             for s in self.pipe.steps.values():
-                self._reset_step(s)
+                self._reset_step(s, workdir=True)
         fs.makedirs(self.layout.root, exist_ok=True)
         self.layout.write_json(join(self.layout.root, "_curate", "pipeline.json"),
                                self.spec.model_dump(mode="json"))
