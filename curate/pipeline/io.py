@@ -81,18 +81,17 @@ def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Tab
                      sha256=hashlib.sha256(data).hexdigest())
 
 
-def list_parquet(paths: str | Sequence[str]) -> list[str]:
-    """Expand files, folders (recursively, *.parquet) and globs into a sorted list of URLs/paths.
-
-    Hidden files and folders (``_x``, ``.x``) are skipped, like Spark/Arrow datasets do.
-    """
+def expand_paths(paths: str | Sequence[str], suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """Expand files, folders (recursively, files ending in ``suffixes``; all files if None) and
+    globs into a sorted list of URLs/paths. Raises FileNotFoundError for a path that matches nothing
+    that exists. Inside folders, hidden entries (``_x``, ``.x``) are skipped, as Arrow/Spark do."""
     out: list[str] = []
     for p in [paths] if isinstance(paths, str) else paths:
         fs, root = get_fs(p)
         if _glob.has_magic(root):
             found = sorted(fs.glob(root))
         elif fs.isdir(root):
-            found = sorted(f for f in fs.find(root) if f.endswith(".parquet"))
+            found = sorted(f for f in fs.find(root) if suffixes is None or f.endswith(suffixes))
             found = [f for f in found
                      if not any(part.startswith(("_", ".")) for part in posixpath.relpath(f, root).split("/"))]
         elif fs.exists(root):
@@ -101,6 +100,11 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
             raise FileNotFoundError(p)
         out.extend(to_url(fs, f) for f in found)
     return out
+
+
+def list_parquet(paths: str | Sequence[str]) -> list[str]:
+    """Parquet files of files/folders/globs (see expand_paths)."""
+    return expand_paths(paths, (".parquet",))
 
 
 def iter_parquet(path: str, columns: Sequence[str] | None = None,

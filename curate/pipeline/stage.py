@@ -258,6 +258,42 @@ class SourceStage(Stage):
         return pa.concat_tables(parts, promote_options="permissive") if parts else empty_docs()
 
 
+class FileSource(SourceStage):
+    """A source reading files: one task per file. Its Config must have ``paths`` (a path, folder,
+    glob or URL, or a list of them); ``suffixes`` selects files inside folders."""
+
+    suffixes: ClassVar[tuple[str, ...] | None] = None
+
+    def paths(self) -> list[str]:
+        p = self.config.paths  # type: ignore[attr-defined]
+        return [p] if isinstance(p, str) else list(p)
+
+    def files(self) -> list[str]:
+        from curate.pipeline.io import expand_paths
+        return expand_paths(self.paths(), self.suffixes)
+
+    def check(self) -> list[tuple[str, str]]:
+        try:
+            found = self.files()
+        except FileNotFoundError as exc:
+            return [("paths", f"not found: {exc.args[0]}")]
+        return [] if found else [("paths", f"no matching files in {self.paths()}")]
+
+    def tasks(self) -> list[Task]:
+        return [Task(id=f, payload=f) for f in self.files()]
+
+    def fingerprint_extra(self) -> str:
+        from curate.pipeline.io import get_fs
+        out = []
+        try:
+            for f in self.files():
+                fs, p = get_fs(f)
+                out.append(f"{f}:{fs.size(p)}")
+        except FileNotFoundError:
+            pass
+        return "|".join(out)
+
+
 class MapStage(Stage):
     kind = "map"
     # When a batch raises, retry its rows one by one and skip (count) only the rows that fail.

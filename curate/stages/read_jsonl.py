@@ -7,16 +7,15 @@ file is read.
 
 from __future__ import annotations
 
-import glob as _glob
 import json
 from typing import Iterator
 
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.io import get_fs, to_url
+from curate.pipeline.io import get_fs
 from curate.pipeline.schema import docs_table, dumps_meta, make_id
-from curate.pipeline.stage import SourceStage, StageConfig, Task, register
+from curate.pipeline.stage import FileSource, StageConfig, Task, register
 
 
 class ReadJsonlConfig(StageConfig):
@@ -27,46 +26,17 @@ class ReadJsonlConfig(StageConfig):
     batch_size: int = Field(2048, ge=1)
 
 
-def expand(paths: list[str], suffixes: tuple[str, ...]) -> list[str]:
-    out: list[str] = []
-    for p in paths:
-        fs, root = get_fs(p)
-        if _glob.has_magic(root):
-            found = sorted(fs.glob(root))
-        elif fs.isdir(root):
-            found = sorted(f for f in fs.find(root) if f.endswith(suffixes))
-        elif fs.exists(root):
-            found = [root]
-        else:
-            raise FileNotFoundError(p)
-        out.extend(to_url(fs, f) for f in found)
-    return out
-
-
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".jsonl.bz2", ".jsonl.xz", ".json.gz", ".ndjson")
 
 
 @register
-class ReadJsonl(SourceStage):
+class ReadJsonl(FileSource):
     """Read documents from JSON Lines files; other keys go to metadata; bad lines are counted."""
 
     name = "read_jsonl"
     Config = ReadJsonlConfig
+    suffixes = JSONL_SUFFIXES
     writes = {"id": pa.string(), "text": pa.string(), "source": pa.string(), "metadata": pa.string()}
-
-    def _paths(self) -> list[str]:
-        p = self.config.paths
-        return [p] if isinstance(p, str) else list(p)
-
-    def check(self) -> list[tuple[str, str]]:
-        try:
-            files = expand(self._paths(), JSONL_SUFFIXES)
-        except FileNotFoundError as exc:
-            return [("paths", f"not found: {exc.args[0]}")]
-        return [] if files else [("paths", f"no JSON Lines files match {self._paths()}")]
-
-    def tasks(self) -> list[Task]:
-        return [Task(id=f, payload=f) for f in expand(self._paths(), JSONL_SUFFIXES)]
 
     def read(self, task: Task) -> Iterator[pa.Table]:
         cfg = self.config

@@ -7,9 +7,9 @@ from typing import Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.io import get_fs, iter_parquet, list_parquet
+from curate.pipeline.io import iter_parquet
 from curate.pipeline.schema import ensure_doc_columns
-from curate.pipeline.stage import SourceStage, StageConfig, StageError, Task, register
+from curate.pipeline.stage import FileSource, StageConfig, StageError, Task, register
 
 
 class ReadParquetConfig(StageConfig):
@@ -22,36 +22,13 @@ class ReadParquetConfig(StageConfig):
 
 
 @register
-class ReadParquet(SourceStage):
+class ReadParquet(FileSource):
     """Read documents from Parquet files; adds id/source/metadata columns when missing."""
 
     name = "read_parquet"
     Config = ReadParquetConfig
+    suffixes = (".parquet",)
     writes = {"id": pa.string(), "text": pa.string(), "source": pa.string(), "metadata": pa.string()}
-
-    def _paths(self) -> list[str]:
-        p = self.config.paths
-        return [p] if isinstance(p, str) else list(p)
-
-    def check(self) -> list[tuple[str, str]]:
-        try:
-            files = list_parquet(self._paths())
-        except FileNotFoundError as exc:
-            return [("paths", f"not found: {exc.args[0]}")]
-        return [] if files else [("paths", f"no Parquet files match {self._paths()}")]
-
-    def tasks(self) -> list[Task]:
-        return [Task(id=f, payload=f) for f in list_parquet(self._paths())]
-
-    def fingerprint_extra(self) -> str:
-        out = []
-        try:
-            for f in list_parquet(self._paths()):
-                fs, p = get_fs(f)
-                out.append(f"{f}:{fs.size(p)}")
-        except FileNotFoundError:
-            pass
-        return "|".join(out)
 
     def read(self, task: Task) -> Iterator[pa.Table]:
         cfg = self.config
