@@ -120,3 +120,15 @@ def test_cli_validate_exit_codes(tmp_path, corpus, curate_cmd):
         assert r.returncode == 2
         assert "bad.yaml" in r.stderr and "stage 'nope'" in r.stderr and "key 'stage'" in r.stderr
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_environment_interpolation(tmp_path, corpus, monkeypatch):
+    d = pipeline_dict("${CURATE_TEST_IN}", "${CURATE_TEST_OUT:-" + str(tmp_path / "dflt") + "}")
+    p = write_yaml(str(tmp_path / "p.yaml"), d)
+    monkeypatch.delenv("CURATE_TEST_IN", raising=False)
+    _, msg = problems_of(p)
+    assert "inputs.docs.options.paths" in msg and "CURATE_TEST_IN is not set" in msg
+    monkeypatch.setenv("CURATE_TEST_IN", corpus)
+    pipe = load_pipeline(p)
+    assert pipe.output == str(tmp_path / "dflt")
+    assert pipe.steps["docs"].stage.config.paths == corpus

@@ -19,6 +19,7 @@
       - {name: lid, stage: language_id, options: {languages: [en]}}
       - {name: rc, stage: reading_comprehension, input: lid}
 
+String values may use ``${NAME}`` or ``${NAME:-default}`` (environment variables).
 Every error names the file, the step and the key; the CLI exits with code 2.
 """
 
@@ -28,6 +29,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from typing import Any, Literal
 
 import yaml
@@ -141,6 +143,9 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
     problems: list[tuple[str, str]] = []
+    raw = _interpolate(raw, problems, ())
+    if problems:
+        raise ConfigError(path, problems)
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:
@@ -241,6 +246,31 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
     pipe = Pipeline(spec, steps, path)
     _fingerprint(pipe)
     return pipe
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, problems: list[tuple[str, str]], where: tuple) -> Any:
+    """Expand ``${NAME}`` and ``${NAME:-default}`` from the environment in every string value."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, problems, where + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, problems, where + (i,)) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        problems.append((f"key {'.'.join(map(str, where))!r}",
+                         f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"))
+        return ""
+
+    return _VAR.sub(sub, value)
 
 
 def _fingerprint(pipe: Pipeline) -> None:
