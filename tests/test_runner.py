@@ -248,3 +248,22 @@ def test_second_run_on_same_output_is_refused(tmp_path, corpus):
         with pytest.raises(PipelineError, match="another curate run"):
             run_pipeline(pipeline_dict(corpus, out), progress=False)
     assert run_pipeline(pipeline_dict(corpus, out), progress=False).stats["top"]["out"] == 50
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_run(tmp_path, corpus):
+    d = pipeline_dict(corpus, str(tmp_path / "out"))
+    markers = str(tmp_path / "markers")
+    d["stages"].insert(1, {"stage": "slow", "options": {"seconds_per_batch": 0.3, "marker_dir": markers}})
+    cfg = write_yaml(str(tmp_path / "p.yaml"), d)
+    proc = _run_cli([cfg])
+    deadline = time.time() + 60
+    while time.time() < deadline and not (os.path.isdir(markers) and os.listdir(markers)):
+        time.sleep(0.05)
+    assert os.listdir(markers), "the run never started processing"
+    os.kill(proc.pid, signal.SIGKILL)          # only the main process, as `kill -9 PID` does
+    proc.wait()
+    time.sleep(2.0)
+    n = len(os.listdir(markers))
+    time.sleep(1.5)
+    assert len(os.listdir(markers)) == n, "orphaned workers kept processing after the run was killed"

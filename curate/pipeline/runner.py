@@ -95,11 +95,36 @@ class Layout:
 _WORKER: dict[str, Any] = {"key": None, "stages": None, "queue": None}
 
 
-def _init_worker(queue: Any, level: int) -> None:
+def _init_worker(queue: Any, level: int, parent_pid: int) -> None:
     _WORKER["queue"] = queue
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
-    for mod in _WORKER.get("plugins", []):
-        __import__(mod)
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive the run that started it (``kill -9`` of ``curate run``): an
+    orphan would keep writing while the next run resumes. The forkserver exits when the run dies,
+    so PR_SET_PDEATHSIG kills us at once on Linux; a watchdog thread covers other systems."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(70)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="curate-parent-watchdog", daemon=True).start()
 
 
 def _build(payload: dict) -> tuple[Stage | None, list[Stage]]:
@@ -224,7 +249,7 @@ class LocalExecutor:
             ctx.set_forkserver_preload(["curate.pipeline.runner"])
             self.queue = ctx.Queue()
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(self.queue, logging.getLogger().level))
+                                             initargs=(self.queue, logging.getLogger().level, os.getpid()))
 
     def set_sink(self, sink: Callable[[tuple], None]) -> None:
         if self._pool is None:
