@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,12 @@ import yaml
 WORDS = ("market bond yield equity credit rate inflation asset liability capital revenue margin "
          "dividend loan deposit ledger audit statute court contract plaintiff patient dose trial "
          "protein cell gene clinical therapy risk hedge option future swap").split()
+
+
+def curate_bin() -> str:
+    """The `curate` console script of the running interpreter's environment."""
+    exe = os.path.join(os.path.dirname(sys.executable), "curate")
+    return exe if os.path.exists(exe) else "curate"
 
 
 def write_corpus(folder: str, files: int = 4, rows: int = 500, seed: int = 0) -> list[str]:

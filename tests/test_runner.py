@@ -70,7 +70,7 @@ def test_end_to_end_map_and_global(tmp_path, corpus):
 
 
 def _run_cli(args, **kw):
-    from conftest import curate_bin
+    from helpers import curate_bin
     return subprocess.Popen([curate_bin(), "run", "-q", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 

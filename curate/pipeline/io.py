@@ -89,9 +89,10 @@ def expand_paths(paths: str | Sequence[str], suffixes: tuple[str, ...] | None = 
     for p in [paths] if isinstance(paths, str) else paths:
         fs, root = get_fs(p)
         if _glob.has_magic(root):
-            found = sorted(fs.glob(root))
+            found = sorted(f for f in fs.glob(root)
+                           if not posixpath.basename(f).startswith(".") and not fs.isdir(f))
         elif fs.isdir(root):
-            found = sorted(f for f in fs.find(root) if suffixes is None or f.endswith(suffixes))
+            found = sorted(f for f in fs.find(root) if suffixes is None or f.lower().endswith(suffixes))
             found = [f for f in found
                      if not any(part.startswith(("_", ".")) for part in posixpath.relpath(f, root).split("/"))]
         elif fs.exists(root):
@@ -99,7 +100,7 @@ def expand_paths(paths: str | Sequence[str], suffixes: tuple[str, ...] | None = 
         else:
             raise FileNotFoundError(p)
         out.extend(to_url(fs, f) for f in found)
-    return out
+    return list(dict.fromkeys(out))
 
 
 def list_parquet(paths: str | Sequence[str]) -> list[str]:

@@ -38,7 +38,7 @@ from curate.pipeline.config import Pipeline, Step
 from curate.pipeline.context import RunContext
 from curate.pipeline.io import (Dataset, ShardWriter, atomic_write_bytes, get_fs, is_local, iter_parquet,
                                 join, to_url, write_parquet_atomic)
-from curate.pipeline.stage import Stage, Task, get_stage
+from curate.pipeline.stage import Stage, get_stage
 from curate.pipeline.stats import Progress, StepStats, funnel_table
 
 log = logging.getLogger("curate")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
@@ -279,8 +279,14 @@ class FileSource(SourceStage):
             return [("paths", f"not found: {exc.args[0]}")]
         return [] if found else [("paths", f"no matching files in {self.paths()}")]
 
+    def files_or_error(self) -> list[str]:
+        try:
+            return self.files()
+        except FileNotFoundError as exc:
+            raise StageError(f"{self.name}: path not found: {exc.args[0]}") from None
+
     def tasks(self) -> list[Task]:
-        return [Task(id=f, payload=f) for f in self.files()]
+        return [Task(id=f, payload=f) for f in self.files_or_error()]
 
     def fingerprint_extra(self) -> str:
         from curate.pipeline.io import get_fs

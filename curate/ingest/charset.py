@@ -1,0 +1,160 @@
+"""Charset detection and decoding of fetched/archived/local bytes.
+
+Order of evidence (the HTML standard's, simplified):
+
+1. a byte-order mark (UTF-8/16) - always wins,
+2. the charset of the HTTP ``Content-Type`` header,
+3. ``<meta charset=...>`` / ``<meta http-equiv="Content-Type" content="...; charset=...">``
+   in the first bytes of an HTML document,
+4. UTF-8 (the common case, checked strictly and fast),
+5. ``charset_normalizer``'s guess,
+6. windows-1252 (the legacy default of unlabelled web pages),
+
+the first of 2-6 that decodes the bytes without error is used (a wrong declaration is common on
+the web); when none does, the first one with undecodable bytes replaced by U+FFFD.
+
+Labels browsers treat as windows-1252 (``iso-8859-1``, ``latin1``, ``us-ascii``) are decoded as
+``cp1252``, as browsers do. Bytes the chosen codec cannot decode become U+FFFD and the result says
+so (``replaced=True``) so callers can count it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+_HEADER_CHARSET = re.compile(rb"""charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
+_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
+META_SCAN_BYTES = 4096
+DETECT_SAMPLE_BYTES = 64 * 1024
+
+# WHATWG encoding standard: these labels mean windows-1252
+_AS_CP1252 = {"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "us-ascii", "ascii", "cp819",
+              "ibm819", "iso-ir-100", "iso_8859-1", "windows-1252", "cp1252", "x-cp1252"}
+
+
+@dataclass
+class Decoded:
+    text: str
+    charset: str          # the codec used (Python name)
+    how: str              # bom | header | meta | utf-8 | detected | fallback
+    replaced: bool        # some bytes could not be decoded and became U+FFFD
+
+
+def normalize_charset(label: str | bytes | None) -> str | None:
+    """A Python codec name for a charset label, or None when unknown."""
+    if not label:
+        return None
+    if isinstance(label, bytes):
+        label = label.decode("ascii", "ignore")
+    label = label.strip().strip("\"'").lower()
+    if label in _AS_CP1252:
+        return "cp1252"
+    if label in ("utf8", "unicode-1-1-utf-8"):
+        label = "utf-8"
+    try:
+        return codecs.lookup(label).name
+    except LookupError:
+        return None
+
+
+def header_charset(content_type: str | None) -> str | None:
+    """The charset parameter of a Content-Type header value, normalized (None if absent/unknown)."""
+    if not content_type:
+        return None
+    m = _HEADER_CHARSET.search(content_type.encode("latin-1", "ignore"))
+    return normalize_charset(m.group(1)) if m else None
+
+
+def meta_charset(head: bytes) -> str | None:
+    """The charset declared by a ``<meta>`` tag in the first bytes of an HTML document."""
+    m = _META_CHARSET.search(head[:META_SCAN_BYTES])
+    cs = normalize_charset(m.group(1)) if m else None
+    # a meta tag cannot really declare UTF-16 (the bytes we just parsed were ASCII-compatible)
+    if cs and cs.startswith("utf-16"):
+        cs = "utf-8"
+    return cs
+
+
+def _bom(data: bytes) -> tuple[str, int] | None:
+    if data.startswith(codecs.BOM_UTF8):
+        return "utf-8", 3
+    if data.startswith(codecs.BOM_UTF16_LE):
+        return "utf-16-le", 2
+    if data.startswith(codecs.BOM_UTF16_BE):
+        return "utf-16-be", 2
+    return None
+
+
+def _decode(data: bytes, charset: str, how: str) -> Decoded:
+    try:
+        return Decoded(data.decode(charset), charset, how, False)
+    except UnicodeDecodeError:
+        return Decoded(data.decode(charset, errors="replace"), charset, how, True)
+
+
+def _candidates(data: bytes, content_type: str | None, html: bool) -> Iterator[tuple[str, str]]:
+    cs = header_charset(content_type)
+    if cs:
+        yield cs, "header"
+    if html:
+        cs = meta_charset(data)
+        if cs:
+            yield cs, "meta"
+    yield "utf-8", "utf-8"
+    try:
+        from charset_normalizer import from_bytes
+
+        matches = from_bytes(data[:DETECT_SAMPLE_BYTES])
+        best = matches.best()
+        if best is not None:
+            # on a tie (short samples often tie), prefer windows-1252, the most common legacy charset
+            for m in matches:
+                if (m.chaos, m.coherence) == (best.chaos, best.coherence) and (
+                        "cp1252" in m.could_be_from_charset):
+                    best = m
+                    break
+        cs = normalize_charset(best.encoding) if best is not None else None
+        # UTF-16/32 guesses on data without NUL bytes are wrong (short samples fool the detector)
+        if cs and not (cs.startswith(("utf-16", "utf-32")) and b"\x00" not in data[:DETECT_SAMPLE_BYTES]):
+            yield cs, "detected"
+    except Exception:  # noqa: BLE001 - detection is best effort
+        pass
+    # the web's legacy default for unlabelled documents (WHATWG); decodes almost any byte string
+    yield "cp1252", "default"
+
+
+def decode_bytes(data: bytes, content_type: str | None = None, html: bool = True) -> Decoded:
+    """Decode ``data``: the first charset of the evidence list (see the module docstring) that
+    decodes the bytes without error wins. When none does (or the declared charset is wrong and the
+    rest fail too), the first declared charset is used and undecodable bytes become U+FFFD
+    (``replaced=True``)."""
+    bom = _bom(data)
+    if bom:
+        return _decode(data[bom[1]:], bom[0], "bom")
+    first = None
+    for charset, how in _candidates(data, content_type, html):
+        if first is None:
+            first = (charset, how)
+        try:
+            return Decoded(data.decode(charset), charset, how, False)
+        except (UnicodeDecodeError, LookupError):
+            continue
+    charset, how = first or ("utf-8", "fallback")
+    return _decode(data, charset, how)
+
+
+def detect_charset(data: bytes, content_type: str | None = None, html: bool = True) -> tuple[str, str]:
+    """(codec, how) that ``decode_bytes`` would use."""
+    d = decode_bytes(data, content_type, html)
+    return d.charset, d.how
+
+
+def looks_binary(data: bytes, sample: int = 8192) -> bool:
+    """True when the start of ``data`` looks like a binary file (NUL bytes, no UTF-16 BOM)."""
+    head = data[:sample]
+    if _bom(head):
+        return False
+    return b"\x00" in head

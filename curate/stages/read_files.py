@@ -1,0 +1,247 @@
+"""``read_files``: documents from local or fsspec files: plain text, HTML and PDF.
+
+``paths`` are files, folders (searched recursively; hidden ``.x``/``_x`` entries skipped) or globs.
+The format is chosen by the file suffix (after a compression suffix ``.gz``/``.bz2``/``.xz``/
+``.zst``, which is decompressed transparently):
+
+- text (``text_extensions``: .txt, .md, .rst...) -> ``text`` rows, decoded with the detected
+  charset (BOM, UTF-8, charset_normalizer, windows-1252),
+- HTML (``html_extensions``) -> ``html`` rows (``text`` is "" until ``extract_html`` fills it),
+  charset from ``<meta charset>`` or detection,
+- PDF -> ``text`` rows with the text of all pages (pypdf; pages separated by a blank line).
+  Without pypdf installed, PDFs are counted as ``dropped/unsupported/pdf`` with a clear message.
+
+Every other file found is counted as ``dropped/unsupported/<suffix>`` (and logged), never silently
+ignored. Empty files (``dropped/empty``), files larger than ``max_file_bytes``
+(``dropped/too_large``), binary data in a text file (``dropped/binary``), unreadable files and
+broken PDFs (``errors/read``, ``errors/pdf``) are counted and skipped; the other files are read.
+
+Rows: ``id`` (make_id(path)), ``text``, ``source`` (the path/URL), ``metadata`` (JSON: path,
+format, bytes, mtime, charset, pages...), ``html`` (null for text/PDF rows).
+Tasks: one per file (``files_per_task`` groups several small files into one task and shard).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from curate.ingest.charset import decode_bytes, looks_binary
+from curate.pipeline.io import get_fs
+from curate.pipeline.schema import dumps_meta, make_id
+from curate.pipeline.stage import FileSource, StageConfig, Task, register
+
+log = logging.getLogger("curate")
+
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("text", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("metadata", pa.string()),
+    pa.field("html", pa.string()),
+])
+
+
+def _norm_exts(v: list[str]) -> list[str]:
+    return [e.lower() if e.startswith(".") else "." + e.lower() for e in v]
+
+
+class ReadFilesConfig(StageConfig):
+    paths: list[str] | str = Field(description="files, folders (recursive) or globs; local or fsspec URLs")
+    text_extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".text", ".md", ".markdown", ".rst", ".tex", ".org", ".adoc"],
+        description="suffixes read as plain text")
+    html_extensions: list[str] = Field(default_factory=lambda: [".html", ".htm", ".xhtml", ".shtml"],
+                                       description="suffixes read as HTML (html column)")
+    pdf_extensions: list[str] = Field(default_factory=lambda: [".pdf"], description="suffixes read as PDF (pypdf)")
+    max_file_bytes: int = Field(50_000_000, ge=1, description="larger files are dropped/too_large")
+    files_per_task: int = Field(1, ge=1, description="files per task (and output shard); raise it for many "
+                                                     "small files")
+    batch_size: int = Field(256, ge=1, description="rows per emitted table")
+
+    @field_validator("text_extensions", "html_extensions", "pdf_extensions")
+    @classmethod
+    def _exts(cls, v: list[str]) -> list[str]:
+        return _norm_exts(v)
+
+
+def _suffixes(path: str) -> tuple[str, str | None]:
+    """(format suffix, compression) of a path, e.g. ('.txt', 'gzip') for 'a.txt.gz'."""
+    name = posixpath.basename(path).lower()
+    stem, ext = posixpath.splitext(name)
+    comp = COMPRESSION_SUFFIXES.get(ext)
+    if comp:
+        ext = posixpath.splitext(stem)[1]
+    return ext, comp
+
+
+@register
+class ReadFiles(FileSource):
+    """Read local/fsspec text, HTML and PDF files (one document per file); other files counted."""
+
+    name = "read_files"
+    Config = ReadFilesConfig
+    writes = {f.name: f.type for f in OUTPUT_SCHEMA}
+
+    def tasks(self) -> list[Task]:
+        files = self.files_or_error()
+        n = self.config.files_per_task
+        out = []
+        for i in range(0, len(files), n):
+            group = tuple(files[i:i + n])
+            out.append(Task(id=group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}", payload=group))
+        return out
+
+    def read(self, task: Task) -> Iterator[pa.Table]:
+        files = [task.payload] if isinstance(task.payload, str) else list(task.payload)
+        rows: list[tuple] = []
+        for path in files:
+            row = self._read_file(path)
+            if row is not None:
+                rows.append(row)
+            if len(rows) >= self.config.batch_size:
+                yield _table(rows)
+                rows = []
+        if rows:
+            yield _table(rows)
+
+    def _kind(self, ext: str) -> str | None:
+        cfg = self.config
+        if ext in cfg.text_extensions:
+            return "text"
+        if ext in cfg.html_extensions:
+            return "html"
+        if ext in cfg.pdf_extensions:
+            return "pdf"
+        return None
+
+    def _read_file(self, path: str) -> tuple | None:
+        cfg = self.config
+        ext, comp = _suffixes(path)
+        kind = self._kind(ext)
+        if kind is None:
+            self._unsupported(path, ext.lstrip(".") or "no_suffix", "unknown file type")
+            return None
+        if kind == "pdf" and not _have_pypdf():
+            self._unsupported(path, "pdf", "PDF support needs the 'pypdf' package (pip install pypdf)")
+            return None
+        fs, p = get_fs(path)
+        try:
+            info = fs.info(p)
+            size = info.get("size")
+            if size is not None and comp is None and size > cfg.max_file_bytes:
+                self.drop("too_large")
+                log.info("%s: %s is larger than max_file_bytes (%d bytes); skipped", self.step_name, path, size)
+                return None
+            with fs.open(p, "rb", compression=comp) as f:
+                data = f.read(cfg.max_file_bytes + 1)
+        except Exception as exc:  # noqa: BLE001 - unreadable file: counted, the others are read
+            self.error("read", doc_id=path, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        if len(data) > cfg.max_file_bytes:
+            self.drop("too_large")
+            return None
+        if not data.strip():
+            self.drop("empty")
+            return None
+        meta: dict[str, Any] = {"path": path, "format": kind, "bytes": len(data)}
+        mtime = _mtime(info)
+        if mtime:
+            meta["mtime"] = mtime
+        html = None
+        if kind == "pdf":
+            text = self._pdf_text(path, data, meta)
+            if text is None:
+                return None
+        else:
+            if looks_binary(data):
+                self.drop("binary")
+                log.info("%s: %s looks binary (NUL bytes); skipped", self.step_name, path)
+                return None
+            dec = decode_bytes(data, None, html=kind == "html")
+            if dec.replaced:
+                self.error("decode", doc_id=path, detail=f"bytes not valid {dec.charset}; replaced")
+            meta.update(charset=dec.charset, charset_from=dec.how)
+            text, html = ("", dec.text) if kind == "html" else (dec.text, None)
+        self.count(f"files/{kind}")
+        return (make_id(path), text, path, dumps_meta(meta), html)
+
+    def _unsupported(self, path: str, what: str, why: str) -> None:
+        key = f"unsupported/{what}"
+        self.drop(key)
+        if self.counters.data[f"dropped/{key}"] <= 3:
+            log.warning("%s: %s: %s; skipped (counted as dropped/%s)", self.step_name, path, why, key)
+
+    def _pdf_text(self, path: str, data: bytes, meta: dict) -> str | None:
+        import pypdf  # noqa: F401  (availability check)
+
+        try:
+            reader = pypdf.PdfReader(io.BytesIO(data))
+            if reader.is_encrypted:
+                try:
+                    ok = reader.decrypt("")
+                except Exception:  # noqa: BLE001
+                    ok = 0
+                if not ok:
+                    self.error("pdf_encrypted", doc_id=path, detail="encrypted PDF (no empty password)")
+                    return None
+            pages = []
+            bad_pages = 0
+            for page in reader.pages:
+                try:
+                    pages.append((page.extract_text() or "").strip())
+                except Exception:  # noqa: BLE001 - one bad page does not lose the document
+                    bad_pages += 1
+                    pages.append("")
+        except Exception as exc:  # noqa: BLE001 - a broken PDF is counted and skipped
+            self.error("pdf", doc_id=path, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        if bad_pages:
+            self.error("pdf_page", n=bad_pages, doc_id=path, detail=f"{bad_pages} page(s) without text")
+        meta["pages"] = len(pages)
+        text = "\n\n".join(p for p in pages if p)
+        if not text.strip():
+            self.drop("pdf_no_text")  # scanned PDFs need OCR, which this reader does not do
+            return None
+        return text
+
+
+def _have_pypdf() -> bool:
+    try:
+        import pypdf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _mtime(info: dict) -> str | None:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return datetime.fromtimestamp(v, timezone.utc).isoformat()
+        if isinstance(v, datetime):
+            return (v if v.tzinfo else v.replace(tzinfo=timezone.utc)).astimezone(timezone.utc).isoformat()
+        return str(v)
+    return None
+
+    def __call__(self) -> pa.Table:
+        out = super().__call__()
+        return out if out.num_rows else OUTPUT_SCHEMA.empty_table()
+
+
+def _table(rows: list[tuple]) -> pa.Table:
+    cols = list(zip(*rows))
+    return pa.table([pa.array(c, t.type) for c, t in zip(cols, OUTPUT_SCHEMA)], schema=OUTPUT_SCHEMA)
+
+
+__all__ = ["ReadFiles", "ReadFilesConfig"]
