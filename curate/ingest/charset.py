@@ -11,7 +11,9 @@ Order of evidence (the HTML standard's, simplified):
 6. windows-1252 (the legacy default of unlabelled web pages),
 
 the first of 2-6 that decodes the bytes without error is used (a wrong declaration is common on
-the web); when none does, the first one with undecodable bytes replaced by U+FFFD.
+the web); when none does, the first one with undecodable bytes replaced by U+FFFD. Exception: a
+page declared UTF-8 that has only a few invalid bytes stays UTF-8 (stray bytes replaced and
+reported), because a single-byte codec would "succeed" and silently garble every accent.
 
 Labels browsers treat as windows-1252 (``iso-8859-1``, ``latin1``, ``us-ascii``) are decoded as
 ``cp1252``, as browsers do. Bytes the chosen codec cannot decode become U+FFFD and the result says
@@ -88,6 +90,23 @@ def _bom(data: bytes) -> tuple[str, int] | None:
     return None
 
 
+def _mostly_utf8(data: bytes, how: str) -> Decoded | None:
+    """A page declared UTF-8 that is UTF-8 but for a few stray bytes is decoded as UTF-8 with the
+    stray bytes replaced (as browsers do), not re-guessed as a single-byte codec that would garble
+    every non-ASCII character without any error. Returns None when the declaration looks wrong
+    (many invalid sequences: then the other candidates are tried)."""
+    try:
+        return Decoded(data.decode("utf-8"), "utf-8", how, False)
+    except UnicodeDecodeError:
+        pass
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd")
+    valid = sum(1 for ch in text if ord(ch) > 127) - bad
+    if valid >= bad:  # most non-ASCII text is valid UTF-8: stray bytes, not a wrong label
+        return Decoded(text, "utf-8", how, True)
+    return None
+
+
 def _decode(data: bytes, charset: str, how: str) -> Decoded:
     try:
         return Decoded(data.decode(charset), charset, how, False)
@@ -138,6 +157,10 @@ def decode_bytes(data: bytes, content_type: str | None = None, html: bool = True
     for charset, how in _candidates(data, content_type, html):
         if first is None:
             first = (charset, how)
+            if how in ("header", "meta") and codecs.lookup(charset).name == "utf-8":
+                mostly = _mostly_utf8(data, how)
+                if mostly is not None:
+                    return mostly
         try:
             return Decoded(data.decode(charset), charset, how, False)
         except (UnicodeDecodeError, LookupError):

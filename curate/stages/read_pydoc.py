@@ -1,7 +1,9 @@
 """``read_pydoc``: real HTML pages rendered offline by ``pydoc`` from Python's standard library.
 
 A source for demos, tests and benchmarks that needs no download: each module's documentation is
-rendered as an HTML page (the same pages ``python -m pydoc -w`` writes). Some modules are aliases of
+rendered as an HTML page (the same pages ``python -m pydoc -w`` writes), and each topic of the
+Python language reference that ships with Python (``pydoc_data.topics``: prose such as "The if
+statement is used for conditional execution...") as an article page. Some modules are aliases of
 others (``os.path`` is ``posixpath``), which gives natural exact and near duplicates.
 """
 
@@ -36,6 +38,8 @@ DEFAULT_MODULES = [
 class ReadPydocConfig(StageConfig):
     modules: list[str] = Field(default_factory=lambda: list(DEFAULT_MODULES),
                                description="standard-library (or any importable) modules to render")
+    topics: bool | list[str] = Field(False, description="also the language-reference topics "
+                                     "(true: all of them, or a list of topic names)")
     modules_per_task: int = Field(8, ge=1, description="pages per task (parallelism unit)")
 
 
@@ -49,13 +53,25 @@ class ReadPydoc(SourceStage):
               "html": pa.string(), "url": pa.string()}
 
     def tasks(self) -> list[Task]:
-        mods = self.config.modules
         k = self.config.modules_per_task
-        return [Task(id=f"pydoc-{i // k:04d}", payload=tuple(mods[i:i + k])) for i in range(0, len(mods), k)]
+        items = [("module", m) for m in self.config.modules]
+        if self.config.topics:
+            from pydoc_data.topics import topics
+            names = sorted(topics) if self.config.topics is True else list(self.config.topics)
+            items += [("topic", t) for t in names]
+        return [Task(id=f"pydoc-{i // k:04d}", payload=tuple(items[i:i + k])) for i in range(0, len(items), k)]
 
     def read(self, task: Task) -> Iterator[pa.Table]:
         rows = []
-        for name in task.payload:
+        for kind, name in task.payload:
+            if kind == "topic":
+                page = topic_page(name)
+                if page is None:
+                    self.error("unknown_topic", doc_id=name)
+                    continue
+                url = f"pydoc:topic/{name}"
+                rows.append((make_id(url), url, page, {"topic": name}))
+                continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -69,3 +85,25 @@ class ReadPydoc(SourceStage):
         if rows:
             ids, urls, pages, metas = zip(*rows)
             yield docs_table(ids, [""] * len(ids), urls, metas, html=list(pages), url=list(urls))
+
+
+def topic_page(name: str) -> str | None:
+    """A language-reference topic as a small article page (paragraphs, code blocks as <pre>)."""
+    import html
+
+    from pydoc_data.topics import topics
+    text = topics.get(name)
+    if text is None:
+        return None
+    blocks = []
+    for para in text.strip().split("\n\n"):
+        if not para.strip():
+            continue
+        if para.startswith("   "):
+            blocks.append(f"<pre>{html.escape(para)}</pre>")
+        else:
+            blocks.append(f"<p>{html.escape(' '.join(para.split()))}</p>")
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{name} | Python "
+            f"language reference</title></head><body><nav><a href=\"index.html\">Index</a></nav><main>"
+            f"<article><h1>{html.escape(name)}</h1>{''.join(blocks)}</article></main>"
+            f"<footer>Rendered offline from pydoc_data.topics</footer></body></html>")

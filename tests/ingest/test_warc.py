@@ -195,3 +195,17 @@ def test_check_digests(tmp_path):
     t = st()
     assert "http://example.com/page1" not in t.column("url").to_pylist() and t.num_rows == 5
     assert st.counters.to_dict()["errors/digest_mismatch"] == 1
+
+
+def test_declared_utf8_with_stray_bytes_stays_utf8():
+    from curate.ingest.charset import decode_bytes
+    page = "<html><head><meta charset='utf-8'></head><body>Café crème, naïve résumé.</body></html>"
+    data = page.encode("utf-8").replace(b"body>C", b"body>\xff\xfeC")
+    d = decode_bytes(data, None)
+    assert d.charset == "utf-8" and d.replaced
+    assert "Café crème, naïve résumé." in d.text
+    # a page mislabelled as UTF-8 that is really windows-1252 throughout is still re-guessed
+    legacy = ("<html><head><meta charset='utf-8'></head><body>" + "Café à l'été, déjà vu. " * 20
+              + "</body></html>").encode("cp1252")
+    d2 = decode_bytes(legacy, None)
+    assert d2.charset != "utf-8" and "\ufffd" not in d2.text and "Caf" in d2.text

@@ -1,0 +1,215 @@
+"""``heuristic_filter``: Gopher quality and repetition, C4 and FineWeb rules.
+
+An adapter over datatrove's filter implementations (``datatrove.pipeline.filters``:
+``GopherRepetitionFilter``, ``GopherQualityFilter``, ``C4QualityFilter``, ``FineWebQualityFilter``),
+so the rules and their published defaults are the reference ones; each rule set can be switched
+off (``enabled: false``) and every threshold tuned. They run in FineWeb's order (Gopher
+repetition, Gopher quality, C4, FineWeb); the first rule that rejects a document names the drop
+reason ``dropped/<filter>:<reason>``, e.g. ``dropped/gopher_quality:gopher_short_doc``,
+``dropped/c4:too_few_sentences``, ``dropped/fineweb:line_punct_ratio``.
+
+C4 is also a line filter: it removes lines without terminal punctuation, with "javascript",
+cookie/privacy boilerplate, citation markers... from the documents it keeps, as in C4. The stage
+writes that cleaned text back (``c4.modify_text``, default true; counted as ``heuristic/c4_modified``).
+
+Documents with null or empty text are dropped as ``dropped/heuristic_filter:empty_text``; a rule
+that raises on a document drops it as ``dropped/<filter>:error`` and counts
+``errors/<filter>/<Exception>`` (logged). With ``save_dropped: true`` the dropped rows, with their
+``drop_reason``, go to the side output ``dropped``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
+
+# ISO 639-1 codes (lid.176 style) -> datatrove's language codes (ISO 639-3), for convenience
+_ISO1_TO_3 = {"en": "eng", "de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por",
+              "nl": "nld", "ru": "rus", "pl": "pol", "sv": "swe", "da": "dan", "fi": "fin",
+              "cs": "ces", "tr": "tur", "ja": "jpn", "ko": "kor", "zh": "cmn", "ar": "arb"}
+
+
+class _Rules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(True, description="apply this rule set")
+
+
+class GopherRepetitionRules(_Rules):
+    """Gopher (Rae et al. 2021, table A1) repetition removal; datatrove defaults."""
+
+    dup_line_frac: float | None = Field(0.3, description="max fraction of duplicated lines")
+    dup_para_frac: float | None = Field(0.3, description="max fraction of duplicated paragraphs")
+    dup_line_char_frac: float | None = Field(0.2, description="max fraction of chars in dup lines")
+    dup_para_char_frac: float | None = Field(0.2, description="max fraction of chars in dup paragraphs")
+    top_n_grams: list[tuple[int, float]] = Field(
+        [(2, 0.2), (3, 0.18), (4, 0.16)],
+        description="(n, max fraction of chars covered by the most frequent n-gram)")
+    dup_n_grams: list[tuple[int, float]] = Field(
+        [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.1)],
+        description="(n, max fraction of chars in duplicated n-grams)")
+
+
+class GopherQualityRules(_Rules):
+    """Gopher quality rules; datatrove defaults (the paper's values)."""
+
+    min_doc_words: int | None = Field(50, description="min words (non-symbol)")
+    max_doc_words: int | None = Field(100000, description="max words (non-symbol)")
+    min_avg_word_length: float | None = Field(3, description="min mean word length")
+    max_avg_word_length: float | None = Field(10, description="max mean word length")
+    max_symbol_word_ratio: float | None = Field(0.1, description="max ('#' or ellipsis) per word")
+    max_bullet_lines_ratio: float | None = Field(0.9, description="max fraction of bullet lines")
+    max_ellipsis_lines_ratio: float | None = Field(0.3, description="max fraction of lines ending "
+                                                                    "with an ellipsis")
+    max_non_alpha_words_ratio: float | None = Field(0.8, description="min fraction of words with a "
+                                                                     "letter (name kept from datatrove)")
+    min_stop_words: int | None = Field(2, description="min distinct stop words present")
+    stop_words: list[str] | None = Field(None, description="stop words (default: Gopher's English "
+                                                           "the/be/to/of/and/that/have/with)")
+
+
+class C4Rules(_Rules):
+    """C4 (Raffel et al. 2020) rules; datatrove defaults. FineWeb uses filter_no_terminal_punct: false."""
+
+    split_paragraph: bool = Field(True, description="lines are split on newlines (C4); false: "
+                                                    "on sentences")
+    remove_citations: bool = Field(True, description="remove wikipedia-style [1] citations")
+    filter_no_terminal_punct: bool = Field(True, description="remove lines without terminal "
+                                                             "punctuation")
+    min_num_sentences: int = Field(5, description="min sentences kept (-1: off)")
+    min_words_per_line: int = Field(3, description="min words per kept line (-1: off)")
+    max_word_length: int = Field(1000, description="remove lines with a longer word (-1: off)")
+    filter_lorem_ipsum: bool = Field(True, description="drop documents with 'lorem ipsum'")
+    filter_javascript: bool = Field(True, description="remove lines mentioning javascript")
+    filter_curly_bracket: bool = Field(True, description="drop documents with '{'")
+    filter_policy: bool = Field(True, description="remove cookie/terms/privacy policy lines")
+    modify_text: bool = Field(True, description="write the line-filtered text of kept documents")
+
+
+class FineWebRules(_Rules):
+    """FineWeb (Penedo et al. 2024) custom rules; datatrove defaults."""
+
+    line_punct_thr: float = Field(0.12, description="min fraction of lines ending in punctuation")
+    line_punct_exclude_zero: bool = Field(False, description="do not drop docs with zero such lines")
+    short_line_thr: float = Field(0.67, description="max fraction of short lines")
+    short_line_length: int = Field(30, description="a short line has at most this many chars")
+    char_duplicates_ratio: float = Field(0.01, description="max fraction of chars in dup lines")
+    new_line_ratio: float = Field(0.3, description="max newlines per word")
+
+
+class HeuristicFilterConfig(StageConfig):
+    text_column: str = Field("text", description="column holding the document text")
+    language: str = Field("eng", description="language of the word tokenizer (datatrove code, "
+                                             "ISO 639-3; ISO 639-1 codes such as 'en' are mapped)")
+    gopher_repetition: GopherRepetitionRules = Field(
+        default_factory=GopherRepetitionRules, description="Gopher repetition rules (enabled, "
+        "dup_line_frac, dup_para_frac, dup_line_char_frac, dup_para_char_frac, top_n_grams, dup_n_grams)")
+    gopher_quality: GopherQualityRules = Field(
+        default_factory=GopherQualityRules, description="Gopher quality rules (enabled, min/max_doc_words, "
+        "min/max_avg_word_length, max_symbol_word_ratio, max_bullet_lines_ratio, "
+        "max_ellipsis_lines_ratio, max_non_alpha_words_ratio, min_stop_words, stop_words)")
+    c4: C4Rules = Field(default_factory=C4Rules, description=(
+        "C4 rules (enabled, split_paragraph, remove_citations, filter_no_terminal_punct, "
+        "min_num_sentences, min_words_per_line, max_word_length, filter_lorem_ipsum, "
+        "filter_javascript, filter_curly_bracket, filter_policy, modify_text)"))
+    fineweb: FineWebRules = Field(default_factory=FineWebRules, description=(
+        "FineWeb rules (enabled, line_punct_thr, line_punct_exclude_zero, short_line_thr, "
+        "short_line_length, char_duplicates_ratio, new_line_ratio)"))
+    save_dropped: bool = Field(False, description="side output 'dropped' with the dropped rows")
+
+
+def _build_filters(cfg: HeuristicFilterConfig) -> list[tuple[str, Any, bool]]:
+    """[(name, datatrove filter, writes text back)] in FineWeb's order."""
+    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter,
+                                            GopherQualityFilter, GopherRepetitionFilter)
+
+    lang = _ISO1_TO_3.get(cfg.language, cfg.language)
+    out: list[tuple[str, Any, bool]] = []
+    if cfg.gopher_repetition.enabled:
+        o = cfg.gopher_repetition.model_dump(exclude={"enabled"})
+        o["top_n_grams"] = tuple(tuple(x) for x in o["top_n_grams"])
+        o["dup_n_grams"] = tuple(tuple(x) for x in o["dup_n_grams"])
+        out.append(("gopher_repetition", GopherRepetitionFilter(**o, language=lang), False))
+    if cfg.gopher_quality.enabled:
+        o = cfg.gopher_quality.model_dump(exclude={"enabled"})
+        out.append(("gopher_quality", GopherQualityFilter(**o, language=lang), False))
+    if cfg.c4.enabled:
+        o = cfg.c4.model_dump(exclude={"enabled", "modify_text"})
+        out.append(("c4", C4QualityFilter(**o, language=lang), cfg.c4.modify_text))
+    if cfg.fineweb.enabled:
+        o = cfg.fineweb.model_dump(exclude={"enabled"})
+        out.append(("fineweb", FineWebQualityFilter(**o, language=lang), False))
+    return out
+
+
+@register
+class HeuristicFilter(FilterStage):
+    """Gopher quality/repetition, C4 and FineWeb heuristic rules (datatrove's implementations)."""
+
+    name = "heuristic_filter"
+    Config = HeuristicFilterConfig
+    reads = ("text",)
+    writes = {"text": pa.string()}
+    resources = Resources(cpus=1.0)
+
+    def __init__(self, config=None, **options):
+        super().__init__(config, **options)
+        self.reads = (self.config.text_column,)
+
+    def setup(self) -> None:
+        try:
+            self._filters = _build_filters(self.config)
+        except ImportError as exc:
+            raise StageError(f"heuristic_filter needs datatrove's filters: {exc}") from exc
+        # load the word tokenizer now (datatrove loads it lazily, ~2 s on first use)
+        from datatrove.utils.text import split_into_words
+
+        split_into_words("warm up", _ISO1_TO_3.get(self.config.language, self.config.language))
+
+    def check_one(self, text: str | None, doc_id: str = "") -> tuple[str | None, str | None]:
+        """(reason or None, text after line filters) for one document."""
+        from datatrove.data import Document
+
+        if text is None or not text.strip():
+            return "heuristic_filter:empty_text", text
+        doc = Document(text=text, id=doc_id or "")
+        for name, flt, writes_text in self._filters:
+            before = doc.text
+            try:
+                res = flt.filter(doc)
+            except Exception as exc:  # noqa: BLE001 - a rule failing on one document
+                self.error(f"{name}/{type(exc).__name__}", doc_id=doc_id, detail=str(exc)[:200])
+                return f"{name}:error", text
+            ok, why = (res, None) if isinstance(res, bool) else (res[0], res[1] if len(res) > 1 else None)
+            if not ok:
+                return f"{name}:{why or 'filtered'}", text
+            if doc.text != before:
+                if writes_text:
+                    self.count(f"heuristic/{name}_modified")
+                else:
+                    doc.text = before
+        return None, doc.text
+
+    def annotate(self, table: pa.Table) -> pa.Table:
+        col = self.config.text_column
+        t = table.schema.field(col).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise StageError(f"heuristic_filter: column {col!r} has type {t}; expected text")
+        ids = table.column("id").to_pylist() if "id" in table.schema.names else [""] * table.num_rows
+        reasons, texts = [], []
+        changed = False
+        for doc_id, text in zip(ids, table.column(col).to_pylist()):
+            reason, new = self.check_one(text, doc_id)
+            reasons.append(reason)
+            texts.append(new)
+            changed |= new is not text
+        self._reasons = reasons
+        if changed:
+            table = table.set_column(table.schema.names.index(col), col, pa.array(texts, pa.string()))
+        return table
+
+    def keep(self, table: pa.Table):
+        return [r is None for r in self._reasons], self._reasons
