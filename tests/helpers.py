@@ -64,3 +64,6 @@ def read_step(out: str, step: str) -> dict[str, pa.Table]:
     """{shard file name: table} of a step's output folder."""
     d = os.path.join(out, step)
     return {f: pq.read_table(os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.endswith(".parquet")}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

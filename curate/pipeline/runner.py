@@ -75,7 +75,7 @@ class Layout:
         return to_url(self.fs, path)
 
     def write_json(self, path: str, obj: Any) -> None:
-        atomic_write_bytes(self.fs, path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+        atomic_write_bytes(self.fs, path, json.dumps(obj, indent=1, default=str).encode())
 
     def read_json(self, path: str) -> Any | None:
         try:

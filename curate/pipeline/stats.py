@@ -45,13 +45,19 @@ class StepStats:
                 "shards": self.shards, "seconds": round(self.seconds, 3)}
 
 
+def _short(reason: str, width: int = 34) -> str:
+    return reason if len(reason) <= width else reason[: width - 1] + "…"
+
+
 def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time."""
-    rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons)", "errors", "time")]
+    rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons; all in stats.json)", "errors", "time")]
     for name, s in stats.items():
         kept = f"{100 * s['out'] / s['in']:.1f}%" if s["in"] else "-"
-        top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])[:3]
-        dropped = ", ".join(f"{k} {v:,}" for k, v in top) or "-"
+        top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])
+        dropped = ", ".join(f"{_short(k)} {v:,}" for k, v in top[:2]) or "-"
+        if len(top) > 2:
+            dropped += f", +{len(top) - 2} more"
         errs = sum(s["errors"].values())
         rows.append((name, s["stage"], f"{s['in']:,}", f"{s['out']:,}", kept, dropped,
                      f"{errs:,}" if errs else "-", f"{s['seconds']:.1f}s"))

@@ -1,0 +1,276 @@
+"""The engine interface shared by every LLM backend.
+
+A stage builds :class:`Request` objects (chat ``messages`` or a raw ``prompt`` plus
+:class:`SamplingParams`) and calls ``engine.generate(requests)``; it gets one :class:`Completion`
+per request, in order. Failed requests do not raise: their completion has ``error`` set and
+``finish_reason == "error"``, so a batch always comes back whole.
+
+``Engine.generate`` answers from the request cache (see :mod:`curate.engines.cache`) when one is
+attached, and only sends the missing requests to the backend (``_generate``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger("curate.engines")
+
+
+class SamplingParams(BaseModel):
+    """How to sample. Defaults are greedy decoding (deterministic)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_tokens: int = Field(256, ge=1, description="maximum number of generated tokens")
+    stop: tuple[str, ...] = Field((), description="stop strings (not included in the output)")
+    seed: int | None = Field(None, description="sampling seed (for temperature > 0)")
+    n: int = Field(1, ge=1, description="number of completions per request")
+    logprobs: int | None = Field(
+        None, ge=0, le=20,
+        description="None: no logprobs; k: logprob of each generated token plus the top-k alternatives")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stop"), str):
+            data = {**data, "stop": (data["stop"],)}
+        elif isinstance(data, dict) and isinstance(data.get("stop"), list):
+            data = {**data, "stop": tuple(data["stop"])}
+        return data
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class Request(BaseModel):
+    """One prompt: either chat ``messages`` ([{"role": ..., "content": ...}]) or a raw ``prompt``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: tuple[dict[str, str], ...] | None = None
+    prompt: str | None = None
+    params: SamplingParams = SamplingParams()
+    id: str | None = Field(None, description="caller's reference (a document id); not part of the cache key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            msgs = data.get("messages")
+            if msgs is not None and not isinstance(msgs, tuple):
+                data = {**data, "messages": tuple(dict(m) for m in msgs)}
+            if (data.get("messages") is None) == (data.get("prompt") is None):
+                raise ValueError("a request needs exactly one of 'messages' or 'prompt'")
+        return data
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+    def payload(self) -> dict[str, Any]:
+        """What identifies the work (without the caller's id)."""
+        return {"messages": [dict(m) for m in self.messages] if self.messages is not None else None,
+                "prompt": self.prompt, "params": self.params.model_dump(mode="json")}
+
+
+@dataclass
+class TokenLogprob:
+    """The logprob of one generated token and of the ``top`` alternatives at that position."""
+
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "top": self.top}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TokenLogprob":
+        return cls(token=d["token"], logprob=float(d["logprob"]), top=dict(d.get("top") or {}))
+
+
+@dataclass
+class Choice:
+    """One generated sequence. ``finish_reason``: "stop" (EOS or stop string), "length" or "error"."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason,
+                "completion_tokens": self.completion_tokens,
+                "logprobs": [t.to_dict() for t in self.logprobs] if self.logprobs is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Choice":
+        lp = d.get("logprobs")
+        return cls(text=d["text"], finish_reason=d["finish_reason"],
+                   completion_tokens=int(d.get("completion_tokens") or 0),
+                   logprobs=[TokenLogprob.from_dict(t) for t in lp] if lp is not None else None)
+
+
+@dataclass
+class Completion:
+    """The answer to one request: ``choices`` (``n`` of them) or an ``error``."""
+
+    choices: list[Choice]
+    prompt_tokens: int = 0
+    error: str | None = None
+    cached: bool = False
+    request_id: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def text(self) -> str | None:
+        return self.choices[0].text if self.choices else None
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason if self.choices else "error"
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs if self.choices else None
+
+    @classmethod
+    def failed(cls, reason: str, request_id: str | None = None) -> "Completion":
+        return cls(choices=[], error=reason, request_id=request_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"choices": [c.to_dict() for c in self.choices], "prompt_tokens": self.prompt_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Completion":
+        return cls(choices=[Choice.from_dict(c) for c in d["choices"]],
+                   prompt_tokens=int(d.get("prompt_tokens") or 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers shared by the backends
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string; returns (text, stopped)."""
+    cut = -1
+    for s in stop:
+        if not s:
+            continue
+        i = text.find(s)
+        if i >= 0 and (cut < 0 or i < cut):
+            cut = i
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]],
+                        chat_template: str | None = None) -> str:
+    """Render chat messages to a prompt string with the tokenizer's (or the given) chat template,
+    ending with the assistant turn header (``add_generation_prompt``)."""
+    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    if chat_template:
+        kwargs["chat_template"] = chat_template
+    if not chat_template and not getattr(tokenizer, "chat_template", None):
+        # no template: a plain, documented fallback instead of an error
+        parts = [f"{m['role']}: {m['content']}" for m in messages]
+        return "\n".join(parts) + "\nassistant:"
+    return tokenizer.apply_chat_template([dict(m) for m in messages], **kwargs)
+
+
+def cache_key(kind: str, model: str, request: Request, extra: str = "") -> str:
+    """The request-cache key: engine kind, model identity, prompt/messages and sampling params
+    (including the seed). ``extra`` is for anything else that changes the output (chat template)."""
+    blob = json.dumps({"kind": kind, "model": model, "extra": extra, **request.payload()},
+                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class Engine(ABC):
+    """Base class of the backends. Subclasses implement ``_generate`` (uncached requests, in order,
+    one Completion each, never raising for a single bad request) and set ``kind``/``model_id``."""
+
+    kind: str = ""
+
+    def __init__(self, cache: "RequestCache | None" = None):
+        self.cache = cache
+        self.model_id: str = ""
+        # lifetime totals of this engine: requests asked, answered from cache, sent to the backend
+        self.stats: dict[str, int] = {"requests": 0, "cached": 0, "generated": 0, "failed": 0}
+
+    def load(self) -> "Engine":
+        """Load the model / start the backend now (engines otherwise do it on first use)."""
+        return self
+
+    def cache_extra(self) -> str:
+        """Extra identity for the cache key (e.g. a custom chat template)."""
+        return ""
+
+    def generate(self, requests: Sequence[Request | dict]) -> list[Completion]:
+        reqs = [r if isinstance(r, Request) else Request.model_validate(r) for r in requests]
+        out: list[Completion | None] = [None] * len(reqs)
+        keys: list[str] = []
+        if self.cache is not None:
+            extra = self.cache_extra()
+            keys = [cache_key(self.kind, self.model_id, r, extra) for r in reqs]
+            hits = self.cache.get_many(keys)
+            for i, k in enumerate(keys):
+                if k in hits:
+                    c = Completion.from_dict(hits[k])
+                    c.cached = True
+                    c.request_id = reqs[i].id
+                    out[i] = c
+        todo = [i for i, c in enumerate(out) if c is None]
+        self.stats["requests"] += len(reqs)
+        self.stats["cached"] += len(reqs) - len(todo)
+        self.stats["generated"] += len(todo)
+        if todo:
+            done = self._generate([reqs[i] for i in todo])
+            if len(done) != len(todo):
+                raise RuntimeError(f"{type(self).__name__} returned {len(done)} completions "
+                                   f"for {len(todo)} requests")
+            new: dict[str, dict[str, Any]] = {}
+            for i, c in zip(todo, done):
+                c.request_id = reqs[i].id
+                out[i] = c
+                if not c.ok:
+                    self.stats["failed"] += 1
+                elif self.cache is not None:
+                    new[keys[i]] = c.to_dict()
+            if new and self.cache is not None:
+                self.cache.put_many(new)
+        return out  # type: ignore[return-value]
+
+    @abstractmethod
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        ...
+
+    def close(self) -> None:
+        """Release the model / connections."""
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+from curate.engines.cache import RequestCache  # noqa: E402  (typing + runtime use)

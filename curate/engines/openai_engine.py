@@ -1,0 +1,238 @@
+"""Any OpenAI-compatible server (OpenAI, ``vllm serve``, llama.cpp server, TGI, ...).
+
+Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight). Chat requests
+use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``. Timeouts,
+network errors, 408/409/429 and 5xx answers are retried with exponential backoff and jitter
+(``Retry-After`` is honoured); other 4xx answers fail the request at once. A request that still
+fails becomes a ``Completion`` with ``error`` set; the batch goes on.
+
+The API key is read from the environment variable named by ``api_key_env``; it is sent in the
+``Authorization`` header only and never appears in logs, errors or outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+from typing import Any
+
+from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob
+from curate.engines.cache import RequestCache
+from curate.engines.config import OpenAIConfig
+
+log = logging.getLogger("curate.engines")
+
+RETRY_STATUS = {408, 409, 425, 429}
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def build_body(model: str, request: Request, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(endpoint path, JSON body) for one request."""
+    p = request.params
+    body: dict[str, Any] = {"model": model, "temperature": p.temperature, "top_p": p.top_p,
+                            "max_tokens": p.max_tokens, "n": p.n}
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if request.messages is not None:
+        path = "/chat/completions"
+        body["messages"] = [dict(m) for m in request.messages]
+        if p.logprobs is not None:
+            body["logprobs"] = True
+            if p.logprobs:
+                body["top_logprobs"] = p.logprobs
+    else:
+        path = "/completions"
+        body["prompt"] = request.prompt
+        if p.logprobs is not None:
+            body["logprobs"] = p.logprobs
+    if extra:
+        body.update(extra)
+    return path, body
+
+
+def parse_response(data: dict[str, Any], chat: bool) -> Completion:
+    """An OpenAI (chat) completion response -> Completion. Raises ValueError when malformed."""
+    raw = data.get("choices")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("response has no choices")
+    raw = sorted(raw, key=lambda c: c.get("index", 0))
+    usage = data.get("usage") or {}
+    choices: list[Choice] = []
+    for c in raw:
+        if chat:
+            msg = c.get("message") or {}
+            text = msg.get("content")
+            lps = _chat_logprobs(c.get("logprobs"))
+        else:
+            text = c.get("text")
+            lps = _completion_logprobs(c.get("logprobs"))
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise ValueError("choice text is not a string")
+        choices.append(Choice(text=text, finish_reason=c.get("finish_reason") or "stop",
+                              completion_tokens=len(lps) if lps is not None else 0, logprobs=lps))
+    total = usage.get("completion_tokens")
+    if isinstance(total, int) and total >= 0:
+        share, rest = divmod(total, len(choices))
+        for i, ch in enumerate(choices):
+            ch.completion_tokens = share + (1 if i < rest else 0)
+    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage.get("prompt_tokens"), int) else 0
+    return Completion(choices=choices, prompt_tokens=prompt_tokens)
+
+
+def _chat_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    if not isinstance(lp, dict) or lp.get("content") is None:
+        return None
+    out = []
+    for t in lp["content"]:
+        top = {a["token"]: float(a["logprob"]) for a in (t.get("top_logprobs") or [])}
+        out.append(TokenLogprob(t["token"], float(t["logprob"]), top))
+    return out
+
+
+def _completion_logprobs(lp: Any) -> list[TokenLogprob] | None:
+    if not isinstance(lp, dict) or lp.get("tokens") is None:
+        return None
+    tops = lp.get("top_logprobs") or [None] * len(lp["tokens"])
+    return [TokenLogprob(tok, float(v) if v is not None else float("nan"),
+                         {k: float(x) for k, x in (top or {}).items()})
+            for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops)]
+
+
+def _run_sync(coro: Any) -> Any:
+    """Run a coroutine from sync code, also when this thread already runs an event loop (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["v"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001
+            box["e"] = exc
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join()
+    if "e" in box:
+        raise box["e"]
+    return box["v"]
+
+
+class OpenAIEngine(Engine):
+    kind = "openai"
+
+    def __init__(self, config: OpenAIConfig | dict, cache: RequestCache | None = None,
+                 transport: Any = None):
+        super().__init__(cache)
+        self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.model_validate(config)
+        self.model_id = f"{self.config.base_url.rstrip('/')}|{self.config.model}"
+        self._transport = transport  # tests: httpx.MockTransport
+
+    def cache_extra(self) -> str:
+        import json
+
+        return json.dumps(self.config.extra_body, sort_keys=True) if self.config.extra_body else ""
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        env = self.config.api_key_env
+        key = os.environ.get(env) if env else None
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        return h
+
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        return _run_sync(self._agenerate(requests))
+
+    async def _agenerate(self, requests: list[Request]) -> list[Completion]:
+        import httpx
+
+        cfg = self.config
+        sem = asyncio.Semaphore(cfg.concurrency)
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        kwargs: dict[str, Any] = {}
+        if self._transport is not None:
+            kwargs["transport"] = self._transport
+        async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=self._headers(),
+                                     timeout=httpx.Timeout(cfg.timeout), limits=limits,
+                                     **kwargs) as client:
+            return list(await asyncio.gather(*(self._one(client, sem, r) for r in requests)))
+
+    async def _one(self, client: Any, sem: asyncio.Semaphore, request: Request) -> Completion:
+        cfg = self.config
+        path, body = build_body(cfg.model, request, cfg.extra_body)
+        delay = cfg.backoff
+        reason = ""
+        for attempt in range(cfg.max_retries + 1):
+            retry_after = None
+            try:
+                async with sem:
+                    return await self._post(client, path, body, request.is_chat)
+            except _Retryable as exc:
+                reason = str(exc)
+                retry_after = exc.retry_after
+            except _Fatal as exc:
+                return Completion.failed(str(exc))
+            if attempt < cfg.max_retries:
+                wait = retry_after if retry_after is not None else delay * (0.5 + random.random())
+                wait = min(wait, cfg.backoff_max)
+                if attempt == 0:
+                    log.info("openai engine: retrying after %s", reason)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, cfg.backoff_max)
+        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)")
+
+    async def _post(self, client: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
+        import httpx
+
+        try:
+            resp = await client.post(path, json=body)
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"timeout ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"network error: {type(exc).__name__}: {exc}") from None
+        status = resp.status_code
+        if status in RETRY_STATUS or status >= 500:
+            raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp))
+        if status >= 400:
+            raise _Fatal(f"HTTP {status}: {_snippet(resp)}")
+        try:
+            return parse_response(resp.json(), chat)
+        except (ValueError, KeyError, TypeError) as exc:
+            # a garbled body from a proxy is worth another try
+            raise _Retryable(f"malformed response: {type(exc).__name__}: {exc}") from None
+
+
+class _Fatal(Exception):
+    pass
+
+
+def _snippet(resp: Any) -> str:
+    try:
+        return " ".join(resp.text.split())[:200]
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _retry_after(resp: Any) -> float | None:
+    v = resp.headers.get("retry-after")
+    if not v:
+        return None
+    try:
+        return max(0.0, float(v))
+    except ValueError:
+        return None

@@ -1,0 +1,130 @@
+"""Every example pipeline in configs/ runs, through the real `curate run`, on real offline data."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import ROOT, curate_bin
+
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+def _load_site():
+    if "ingest_site" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("ingest_site", os.path.join(ROOT, "tests", "ingest", "site.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["ingest_site"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["ingest_site"].serve_site
+
+
+def run_cli(config, env):
+    r = subprocess.run([curate_bin(), "run", "-q", config], capture_output=True, text=True,
+                       env={**os.environ, **env}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def step_table(out, step):
+    files = sorted(glob.glob(os.path.join(out, step, "*.parquet")))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+
+
+def test_every_config_is_tested():
+    tested = {"quickstart.yaml", "crawl_example.yaml", "warc_example.yaml"}
+    assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
+        os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    out = str(tmp_path / "qs")
+    r = run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
+    assert "minhash_dedup" in r.stdout
+    stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
+    order = ["pages", "extract_html", "language_id", "exact_dedup", "minhash_dedup", "heuristic_filter", "pii"]
+    assert list(stats) == order
+    assert stats["pages"]["out"] >= 150 and not stats["pages"]["errors"]
+    for a, b in zip(order, order[1:]):
+        assert stats[b]["in"] == stats[a]["out"], (a, b)
+    # os.path is posixpath, collections.abc is _collections_abc: real exact duplicates
+    assert stats["exact_dedup"]["dropped"].get("duplicate_text", 0) >= 2
+    deduped = step_table(out, "exact_dedup")
+    sources = set(deduped.column("source").to_pylist())
+    assert not {"pydoc:os.path", "pydoc:posixpath"} <= sources
+    final = step_table(out, "pii")
+    assert final.num_rows == stats["pii"]["out"] > 20
+    assert set(final.column("language").to_pylist()) == {"en"}
+    assert len(set(final.column("id").to_pylist())) == final.num_rows
+    assert all(len(t) > 200 for t in final.column("text").to_pylist())
+    # the same command again resumes: nothing recomputed, same stats
+    run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
+    again = json.load(open(os.path.join(out, "stats.json")))["steps"]
+    assert all(again[s]["status"] == "done (resumed)" for s in again)
+    assert {s: again[s]["out"] for s in again} == {s: stats[s]["out"] for s in stats}
+
+
+GERMAN = ("Die Zentralbank hat ihren Leitzins am Dienstag unverändert gelassen und erklärt, dass die "
+          "Inflation im Sommer zwar nachgelassen habe, aber weiterhin über dem Zielwert liege. Die "
+          "meisten Analysten hatten mit dieser Entscheidung gerechnet, wiesen jedoch darauf hin, dass "
+          "die Erklärung zum Arbeitsmarkt vorsichtiger formuliert war als nach der letzten Sitzung. "
+          "Die Renditen der Staatsanleihen gaben nach der Ankündigung leicht nach.")
+
+
+@pytest.mark.slow
+def test_crawl_example(tmp_path):
+    from pydoc_data.topics import topics
+
+    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.heuristic_filter import HeuristicFilter
+    from curate.stages.language_id import LanguageId
+    from curate.stages.read_pydoc import topic_page
+
+    names = sorted(topics)[:40]
+    pages = {f"/docs/{n}.html": topic_page(n) for n in names}
+    links = "".join(f'<li><a href="{n}.html">{n}</a></li>' for n in names)
+    pages["/docs/index.html"] = (
+        "<html><head><title>Docs</title></head><body><ul>" + links +
+        '<li><a href="private/secret.html">secret</a></li><li><a href="/other/outside.html">out</a></li>'
+        '<li><a href="copy.html">copy</a></li><li><a href="de.html">de</a></li>'
+        '<li><a href="mailto:docs@example.org">mail</a></li></ul></body></html>')
+    pages["/docs/copy.html"] = topic_page(names[3])                 # the same page at another URL
+    pages["/docs/de.html"] = f"<html lang='de'><body><article><p>{GERMAN}</p></article></body></html>"
+    pages["/docs/private/secret.html"] = topic_page(names[5])
+    pages["/other/outside.html"] = topic_page(names[6])
+    pages["/robots.txt"] = {"body": "User-agent: *\nDisallow: /docs/private/\n", "content_type": "text/plain"}
+    base, stop, hits = _load_site()(pages)
+    try:
+        out = str(tmp_path / "crawl")
+        env = {"CURATE_OUTPUT": out, "CRAWL_SEED": base + "/docs/index.html",
+               "CRAWL_PREFIX": base + "/docs/", "CRAWL_DELAY": "0"}
+        run_cli(os.path.join(CONFIGS, "crawl_example.yaml"), env)
+    finally:
+        stop()
+    fetched = {p for p in hits if p != "/robots.txt"}
+    assert fetched == {f"/docs/{n}.html" for n in names} | {"/docs/index.html", "/docs/copy.html", "/docs/de.html"}
+    assert all(hits[p] == 1 for p in fetched)
+
+    # expected: the same stages as library calls on the same pages, then one copy of each text
+    rows = sorted((base + p, pages[p]) for p in fetched)
+    t = pa.table({"id": [u for u, _ in rows], "url": [u for u, _ in rows], "html": [h for _, h in rows],
+                  "text": [""] * len(rows), "source": [u for u, _ in rows], "metadata": ["{}"] * len(rows)})
+    t = ExtractHtml(date_extensive_search=False)(t)
+    t = LanguageId(languages=["en"])(t)
+    t = HeuristicFilter(gopher_quality={"max_non_alpha_words_ratio": 0.6},
+                        gopher_repetition={"top_n_grams": [[2, 0.3], [3, 0.3], [4, 0.3]]})(t)
+    expected = {u for u in t.column("url").to_pylist() if not u.endswith("/docs/copy.html")}
+    final = step_table(out, "minhash_dedup")
+    got = set(final.column("url").to_pylist())
+    assert got == expected and len(got) >= 10
+    assert base + "/docs/de.html" not in got
+    stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
+    assert stats["language_id"]["dropped"].get("language_id:language", 0) >= 1
+    assert stats["exact_dedup"]["dropped"]  # the copy (or its original) was removed
