@@ -123,11 +123,56 @@ def time_datatrove(path: str) -> Timing:
     return len(docs), wall, None  # the work happens in datatrove's sandbox subprocess
 
 
+def _split(path: str, parts: int) -> str:
+    """The page set as ``parts`` Parquet files (the runner runs one task per file)."""
+    import pyarrow.parquet as pq
+
+    folder = path + f".split{parts}"
+    if not os.path.isdir(folder):
+        os.makedirs(folder)
+        table = _load(path)
+        step = -(-table.num_rows // parts)
+        for i in range(parts):
+            pq.write_table(table.slice(i * step, step), os.path.join(folder, f"pages-{i:03d}.parquet"))
+    return folder
+
+
+def time_runner(path: str, workers: int) -> Timing:
+    """extract_html (no metadata) through the local runner: read_parquet -> extract_html -> shards."""
+    import shutil
+    import tempfile
+
+    from curate.pipeline.runner import run_pipeline
+
+    folder = _split(path, 8)
+    out = tempfile.mkdtemp(prefix="curate-bench-extract-")
+    try:
+        spec = {"name": "bench-extract", "output": out, "workers": workers, "batch_size": 64,
+                "inputs": {"pages": {"stage": "read_parquet", "options": {"paths": folder}}},
+                "stages": [{"stage": "extract_html", "options": {"with_metadata": False}}]}
+        holder = {}
+        wall, _ = _timed(lambda: holder.update(r=run_pipeline(spec, progress=False, force=True)))
+        n = holder["r"].stats["extract_html"]["in"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return n, wall, None  # the work happens in worker processes: wall time only
+
+
+def time_runner1(path: str) -> Timing:
+    return time_runner(path, 1)
+
+
+def time_runner2(path: str) -> Timing:
+    return time_runner(path, 2)
+
+
 PATHS: dict[str, Callable[[str], Timing]] = {
     "plain": time_plain,
     "stage_nometa": time_stage_nometa,
     "plain_meta": time_plain_meta,
     "stage": time_stage,
+    "runner1": time_runner1,
+    "runner2": time_runner2,
 }
 try:
     import datatrove.pipeline.extractors  # noqa: F401
@@ -137,7 +182,8 @@ except ImportError:
     pass
 
 # (path, its peer) pairs whose speed ratio is printed
-RATIOS = [("stage_nometa", "plain"), ("stage", "plain_meta"), ("stage_nometa", "datatrove")]
+RATIOS = [("stage_nometa", "plain"), ("stage", "plain_meta"), ("runner1", "plain"), ("runner2", "plain"),
+          ("stage_nometa", "datatrove")]
 
 
 def run(path: str, names: list[str], rounds: int = 2) -> dict[str, Timing]:
