@@ -128,3 +128,71 @@ def test_crawl_example(tmp_path):
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
     assert stats["language_id"]["dropped"].get("language_id:language", 0) >= 1
     assert stats["exact_dedup"]["dropped"]  # the copy (or its original) was removed
+
+
+def _warc(path, records):
+    """Write a .warc.gz of (url, html) HTTP responses with warcio."""
+    from io import BytesIO
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as fh:
+        w = WARCWriter(fh, gzip=True)
+        for url, html in records:
+            headers = StatusAndHeaders("200 OK", [("Content-Type", "text/html; charset=utf-8")], protocol="HTTP/1.1")
+            w.write_record(w.create_warc_record(url, "response", payload=BytesIO(html.encode()),
+                                                http_headers=headers))
+
+
+NEWS = [
+    "The regional water authority approved a plan on Monday to replace ageing pipes under the old "
+    "town, a project that engineers say will take four years and cost more than the council expected.",
+    "Residents have complained for years about low pressure and frequent repairs, and the authority "
+    "admitted that about a fifth of the water it treats is lost through leaks before it reaches homes.",
+    "Work will begin in the spring on the streets around the market square, where the oldest cast "
+    "iron mains were laid more than a century ago and now break several times every winter.",
+    "The council said that traffic would be diverted during the works, and that shops on the affected "
+    "streets could apply for compensation if their takings fell while the roads were closed.",
+    "Opposition members asked why the contract had been awarded without a second round of bids, and "
+    "the chair of the committee promised to publish the full evaluation report next month.",
+    "An independent engineer who reviewed the plan for the council described it as ambitious but "
+    "realistic, provided that the supply of materials is not delayed by shortages at the factories.",
+]
+
+
+@pytest.mark.slow
+def test_warc_example(tmp_path):
+    import random
+
+    rng = random.Random(3)
+    pages = []
+    for i in range(12):   # distinct stories: each is its own shuffle of sentences with a unique lead
+        body = [f"Story {i}: {rng.choice(['Tuesday', 'Friday', 'Sunday'])} report number {i * 7 + 3} "
+                f"from the district of {['Alder', 'Birch', 'Cedar', 'Dogwood', 'Elm', 'Fir'][i % 6]}."]
+        body += rng.sample(NEWS, 6)
+        pages.append((f"https://news.example.org/{i}",
+                      "<html lang='en'><head><title>Story</title></head><body><article>" +
+                      "".join(f"<p>{p}</p>" for p in body) + "</article></body></html>"))
+    _warc(str(tmp_path / "a.warc.gz"), pages[:6])
+    _warc(str(tmp_path / "b.warc.gz"), pages[6:] + [("https://news.example.org/copy", pages[0][1])])
+    with open(tmp_path / "b.warc.gz", "ab") as fh:
+        fh.write(b"\x1f\x8b\x08\x00garbage that is not a gzip member")   # a corrupt trailing record
+    out = str(tmp_path / "out")
+    run_cli(os.path.join(CONFIGS, "warc_example.yaml"), {"CURATE_OUTPUT": out,
+                                                          "WARC_PATHS": str(tmp_path / "*.warc.gz")})
+    stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
+    assert stats["warc"]["out"] == 13
+    assert stats["warc"]["errors"] == {"truncated": 1}            # counted, not fatal
+    assert stats["heuristic_filter"]["out"] == 13                  # real prose passes the defaults
+    # the copy of page 0 is an exact duplicate; the stories are the same six sentences shuffled
+    # behind different leads: near-duplicates, of which MinHash keeps one per cluster
+    assert stats["exact_dedup"]["dropped"] == {"duplicate_text": 1}
+    near = stats["minhash_dedup"]["dropped"]["near_duplicate"]
+    assert near >= 9
+    final = step_table(out, "minhash_dedup")
+    assert final.num_rows == 12 - near
+    removed = step_table(out, "minhash_dedup/_removed")
+    assert removed.num_rows == near
+    kept_ids = set(final.column("id").to_pylist())
+    assert not kept_ids & set(removed.column("id").to_pylist())
