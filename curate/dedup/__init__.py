@@ -1,0 +1,1 @@
+"""Deduplication kernels (MinHash signatures, LSH band keys, connected components)."""
