@@ -136,7 +136,9 @@ class _TimeLimit:
     def call(self, fn, *args):
         if not self.active:
             return fn(*args)
-        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        # After the limit the alarm repeats every 50 ms: a library that swallows one interruption
+        # (a callback from C code, a broad except) is interrupted again until control is back here.
+        signal.setitimer(signal.ITIMER_REAL, self.seconds, 0.05)
         try:
             return fn(*args)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import os
 import time
 
 import pyarrow as pa
@@ -181,11 +182,21 @@ def test_time_limit_on_a_real_slow_page():
     from pages import pydoc_page
 
     page = [("pydoc:ipaddress", pydoc_page("ipaddress"))]
-    st = ExtractHtml(timeout_s=0.3)
+    # in a fresh interpreter: the cost is dateparser's cold start, which earlier tests in this
+    # process may already have paid
+    import json
+    import subprocess
+    import sys
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pages import pydoc_page, html_table; "
+            "from curate.stages.extract_html import ExtractHtml; st = ExtractHtml(timeout_s=0.3); "
+            "out = st(html_table([('pydoc:ipaddress', pydoc_page('ipaddress'))])); "
+            "print(json.dumps([out.num_rows, st.counters.to_dict()]))")
     t0 = time.perf_counter()
-    assert st(html_table(page)).num_rows == 0
-    assert time.perf_counter() - t0 < 5
-    assert st.counters.to_dict()["dropped/timeout"] == 1
+    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+                       capture_output=True, text=True, timeout=120, check=True)
+    rows, counters = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rows == 0 and counters["dropped/timeout"] == 1
+    assert time.perf_counter() - t0 < 30
     # the cheap date search avoids it, and the text is still plain trafilatura's
     st = ExtractHtml(timeout_s=30, date_extensive_search=False)
     out = st(html_table(page))
