@@ -127,13 +127,15 @@ def _split(path: str, parts: int) -> str:
     """The page set as ``parts`` Parquet files (the runner runs one task per file)."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     folder = path + f".split{parts}"
     if not os.path.isdir(folder):
         os.makedirs(folder)
         table = _load(path)
-        step = -(-table.num_rows // parts)
-        for i in range(parts):
-            pq.write_table(table.slice(i * step, step), os.path.join(folder, f"pages-{i:03d}.parquet"))
+        for i in range(parts):  # round-robin: big and small pages spread evenly over the files
+            rows = pa.array(range(i, table.num_rows, parts), pa.int64())
+            pq.write_table(table.take(rows), os.path.join(folder, f"pages-{i:03d}.parquet"))
     return folder
 
 
@@ -144,7 +146,7 @@ def time_runner(path: str, workers: int) -> Timing:
 
     from curate.pipeline.runner import run_pipeline
 
-    folder = _split(path, 8)
+    folder = _split(path, 16)
     out = tempfile.mkdtemp(prefix="curate-bench-extract-")
     try:
         spec = {"name": "bench-extract", "output": out, "workers": workers, "batch_size": 64,
@@ -201,7 +203,7 @@ def run(path: str, names: list[str], rounds: int = 2) -> dict[str, Timing]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--articles", type=int, default=200, help="generated news pages")
+    ap.add_argument("--articles", type=int, default=1500, help="generated news pages")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {list(PATHS)}")
     ap.add_argument("--pages", default=None, help="use/keep this Parquet page set")

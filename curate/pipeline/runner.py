@@ -235,7 +235,7 @@ class _InlineQueue:
 class LocalExecutor:
     """A process pool (spawned workers) or, with one worker, the calling process itself."""
 
-    def __init__(self, workers: int, plugins: list[str]):
+    def __init__(self, workers: int, plugins: list[str], preload: list[str] | None = None):
         self.workers = workers
         self.queue = None
         self._pool = None
@@ -246,7 +246,7 @@ class LocalExecutor:
             # forkserver: workers fork from a clean server process that has already imported
             # curate and pyarrow: fast start, and no threads of this process are forked.
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["curate.pipeline.runner"])
+            ctx.set_forkserver_preload(["curate.pipeline.runner", *(preload or [])])
             self.queue = ctx.Queue()
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                              initargs=(self.queue, logging.getLogger().level, os.getpid()))
@@ -444,7 +444,11 @@ class Runner:
             self.stats[s.name] = StepStats(s.name, s.stage.name)
         own = self._executor is None
         if own:
-            self._executor = make_executor(self.spec.runner, self.workers, self.spec.plugins)
+            preload = [*self.spec.plugins]
+            for st in self.pipe.steps.values():
+                preload += [type(st.stage).__module__, *type(st.stage).preload]
+            self._executor = make_executor(self.spec.runner, self.workers, self.spec.plugins,
+                                           list(dict.fromkeys(preload)))
         self._executor.set_sink(self._sink)
         try:
             for item in plan(self.pipe):
@@ -642,11 +646,11 @@ class Runner:
                                                 "shards": S.shards}})
 
 
-def make_executor(runner: str, workers: int, plugins: list[str]) -> Any:
+def make_executor(runner: str, workers: int, plugins: list[str], preload: list[str] | None = None) -> Any:
     if runner == "ray":
         from curate.pipeline.ray_runner import RayExecutor
         return RayExecutor(workers, plugins)
-    return LocalExecutor(workers, plugins)
+    return LocalExecutor(workers, plugins, preload)
 
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,

@@ -24,6 +24,22 @@ DOC_SCHEMA = pa.schema([
 ])
 
 
+# documents that still carry their page (text is "" until extract_html fills it)
+HTML_DOC_SCHEMA = pa.schema(list(DOC_SCHEMA) + [pa.field("html", pa.string())])
+# pages from the web (crawl, WARC): plus where and when they were fetched
+WEB_DOC_SCHEMA = pa.schema(list(HTML_DOC_SCHEMA) + [
+    pa.field("url", pa.string()),
+    pa.field("status", pa.int32()),
+    pa.field("fetched_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+def table_from_rows(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    """A table of ``schema`` from row tuples in the schema's column order."""
+    cols = list(zip(*rows)) if rows else [[] for _ in schema]
+    return pa.table([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema)
+
+
 def make_id(*parts: Any) -> str:
     """A stable 24-hex-character id from source-derived parts, e.g. ``make_id(path, row)``."""
     h = hashlib.blake2b(digest_size=12)

@@ -163,6 +163,9 @@ class Stage:
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[dict[str, pa.DataType]] = {}
     resources: ClassVar[Resources] = Resources()
+    # modules a runner may import before forking workers, so that workers start warm (only modules
+    # that start no threads at import: parsers, tokenizers; not torch or an engine)
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig | dict | None = None, **options: Any):
         if isinstance(config, StageConfig):
@@ -242,6 +245,8 @@ class Stage:
 
 class SourceStage(Stage):
     kind = "source"
+    # the schema of what read() yields, when fixed: an empty result keeps it
+    output_schema: ClassVar[pa.Schema | None] = None
 
     def tasks(self) -> list[Task]:
         raise NotImplementedError
@@ -255,7 +260,9 @@ class SourceStage(Stage):
 
         self.ensure_setup()
         parts = [t for task in self.tasks() for t in self.read(task) if t.num_rows]
-        return pa.concat_tables(parts, promote_options="permissive") if parts else empty_docs()
+        if parts:
+            return pa.concat_tables(parts, promote_options="permissive")
+        return self.output_schema.empty_table() if self.output_schema is not None else empty_docs()
 
 
 class FileSource(SourceStage):
@@ -390,6 +397,19 @@ class GlobalStage(Stage):
 
     def run(self, dataset: "Dataset", writer: "Writer", ctx: "RunContext") -> None:
         raise NotImplementedError
+
+    def scratch(self, ctx: "RunContext", name: str) -> str:
+        """A fresh, empty local folder for this run's spill files (under the runner's work folder)."""
+        import os
+        import shutil
+
+        base = getattr(ctx, "workdir", None) or self.workdir
+        if not base:
+            raise StageError(f"{self.name} needs a work folder")
+        path = os.path.join(base, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+        return path
 
     def __call__(self, data: "pa.Table | str | list[str]", workdir: str | None = None) -> pa.Table:
         """Library call: run on a table or Parquet path(s) in this process; returns a table."""

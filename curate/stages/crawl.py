@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 
 from curate.ingest.charset import decode_bytes
 from curate.ingest.urls import Allowlist, host_of, normalize_url, origin_of, url_scheme
-from curate.pipeline.schema import dumps_meta, make_id
+from curate.pipeline.schema import WEB_DOC_SCHEMA, dumps_meta, make_id
 from curate.pipeline.stage import Resources, SourceStage, StageConfig, StageError, Task, register
 
 log = logging.getLogger("curate")
@@ -62,16 +62,7 @@ SKIP_EXTENSIONS = [
 ROBOTS_MAX_BYTES = 512 * 1024
 MAX_CRAWL_DELAY = 60.0
 
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("text", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("metadata", pa.string()),
-    pa.field("html", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("status", pa.int32()),
-    pa.field("fetched_at", pa.timestamp("us", tz="UTC")),
-])
+OUTPUT_SCHEMA = WEB_DOC_SCHEMA
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
@@ -239,6 +230,7 @@ class Crawl(SourceStage):
     name = "crawl"
     Config = CrawlConfig
     writes = {f.name: f.type for f in OUTPUT_SCHEMA}
+    output_schema = OUTPUT_SCHEMA
     resources = Resources(cpus=1.0)
 
     # -- options -----------------------------------------------------------------------------------
@@ -615,9 +607,6 @@ class Crawl(SourceStage):
             pa.array(statuses, pa.int32()), pa.array(times, pa.timestamp("us", tz="UTC")),
         ], schema=OUTPUT_SCHEMA)
 
-    def __call__(self) -> pa.Table:
-        out = super().__call__()
-        return out if out.num_rows else OUTPUT_SCHEMA.empty_table()
 
 
 def _bump(db: sqlite3.Connection, key: str, n: int = 1) -> None:

@@ -227,14 +227,6 @@ class ExactDedup(GlobalStage):
     writes: dict[str, pa.DataType] = {}
     resources = Resources(cpus=1.0)
 
-    def _work(self, ctx: Any) -> str:
-        base = getattr(ctx, "workdir", None) or self.workdir
-        if not base:
-            raise StageError("exact_dedup needs a work folder")
-        work = os.path.join(base, "exact_dedup")
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work, exist_ok=True)
-        return work
 
     def run(self, dataset: Any, writer: Any, ctx: Any) -> None:
         c = self.config
@@ -255,7 +247,7 @@ class ExactDedup(GlobalStage):
         total = dataset.count_rows()
         nb = c.buckets or max(1, math.ceil(total * BYTES_PER_DOC / (c.max_memory_mb * 2 ** 20)))
         self.count("exact_dedup/buckets", nb)
-        work = self._work(ctx)
+        work = self.scratch(ctx, "exact_dedup")
         cfg = {"text_column": c.text_column if c.dedup_text else None, "dedup_text": c.dedup_text,
                "url_column": url_col, "batch_size": c.batch_size,
                "norm": {"lowercase": c.lowercase, "unicode_form": c.unicode_form,

@@ -162,6 +162,7 @@ class ExtractHtml(FilterStage):
     """Main text and metadata of HTML pages (trafilatura), with a per-page time limit."""
 
     name = "extract_html"
+    preload = ("trafilatura",)
     Config = ExtractHtmlConfig
     reads = ("html",)
     writes = {"text": pa.string(), "title": pa.string(), "date": pa.string(), "metadata": pa.string()}

@@ -150,6 +150,7 @@ class HeuristicFilter(FilterStage):
     """Gopher quality/repetition, C4 and FineWeb heuristic rules (datatrove's implementations)."""
 
     name = "heuristic_filter"
+    preload = ("datatrove.pipeline.filters",)
     Config = HeuristicFilterConfig
     reads = ("text",)
     writes = {"text": pa.string()}

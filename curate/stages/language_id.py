@@ -94,6 +94,7 @@ class LanguageId(FilterStage):
     """Language of each document (fastText lid.176); keep the wanted languages."""
 
     name = "language_id"
+    preload = ("fasttext",)
     Config = LanguageIdConfig
     reads = ("text",)
     writes = {"language": pa.string(), "language_score": pa.float32()}

@@ -317,14 +317,6 @@ class MinhashDedup(GlobalStage):
     resources = Resources(cpus=1.0)
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _spill_dir(self, ctx: Any) -> str:
-        base = getattr(ctx, "workdir", None) or self.workdir
-        if not base:
-            raise StageError("minhash_dedup needs a work folder")
-        work = os.path.join(base, "minhash")
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work, exist_ok=True)
-        return work
 
     def run(self, dataset: Any, writer: Any, ctx: Any) -> None:
         import numba
@@ -352,7 +344,7 @@ class MinhashDedup(GlobalStage):
                              f"not in the input (columns: {schema.names})")
         bands, rows, num_perm = c.lsh()
         a, b = M.permutations(num_perm, c.seed)
-        work = self._spill_dir(ctx)
+        work = self.scratch(ctx, "minhash")
         log.info("%s: MinHash %d perms, %d bands x %d rows, %d-%s shingles", self.step_name, num_perm,
                  bands, rows, c.ngram, "char" if c.char_ngrams else "word")
         cfg = {"bands": bands, "rows": rows, "text_column": c.text_column, "score_column": c.score_column,

@@ -34,20 +34,14 @@ from pydantic import Field, field_validator
 
 from curate.ingest.charset import decode_bytes, looks_binary
 from curate.pipeline.io import get_fs
-from curate.pipeline.schema import dumps_meta, make_id
+from curate.pipeline.schema import HTML_DOC_SCHEMA, dumps_meta, make_id, table_from_rows
 from curate.pipeline.stage import FileSource, StageConfig, Task, register
 
 log = logging.getLogger("curate")
 
 COMPRESSION_SUFFIXES = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("text", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("metadata", pa.string()),
-    pa.field("html", pa.string()),
-])
+OUTPUT_SCHEMA = HTML_DOC_SCHEMA
 
 
 def _norm_exts(v: list[str]) -> list[str]:
@@ -90,6 +84,7 @@ class ReadFiles(FileSource):
     name = "read_files"
     Config = ReadFilesConfig
     writes = {f.name: f.type for f in OUTPUT_SCHEMA}
+    output_schema = OUTPUT_SCHEMA
 
     def tasks(self) -> list[Task]:
         files = self.files_or_error()
@@ -108,10 +103,10 @@ class ReadFiles(FileSource):
             if row is not None:
                 rows.append(row)
             if len(rows) >= self.config.batch_size:
-                yield _table(rows)
+                yield table_from_rows(rows, OUTPUT_SCHEMA)
                 rows = []
         if rows:
-            yield _table(rows)
+            yield table_from_rows(rows, OUTPUT_SCHEMA)
 
     def _kind(self, ext: str) -> str | None:
         cfg = self.config
@@ -234,14 +229,8 @@ def _mtime(info: dict) -> str | None:
         return str(v)
     return None
 
-    def __call__(self) -> pa.Table:
-        out = super().__call__()
-        return out if out.num_rows else OUTPUT_SCHEMA.empty_table()
 
 
-def _table(rows: list[tuple]) -> pa.Table:
-    cols = list(zip(*rows))
-    return pa.table([pa.array(c, t.type) for c, t in zip(cols, OUTPUT_SCHEMA)], schema=OUTPUT_SCHEMA)
 
 
 __all__ = ["ReadFiles", "ReadFilesConfig"]

@@ -34,7 +34,7 @@ from pydantic import Field
 
 from curate.ingest.charset import decode_bytes
 from curate.pipeline.io import get_fs
-from curate.pipeline.schema import dumps_meta, make_id
+from curate.pipeline.schema import WEB_DOC_SCHEMA, dumps_meta, make_id, table_from_rows
 from curate.pipeline.stage import FileSource, StageConfig, Task, register
 
 log = logging.getLogger("curate")
@@ -43,16 +43,7 @@ WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet", ".warc.wet
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 SCAN_CHUNK = 1 << 20
 
-OUTPUT_SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("text", pa.string()),
-    pa.field("source", pa.string()),
-    pa.field("metadata", pa.string()),
-    pa.field("html", pa.string()),
-    pa.field("url", pa.string()),
-    pa.field("status", pa.int32()),
-    pa.field("fetched_at", pa.timestamp("us", tz="UTC")),
-])
+OUTPUT_SCHEMA = WEB_DOC_SCHEMA
 
 
 class ReadWarcConfig(StageConfig):
@@ -96,6 +87,7 @@ class ReadWarc(FileSource):
     Config = ReadWarcConfig
     suffixes = WARC_SUFFIXES
     writes = {f.name: f.type for f in OUTPUT_SCHEMA}
+    output_schema = OUTPUT_SCHEMA
 
     # -- reading -----------------------------------------------------------------------------------
     def read(self, task: Task) -> Iterator[pa.Table]:
@@ -103,10 +95,10 @@ class ReadWarc(FileSource):
         for row in self._rows(task.payload):
             rows.append(row)
             if len(rows) >= self.config.batch_size:
-                yield _table(rows)
+                yield table_from_rows(rows, OUTPUT_SCHEMA)
                 rows = []
         if rows:
-            yield _table(rows)
+            yield table_from_rows(rows, OUTPUT_SCHEMA)
 
     def _rows(self, path: str) -> Iterator[tuple]:
         from warcio.archiveiterator import ArchiveIterator
@@ -246,14 +238,8 @@ class ReadWarc(FileSource):
         return (doc_id, text, url or f"{path}@{offset}", dumps_meta(meta), html, url or None, status,
                 _warc_date(date))
 
-    def __call__(self) -> pa.Table:
-        out = super().__call__()
-        return out if out.num_rows else OUTPUT_SCHEMA.empty_table()
 
 
-def _table(rows: list[tuple]) -> pa.Table:
-    cols = list(zip(*rows))
-    return pa.table([pa.array(c, t.type) for c, t in zip(cols, OUTPUT_SCHEMA)], schema=OUTPUT_SCHEMA)
 
 
 __all__ = ["ReadWarc", "ReadWarcConfig"]
