@@ -1,5 +1,7 @@
 """runner: ray gives exactly the local runner's output (same tasks, same shards, same stats)."""
 
+import os
+
 import pytest
 
 from curate.pipeline.runner import run_pipeline
@@ -23,3 +25,42 @@ def test_ray_runner_matches_local(tmp_path):
     # resume under ray: everything is skipped
     c = run_pipeline(pipeline_dict(str(tmp_path / "in"), onray, runner="ray"), progress=False)
     assert all(s["status"] == "done (resumed)" for s in c.stats.values())
+
+
+@pytest.mark.ray
+def test_gpu_stages_run_on_actors_that_own_their_gpus(tmp_path):
+    import pyarrow as pa
+
+    write_corpus(str(tmp_path / "in"), files=6, rows=40)
+    markers = str(tmp_path / "markers")
+    d = {"name": "gpu", "output": str(tmp_path / "out"), "runner": "ray", "workers": 2, "batch_size": 10,
+         "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+         "stages": [{"stage": "gpu_probe", "options": {"marker_dir": markers}}]}
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # logical GPUs
+    try:
+        run_pipeline(d, progress=False)
+    finally:
+        ray.shutdown()
+    t = pa.concat_tables(read_step(str(tmp_path / "out"), "gpu_probe").values())
+    assert t.num_rows == 240
+    by_pid = {}
+    for pid, gpu in zip(t.column("pid").to_pylist(), t.column("gpu").to_pylist()):
+        by_pid.setdefault(pid, set()).add(gpu)
+    assert len(by_pid) == 2                                   # two GPUs -> two actors
+    assert all(len(g) == 1 and "" not in g for g in by_pid.values())   # each keeps its own GPU
+    assert len({next(iter(g)) for g in by_pid.values()}) == 2
+    setups = sorted(os.listdir(markers))
+    assert setups == sorted(f"setup-{p}" for p in by_pid)   # set up once per actor
+
+
+def test_gpu_stage_without_gpus_is_a_clear_error(tmp_path):
+    from curate.pipeline.runner import PipelineError
+
+    write_corpus(str(tmp_path / "in"), files=1, rows=5)
+    d = {"name": "gpu", "output": str(tmp_path / "out"), "runner": "ray", "workers": 1,
+         "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+         "stages": [{"stage": "gpu_probe", "options": {"marker_dir": str(tmp_path / "m")}}]}
+    with pytest.raises(PipelineError, match="step 'gpu_probe'.*needs 1 GPU"):
+        run_pipeline(d, progress=False)

@@ -1,9 +1,11 @@
 """``runner: ray``: the same tasks as the local runner, scheduled on a Ray cluster.
 
-Each segment task becomes a Ray task asking for the CPUs/GPUs its stages declare (the largest
-request of the chain), so a GPU stage gets one GPU per task and N GPUs run N tasks. Ray reuses
-worker processes, and stages are cached per worker process, so ``setup()`` (model loading) runs
-once per worker, not once per task. Completion records, atomic shards and resume are the same as
+CPU segments become Ray tasks asking for the CPUs their stages declare; Ray reuses worker
+processes and stages are cached per process, so ``setup()`` runs once per worker. A segment with a
+GPU stage (an LLM engine) runs on a pool of Ray *actors*, each holding the GPUs it asked for
+(``resources.gpus`` of the stage) for its whole life: the engine is loaded once per actor, on the
+GPU it owns, and N GPUs run N/gpus engines over the tasks. A cluster without enough GPUs is a
+clear error, not a hang. Completion records, atomic shards and resume are the same as
 the local runner's: the output location must be reachable from every node (shared disk or an
 object store such as ``s3://``).
 
@@ -37,6 +39,7 @@ class RayExecutor:
                          log_to_driver=False, configure_logging=False)
                 self._owns = True
         self._remote: dict[Callable, Any] = {}
+        self._actors: dict[str, list] = {}
         self._sink: Callable[[tuple], None] | None = None
 
     def set_sink(self, sink: Callable[[tuple], None]) -> None:
@@ -53,9 +56,31 @@ class RayExecutor:
     def submit(self, fn: Callable, *args: Any) -> Future:
         payload = args[0] if args and isinstance(args[0], dict) else {}
         res = payload.get("resources", {})
-        ref = self._fn(fn).options(num_cpus=res.get("cpus", 1), num_gpus=res.get("gpus", 0),
+        if res.get("gpus", 0) > 0:
+            return self._next_actor(payload["key"], res).run.remote(fn, *args).future()
+        ref = self._fn(fn).options(num_cpus=res.get("cpus", 1), num_gpus=0,
                                    max_retries=2, retry_exceptions=False).remote(*args)
         return ref.future()
+
+    def _next_actor(self, key: str, res: dict) -> Any:
+        """Round-robin over this segment's actor pool (created on first use)."""
+        pool = self._actors.get(key)
+        if pool is None:
+            for other in self._actors.values():  # one GPU segment at a time: free the previous pool
+                for a in other[0]:
+                    self.ray.kill(a)
+            self._actors.clear()
+            gpus = float(res["gpus"])
+            have = float(self.ray.cluster_resources().get("GPU", 0))
+            if have < gpus:
+                raise RuntimeError(f"a stage needs {gpus:g} GPU(s) per worker but the Ray cluster has "
+                                   f"{have:g}; add GPU nodes or use a CPU engine")
+            n = max(1, int(have // gpus))
+            actor_cls = self.ray.remote(_TaskActor).options(num_cpus=res.get("cpus", 1), num_gpus=gpus)
+            pool = self._actors[key] = [[actor_cls.remote() for _ in range(n)], 0]
+        actors, i = pool
+        pool[1] = i + 1
+        return actors[i % len(actors)]
 
     def map(self, fn: Callable, items: list) -> Iterator:
         refs = [self._fn(fn).remote(i) for i in items]
@@ -63,5 +88,16 @@ class RayExecutor:
             yield self.ray.get(r)
 
     def shutdown(self) -> None:
+        for pool in self._actors.values():
+            for a in pool[0]:
+                self.ray.kill(a)
+        self._actors.clear()
         if self._owns:
             self.ray.shutdown()
+
+
+class _TaskActor:
+    """Holds its GPUs for life; stages built in it (engines) are reused by every task it runs."""
+
+    def run(self, fn: Callable, *args: Any) -> Any:
+        return fn(*args)

@@ -557,7 +557,11 @@ class Runner:
             head = rec["steps"][names[0]]
             bar.update(head["out"] if seg.source is not None else head["in"])
         bar.tasks(len(records), len(tasks))
-        futures = {self._executor.submit(run_task, payload, i, tasks[i]): i for i in pending}
+        try:
+            futures = {self._executor.submit(run_task, payload, i, tasks[i]): i for i in pending}
+        except RuntimeError as exc:  # the executor cannot place the tasks (e.g. no GPUs)
+            bar.close()
+            raise PipelineError(f"step {target.name!r}: {exc}") from exc
         try:
             while futures:
                 done, _ = wait(list(futures), timeout=0.25, return_when=FIRST_COMPLETED)

@@ -108,3 +108,27 @@ class Explode(MapStage):
             if self.config.bad_word in (t or ""):
                 raise ValueError("boom")
         return table
+
+
+class GpuProbeConfig(StageConfig):
+    marker_dir: str
+
+
+@register
+class GpuProbe(MapStage):
+    """Records which process and which (Ray-assigned) GPU handled each batch; needs one GPU."""
+    name = "gpu_probe"
+    Config = GpuProbeConfig
+    from curate.pipeline.stage import Resources as _R
+    resources = _R(cpus=0.5, gpus=1)
+
+    def setup(self):
+        os.makedirs(self.config.marker_dir, exist_ok=True)
+        open(os.path.join(self.config.marker_dir, f"setup-{os.getpid()}"), "w").close()
+
+    def process(self, table):
+        import ray
+        gpu = ",".join(str(g) for g in ray.get_gpu_ids())
+        n = table.num_rows
+        return table.append_column("pid", pa.array([os.getpid()] * n, pa.int64())).append_column(
+            "gpu", pa.array([gpu] * n, pa.string()))
