@@ -95,7 +95,11 @@ class Layout:
 _WORKER: dict[str, Any] = {"key": None, "stages": None, "queue": None}
 
 
-def _init_worker(queue: Any, level: int, parent_pid: int) -> None:
+def _init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str]) -> None:
+    # the forkserver was started by the first pool of this process and kept its environment:
+    # workers take the environment of the run that starts them (credentials, endpoints, paths)
+    os.environ.clear()
+    os.environ.update(env)
     _WORKER["queue"] = queue
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     _die_with_parent(parent_pid)
@@ -249,7 +253,8 @@ class LocalExecutor:
             ctx.set_forkserver_preload(["curate.pipeline.runner", *(preload or [])])
             self.queue = ctx.Queue()
             self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                             initargs=(self.queue, logging.getLogger().level, os.getpid()))
+                                             initargs=(self.queue, logging.getLogger().level, os.getpid(),
+                                                       dict(os.environ)))
 
     def set_sink(self, sink: Callable[[tuple], None]) -> None:
         if self._pool is None:
