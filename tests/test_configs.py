@@ -49,7 +49,8 @@ def test_quickstart(tmp_path):
     r = run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
     assert "minhash_dedup" in r.stdout
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
-    order = ["pages", "extract_html", "language_id", "exact_dedup", "minhash_dedup", "heuristic_filter", "pii"]
+    order = ["pages", "extract_html", "language_id", "exact_dedup", "minhash_dedup", "heuristic_filter", "pii",
+             "select", "generate"]
     assert list(stats) == order
     assert stats["pages"]["out"] >= 150 and not stats["pages"]["errors"]
     for a, b in zip(order, order[1:]):
@@ -64,6 +65,14 @@ def test_quickstart(tmp_path):
     assert set(final.column("language").to_pylist()) == {"en"}
     assert len(set(final.column("id").to_pylist())) == final.num_rows
     assert all(len(t) > 200 for t in final.column("text").to_pylist())
+    # the LLM step: the 3 documents with the best language score, each with a generated summary
+    gen = step_table(out, "generate")
+    scores = sorted(final.column("language_score").to_pylist(), reverse=True)
+    assert gen.num_rows == 3 and sorted(gen.column("language_score").to_pylist(), reverse=True) == scores[:3]
+    assert all(s and s.strip() for s in gen.column("summary").to_pylist())
+    assert all(0 < n <= 48 for n in gen.column("summary_tokens").to_pylist())
+    assert stats["generate"]["counters"]["llm/requests"] == 3
+    assert stats["generate"]["counters"]["llm/completion_tokens"] == sum(gen.column("summary_tokens").to_pylist())
     # the same command again resumes: nothing recomputed, same stats
     run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
     again = json.load(open(os.path.join(out, "stats.json")))["steps"]
