@@ -478,6 +478,8 @@ class Runner:
         return result
 
     def _finish(self, step: Step, shards: list[dict], steps_stats: dict[str, dict]) -> None:
+        # workers wrote files this process may have listed before (object stores cache listings)
+        self.layout.fs.invalidate_cache()
         for sh in shards:
             sh.setdefault("path", "")
         marker = {"fingerprint": step.fingerprint, "step": step.name, "stage": step.stage.name,
