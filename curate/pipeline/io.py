@@ -118,6 +118,16 @@ def iter_parquet(path: str, columns: Sequence[str] | None = None,
             yield pa.Table.from_batches([b])
 
 
+def iter_part(src: "pa.Table | str", columns: Sequence[str] | None = None,
+              batch_size: int = 4096) -> Iterator[pa.Table]:
+    """Stream a dataset part handed to a worker: an in-memory table (library calls) or a Parquet
+    path (runner), as tables of at most ``batch_size`` rows."""
+    if isinstance(src, pa.Table):
+        t = src.select(list(columns)) if columns else src
+        return (t.slice(o, batch_size) for o in range(0, t.num_rows, batch_size))
+    return iter_parquet(src, columns, batch_size)
+
+
 def read_table(path: str, columns: Sequence[str] | None = None) -> pa.Table:
     fs, p = get_fs(path)
     with fs.open(p, "rb") as f:

@@ -105,17 +105,12 @@ def _hash_keys(values: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def hash_task(item: dict) -> dict:
     """Step 1 for one part: bucketed (hi, lo, doc) files for the text and URL keys."""
-    from curate.pipeline.io import iter_parquet
+    from curate.pipeline.io import iter_part
     from curate.text.normalize import normalize_for_hash
 
     part, cfg, work, nb = item["part"], item["cfg"], item["work"], item["buckets"]
     cols = [c for c in (cfg["text_column"], cfg["url_column"]) if c]
-    src = item["source"]
-    if isinstance(src, pa.Table):
-        t = src.select(cols)
-        batches = (t.slice(o, cfg["batch_size"]) for o in range(0, t.num_rows, cfg["batch_size"]))
-    else:
-        batches = iter_parquet(src, cols, cfg["batch_size"])
+    batches = iter_part(item["source"], cols, cfg["batch_size"])
     norm = cfg["norm"]
     writers: dict[tuple[str, int], pq.ParquetWriter] = {}
     files: dict[str, list[str | None]] = {"text": [None] * nb, "url": [None] * nb}

@@ -173,7 +173,7 @@ def _set_threads(cfg: dict) -> None:
 def signature_task(item: dict) -> dict:
     """Step 1 for one input part: band keys (and optionally signatures) -> Parquet."""
     from curate.dedup import minhash as M
-    from curate.pipeline.io import iter_parquet
+    from curate.pipeline.io import iter_part
 
     part = item["part"]
     cfg = item["cfg"]
@@ -185,12 +185,7 @@ def signature_task(item: dict) -> dict:
     text_col = cfg["text_column"]
     score_col = cfg["score_column"] if cfg["keep"] == "score" else None
     cols = [text_col] + ([score_col] if score_col and score_col != text_col else [])
-    src = item["source"]
-    if isinstance(src, pa.Table):
-        t = src.select(cols)
-        batches = (t.slice(o, cfg["batch_size"]) for o in range(0, t.num_rows, cfg["batch_size"]))
-    else:
-        batches = iter_parquet(src, cols, cfg["batch_size"])
+    batches = iter_part(item["source"], cols, cfg["batch_size"])
 
     counters: dict[str, int] = {}
     nparts = cfg["key_partitions"]
@@ -273,18 +268,13 @@ def shingle_sets_task(item: dict) -> dict:
     """Step 3 for one input part: the sorted unique shingle hashes of the selected rows (the
     documents of candidate pairs only), read again from the part."""
     from curate.dedup import minhash as M
-    from curate.pipeline.io import iter_parquet
+    from curate.pipeline.io import iter_part
 
     cfg = item["cfg"]
     _set_threads(cfg)
     rows = item["rows"]  # sorted local row numbers
     text_col = cfg["text_column"]
-    src = item["source"]
-    if isinstance(src, pa.Table):
-        t = src.select([text_col])
-        batches = (t.slice(o, cfg["batch_size"]) for o in range(0, t.num_rows, cfg["batch_size"]))
-    else:
-        batches = iter_parquet(src, [text_col], cfg["batch_size"])
+    batches = iter_part(item["source"], [text_col], cfg["batch_size"])
     vals, lens = [], []
     start = 0
     counters: dict[str, int] = {}
