@@ -464,6 +464,22 @@ def lsh_params(threshold: float, num_perm: int, false_positive_weight: float = 0
     return int(b), int(r)
 
 
+def recall_params(threshold: float, num_perm: int, min_prob: float = 0.95) -> tuple[int, int]:
+    """(bands, rows) for verified dedup: the widest bands (fewest candidate pairs) whose probability
+    of making a pair at exactly ``threshold`` a candidate, 1 - (1 - t^r)^b with b = num_perm // r,
+    is at least ``min_prob``. Verification then removes the false candidates, so recall at the
+    threshold is what matters (datasketch's choice balances false positives and negatives instead,
+    e.g. 9 x 12 at 0.8, which finds only ~47% of the pairs at exactly 0.8)."""
+    best = (num_perm, 1)
+    for r in range(1, num_perm + 1):
+        b = num_perm // r
+        if b < 1:
+            break
+        if 1.0 - (1.0 - threshold ** r) ** b >= min_prob:
+            best = (b, r)
+    return best
+
+
 def _optimal_param_fallback(threshold, num_perm, fpw, fnw):  # pragma: no cover
     xs = np.linspace(0.0, 1.0, 2001)
     best, opt = float("inf"), (0, 0)

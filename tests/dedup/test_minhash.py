@@ -81,8 +81,12 @@ def test_lsh_params_follow_datasketch():
 
     for thr, perm in [(0.8, 112), (0.7, 128), (0.9, 64)]:
         lsh = MinHashLSH(threshold=thr, num_perm=perm)
-        st = MinhashDedup(threshold=thr, num_perm=perm)
+        st = MinhashDedup(threshold=thr, num_perm=perm, verify=False)
         assert st.config.lsh() == (lsh.b, lsh.r, perm)
+        # verified: the widest bands with >= 95% candidate probability at the threshold
+        b, r, p = MinhashDedup(threshold=thr, num_perm=perm).config.lsh()
+        assert 1 - (1 - thr ** r) ** b >= 0.95 > 1 - (1 - thr ** (r + 1)) ** (perm // (r + 1))
+    assert MinhashDedup(threshold=0.8).config.lsh() == (16, 7, 112)
     assert MinhashDedup().config.lsh() == (14, 8, 112)
     assert MinhashDedup(bands=20, rows=5).config.lsh() == (20, 5, 100)
 
@@ -120,11 +124,21 @@ def test_planted_verified_recall_and_precision(planted):
     assert s["fp"] == 0
 
 
-def test_planted_unverified_defaults(planted):
+def test_planted_threshold_option_and_defaults(planted):
+    """`threshold: 0.8` (verified by default) and the plain defaults both meet the criteria."""
+    for st in (MinhashDedup(threshold=0.8), MinhashDedup()):
+        st(table_of(planted.texts))
+        cluster_of, removed = clusters_of(st, len(planted.texts))
+        s = score(planted, cluster_of, removed)
+        assert s["recall"] >= 0.95 and s["nondup_removed"] <= 0.01 and s["fp"] == 0, s
+
+
+def test_planted_unverified(planted):
     """Without verification (14 bands x 8 rows) recall is as high; the extra removals are LSH
-    near misses (Jaccard >= 0.3 with some document), never unrelated documents."""
+    near misses (Jaccard >= 0.3 with some document), never unrelated documents -- but chains of
+    them remove too many (which is why verify is the default)."""
     t = table_of(planted.texts)
-    st = MinhashDedup()
+    st = MinhashDedup(verify=False)
     st(t)
     cluster_of, removed = clusters_of(st, len(planted.texts))
     s = score(planted, cluster_of, removed)
