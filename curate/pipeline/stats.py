@@ -45,13 +45,13 @@ class StepStats:
                 "shards": self.shards, "seconds": round(self.seconds, 3)}
 
 
-def _short(reason: str, width: int = 34) -> str:
+def _short(reason: str, width: int = 26) -> str:
     return reason if len(reason) <= width else reason[: width - 1] + "…"
 
 
 def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time."""
-    rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons; all in stats.json)", "errors", "time")]
+    rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons)", "errors", "time")]
     for name, s in stats.items():
         kept = f"{100 * s['out'] / s['in']:.1f}%" if s["in"] else "-"
         top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])
