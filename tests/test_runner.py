@@ -267,3 +267,18 @@ def test_workers_die_with_a_killed_run(tmp_path, corpus):
     n = len(os.listdir(markers))
     time.sleep(1.5)
     assert len(os.listdir(markers)) == n, "orphaned workers kept processing after the run was killed"
+
+
+def test_empty_input_to_global_steps_and_a_warning(tmp_path, caplog):
+    import logging
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"text": ["too short", "tiny"]}), str(tmp_path / "in" / "a.parquet"))
+    d = {"name": "e", "output": str(tmp_path / "out"), "workers": 1, "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+         "stages": [{"stage": "word_count"}, {"stage": "min_words", "options": {"min_words": 5}},
+                    {"stage": "top_k", "options": {"k": 3}}, {"stage": "exact_dedup"}]}
+    caplog.set_level(logging.WARNING, logger="curate")
+    res = run_pipeline(d, progress=False)
+    assert res.stats["min_words"]["out"] == 0 and res.stats["exact_dedup"]["out"] == 0
+    assert res.outputs["exact_dedup"] == []
+    assert any("step min_words kept none of its 2 documents (too_short 2)" in r.message for r in caplog.records)

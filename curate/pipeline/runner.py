@@ -465,6 +465,11 @@ class Runner:
             if own:
                 self._executor.shutdown()
         stats = {n: s.to_dict() for n, s in self.stats.items()}
+        for name, st in stats.items():
+            if st["in"] and not st["out"]:
+                top = ", ".join(f"{k} {v:,}" for k, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1])[:3])
+                log.warning("step %s kept none of its %s documents (%s): check its options", name,
+                            f"{st['in']:,}", top or "no reason recorded")
         result = RunResult(self.spec.output, stats, dict(self.outputs), time.monotonic() - t0)
         self.layout.write_json(join(self.layout.root, "stats.json"),
                                {"pipeline": self.spec.name, "seconds": round(result.seconds, 3),
