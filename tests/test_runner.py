@@ -282,3 +282,25 @@ def test_empty_input_to_global_steps_and_a_warning(tmp_path, caplog):
     assert res.stats["min_words"]["out"] == 0 and res.stats["exact_dedup"]["out"] == 0
     assert res.outputs["exact_dedup"] == []
     assert any("step min_words kept none of its 2 documents (too_short 2)" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_generated_tokens_reach_the_progress_bar(tmp_path, corpus, monkeypatch, workers):
+    from curate.pipeline import stats as S
+
+    seen = []
+    orig = S.Progress.update
+
+    def update(self, n, tokens=0):
+        seen.append((self.step, n, tokens))
+        return orig(self, n, tokens)
+
+    monkeypatch.setattr(S.Progress, "update", update)
+    d = {"name": "tok", "output": str(tmp_path / "out"), "workers": workers, "batch_size": 100,
+         "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": corpus}}},
+         "stages": [{"stage": "fake_tokens"}]}
+    res = run_pipeline(d, progress=True)
+    assert sum(t for step, _, t in seen if step == "fake_tokens") == 3 * 2000
+    assert sum(n for step, n, _ in seen if step == "fake_tokens") == 2000
+    assert res.stats["fake_tokens"]["counters"]["llm/completion_tokens"] == 6000

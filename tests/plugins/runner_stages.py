@@ -132,3 +132,13 @@ class GpuProbe(MapStage):
         n = table.num_rows
         return table.append_column("pid", pa.array([os.getpid()] * n, pa.int64())).append_column(
             "gpu", pa.array([gpu] * n, pa.string()))
+
+
+@register
+class FakeTokens(MapStage):
+    """Counts 3 'generated tokens' per row, as an LLM stage does (tests the progress accounting)."""
+    name = "fake_tokens"
+
+    def process(self, table):
+        self.count("llm/completion_tokens", 3 * table.num_rows)
+        return table
