@@ -33,6 +33,17 @@ def _setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _load_or_exit(file: str, overrides: dict | None = None):
+    """The validated pipeline, or the problems on stderr and exit code 2."""
+    from curate.pipeline.config import ConfigError, load_pipeline
+
+    try:
+        return load_pipeline(file, overrides=overrides)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="curate")
 def main() -> None:
@@ -49,17 +60,12 @@ def main() -> None:
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
         quiet: bool) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
-    from curate.pipeline.config import ConfigError, load_pipeline
     from curate.pipeline.runner import PipelineError, Runner
     from curate.pipeline.stats import funnel_table
 
     _setup_logging(quiet)
     file = file or quickstart_path()
-    try:
-        pipe = load_pipeline(file, overrides={"runner": runner, "workers": workers, "output": output})
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    pipe = _load_or_exit(file, {"runner": runner, "workers": workers, "output": output})
     logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
                                      pipe.spec.runner)
     try:
@@ -78,14 +84,9 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
 @click.argument("file")
 def validate(file: str) -> None:
     """Check a pipeline file without running it (stages, options, inputs)."""
-    from curate.pipeline.config import ConfigError, load_pipeline
     from curate.pipeline.runner import Segment, plan
 
-    try:
-        pipe = load_pipeline(file)
-    except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    pipe = _load_or_exit(file)
     click.echo(f"{file}: valid pipeline {pipe.spec.name!r}, {len(pipe.steps)} steps, output {pipe.output}")
     for item in plan(pipe):
         if isinstance(item, Segment):

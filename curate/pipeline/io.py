@@ -118,13 +118,17 @@ def iter_parquet(path: str, columns: Sequence[str] | None = None,
             yield pa.Table.from_batches([b])
 
 
+def slices(table: pa.Table, size: int) -> Iterator[pa.Table]:
+    """``table`` as zero-copy slices of at most ``size`` rows."""
+    return (table.slice(o, size) for o in range(0, table.num_rows, size))
+
+
 def iter_part(src: "pa.Table | str", columns: Sequence[str] | None = None,
               batch_size: int = 4096) -> Iterator[pa.Table]:
     """Stream a dataset part handed to a worker: an in-memory table (library calls) or a Parquet
     path (runner), as tables of at most ``batch_size`` rows."""
     if isinstance(src, pa.Table):
-        t = src.select(list(columns)) if columns else src
-        return (t.slice(o, batch_size) for o in range(0, t.num_rows, batch_size))
+        return slices(src.select(list(columns)) if columns else src, batch_size)
     return iter_parquet(src, columns, batch_size)
 
 
@@ -160,14 +164,8 @@ class Dataset:
         """Stream all parts (or only ``part``) as tables of at most ``batch_size`` rows."""
         idx = range(self.num_parts) if part is None else [part]
         for i in idx:
-            if self._tables is not None:
-                t = self._tables[i]
-                if columns:
-                    t = t.select(list(columns))
-                for off in range(0, t.num_rows, batch_size):
-                    yield t.slice(off, batch_size)
-            else:
-                yield from iter_parquet(self.files[i], columns, batch_size)
+            yield from iter_part(self._tables[i] if self._tables is not None else self.files[i],
+                                 columns, batch_size)
 
     def part(self, i: int, columns: Sequence[str] | None = None) -> pa.Table:
         if self._tables is not None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 class RayExecutor:
     streams_progress = False
 
-    def __init__(self, workers: int, plugins: list[str]):
+    def __init__(self, workers: int):
         try:
             import ray
         except ImportError:

@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from curate.pipeline.config import Pipeline, Step
 from curate.pipeline.context import RunContext
-from curate.pipeline.io import (Dataset, ShardWriter, atomic_write_bytes, get_fs, is_local, iter_parquet,
+from curate.pipeline.io import (Dataset, ShardWriter, atomic_write_bytes, get_fs, is_local, iter_parquet, slices,
                                 join, to_url, write_parquet_atomic)
 from curate.pipeline.stage import Stage, get_stage
 from curate.pipeline.stats import Progress, StepStats, funnel_table
@@ -165,8 +165,7 @@ def _rebatch(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
         if t.num_rows <= size:
             yield t
         else:
-            for off in range(0, t.num_rows, size):
-                yield t.slice(off, size)
+            yield from slices(t, size)
 
 
 def run_task(payload: dict, index: int, item: Any) -> dict:
@@ -237,13 +236,12 @@ class _InlineQueue:
 
 
 class LocalExecutor:
-    """A process pool (spawned workers) or, with one worker, the calling process itself."""
+    """A process pool (forkserver workers) or, with one worker, the calling process itself."""
 
-    def __init__(self, workers: int, plugins: list[str], preload: list[str] | None = None):
+    def __init__(self, workers: int, preload: list[str] | None = None):
         self.workers = workers
         self.queue = None
         self._pool = None
-        self._plugins = plugins
         if workers > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
@@ -452,8 +450,7 @@ class Runner:
             preload = [*self.spec.plugins]
             for st in self.pipe.steps.values():
                 preload += [type(st.stage).__module__, *type(st.stage).preload]
-            self._executor = make_executor(self.spec.runner, self.workers, self.spec.plugins,
-                                           list(dict.fromkeys(preload)))
+            self._executor = make_executor(self.spec.runner, self.workers, list(dict.fromkeys(preload)))
         self._executor.set_sink(self._sink)
         try:
             for item in plan(self.pipe):
@@ -662,11 +659,12 @@ class Runner:
                                                 "shards": S.shards}})
 
 
-def make_executor(runner: str, workers: int, plugins: list[str], preload: list[str] | None = None) -> Any:
+def make_executor(runner: str, workers: int, preload: list[str] | None = None) -> Any:
+    """Stage plugins reach workers through each task's payload; ``preload`` only warms them up."""
     if runner == "ray":
         from curate.pipeline.ray_runner import RayExecutor
-        return RayExecutor(workers, plugins)
-    return LocalExecutor(workers, plugins, preload)
+        return RayExecutor(workers)
+    return LocalExecutor(workers, preload)
 
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,

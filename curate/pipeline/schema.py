@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
@@ -38,6 +38,19 @@ def table_from_rows(rows: list[tuple], schema: pa.Schema) -> pa.Table:
     """A table of ``schema`` from row tuples in the schema's column order."""
     cols = list(zip(*rows)) if rows else [[] for _ in schema]
     return pa.table([pa.array(c, f.type) for c, f in zip(cols, schema)], schema=schema)
+
+
+def batched_tables(rows: Iterable[tuple | None], schema: pa.Schema, batch_size: int) -> Iterator[pa.Table]:
+    """Tables of at most ``batch_size`` rows from row tuples (``None`` rows are skipped)."""
+    buf: list[tuple] = []
+    for row in rows:
+        if row is not None:
+            buf.append(row)
+        if len(buf) >= batch_size:
+            yield table_from_rows(buf, schema)
+            buf = []
+    if buf:
+        yield table_from_rows(buf, schema)
 
 
 def make_id(*parts: Any) -> str:

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 
 from curate.ingest.charset import decode_bytes, looks_binary
 from curate.pipeline.io import get_fs
-from curate.pipeline.schema import HTML_DOC_SCHEMA, dumps_meta, make_id, table_from_rows
+from curate.pipeline.schema import HTML_DOC_SCHEMA, batched_tables, dumps_meta, make_id
 from curate.pipeline.stage import FileSource, StageConfig, Task, register
 
 log = logging.getLogger("curate")
@@ -97,16 +97,7 @@ class ReadFiles(FileSource):
 
     def read(self, task: Task) -> Iterator[pa.Table]:
         files = [task.payload] if isinstance(task.payload, str) else list(task.payload)
-        rows: list[tuple] = []
-        for path in files:
-            row = self._read_file(path)
-            if row is not None:
-                rows.append(row)
-            if len(rows) >= self.config.batch_size:
-                yield table_from_rows(rows, OUTPUT_SCHEMA)
-                rows = []
-        if rows:
-            yield table_from_rows(rows, OUTPUT_SCHEMA)
+        return batched_tables((self._read_file(p) for p in files), OUTPUT_SCHEMA, self.config.batch_size)
 
     def _kind(self, ext: str) -> str | None:
         cfg = self.config

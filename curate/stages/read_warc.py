@@ -34,7 +34,7 @@ from pydantic import Field
 
 from curate.ingest.charset import decode_bytes
 from curate.pipeline.io import get_fs
-from curate.pipeline.schema import WEB_DOC_SCHEMA, dumps_meta, make_id, table_from_rows
+from curate.pipeline.schema import WEB_DOC_SCHEMA, batched_tables, dumps_meta, make_id
 from curate.pipeline.stage import FileSource, StageConfig, Task, register
 
 log = logging.getLogger("curate")
@@ -91,14 +91,7 @@ class ReadWarc(FileSource):
 
     # -- reading -----------------------------------------------------------------------------------
     def read(self, task: Task) -> Iterator[pa.Table]:
-        rows: list[tuple] = []
-        for row in self._rows(task.payload):
-            rows.append(row)
-            if len(rows) >= self.config.batch_size:
-                yield table_from_rows(rows, OUTPUT_SCHEMA)
-                rows = []
-        if rows:
-            yield table_from_rows(rows, OUTPUT_SCHEMA)
+        return batched_tables(self._rows(task.payload), OUTPUT_SCHEMA, self.config.batch_size)
 
     def _rows(self, path: str) -> Iterator[tuple]:
         from warcio.archiveiterator import ArchiveIterator
