@@ -364,6 +364,7 @@ class Runner:
         self.progress_enabled = progress
         self.stats: dict[str, StepStats] = {}
         self.outputs: dict[str, list[str]] = {}
+        self._shards: dict[str, list[dict]] = {}  # step -> shard records, for manifest.json
         self._executor = executor
         self._bars: dict[str, Progress] = {}
 
@@ -471,24 +472,22 @@ class Runner:
         self.layout.write_json(join(self.layout.root, "stats.json"),
                                {"pipeline": self.spec.name, "seconds": round(result.seconds, 3),
                                 "steps": stats})
-        manifest = {"pipeline": self.spec.name, "steps": {}}
-        for s in self.pipe.steps.values():
-            m = self._done_marker(s)
-            if m:
-                manifest["steps"][s.name] = {"fingerprint": s.fingerprint, "shards": m["shards"]}
+        manifest = {"pipeline": self.spec.name,
+                    "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
+                              for s in self.pipe.steps.values() if s.name in self._shards}}
         self.layout.write_json(join(self.layout.root, "manifest.json"), manifest)
         return result
 
     def _finish(self, step: Step, shards: list[dict], steps_stats: dict[str, dict]) -> None:
         # workers wrote files this process may have listed before (object stores cache listings)
         self.layout.fs.invalidate_cache()
-        for sh in shards:
-            sh.setdefault("path", "")
+        self._shards[step.name] = shards
         marker = {"fingerprint": step.fingerprint, "step": step.name, "stage": step.stage.name,
                   "shards": shards, "stats": steps_stats}
         self.layout.write_json(join(self.layout.state_dir(step.name), "DONE.json"), marker)
 
     def _load_finished(self, step: Step, marker: dict) -> None:
+        self._shards[step.name] = marker["shards"]
         d = self.layout.step_dir(step.name)
         self.outputs[step.name] = [self.layout.url_of(join(d, s["path"])) for s in marker["shards"]]
         for name, st in marker["stats"].items():
