@@ -48,6 +48,19 @@ class PipelineError(Exception):
     """A run failed (a stage raised, or too many documents failed)."""
 
 
+class TaskDeferred(Exception):
+    """A task finished but some of its rows failed transiently (``Stage.defer``): its shards are
+    kept but it is not recorded as complete, so the next run redoes it."""
+
+    def __init__(self, rows: int, steps: dict):
+        super().__init__(f"{rows} row(s) failed transiently")
+        self.rows = rows
+        self.steps = steps
+
+    def __reduce__(self):  # crosses process boundaries
+        return (TaskDeferred, (self.rows, self.steps))
+
+
 # ------------------------------------------------------------------------------------------------
 # output layout
 
@@ -209,6 +222,12 @@ def run_task(payload: dict, index: int, item: Any) -> dict:
         writer.write(t)
         _report(payload["key"], head)
     shards = [s.to_dict() for s in writer.close()]
+    deferred = sum(st.take_deferred() for st in ([src] if src else []) + chain)
+    if deferred:
+        for st in ([src] if src else []) + chain:
+            steps[st.step_name]["counters"] = st.counters.take()
+            st.take_side()
+        raise TaskDeferred(deferred, steps)
     side: dict[str, list[dict]] = {}
     for st in ([src] if src else []) + chain:
         steps[st.step_name]["counters"] = st.counters.take()
@@ -570,6 +589,7 @@ class Runner:
         except RuntimeError as exc:  # the executor cannot place the tasks (e.g. no GPUs)
             bar.close()
             raise PipelineError(f"step {target.name!r}: {exc}") from exc
+        deferred: dict[str, int] = {}
         try:
             while futures:
                 done, _ = wait(list(futures), timeout=0.25, return_when=FIRST_COMPLETED)
@@ -578,6 +598,11 @@ class Runner:
                     i = futures.pop(f)
                     try:
                         rec = f.result()
+                    except TaskDeferred as exc:
+                        deferred[task_ids[i]] = exc.rows
+                        for name, st in exc.steps.items():
+                            self.stats[name].counters.update(st.get("counters") or {})
+                        continue
                     except Exception as exc:
                         raise PipelineError(f"step {target.name!r}: task {task_ids[i]!r} failed: "
                                             f"{type(exc).__name__}: {exc}") from exc
@@ -593,6 +618,13 @@ class Runner:
                 f.cancel()
             self._executor.drain()
             bar.close()
+        if deferred:
+            reasons = sorted(k[7:] for k, v in self.stats[target.name].counters.items()
+                             if k.startswith("errors/transient/"))
+            raise PipelineError(
+                f"step {target.name!r}: {sum(deferred.values()):,} row(s) in {len(deferred)} task(s) failed "
+                f"for reasons that may pass ({', '.join(reasons) or 'transient'}); finished work is kept. "
+                "Run the same command again to retry exactly those rows.")
         shards = []
         for i in sorted(records):
             shards.extend(records[i]["shards"])

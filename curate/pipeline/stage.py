@@ -21,6 +21,27 @@ Runners know nothing else about a stage. Every stage is also a library call::
 
     from curate.stages.language_id import LanguageId
     table = LanguageId(languages=["en"])(table_or_parquet_path)
+
+Columns: ``reads`` may name an option in braces, ``("{text_column}",)``; each instance resolves it
+from its config (``self.reads``). Override ``input_columns()`` when it depends on more than that.
+
+Counter names (one convention for every stage; the runner adds ``in``/``out`` itself):
+
+``dropped/<reason>``           a row removed on purpose. ``reason`` is snake_case
+                               (``duplicate_text``, ``near_duplicate``, ``not_selected``,
+                               ``low_language_score``); a stage with several rule sets prefixes
+                               the set: ``dropped/gopher_quality:gopher_short_doc``.
+``errors/<category>/<detail>``  a row (or record, page, answer) that could not be processed and was
+                               skipped: ``errors/exception/ValueError``, ``errors/parse/no_json``,
+                               ``errors/links/<reason>``, ``errors/decode/<charset>``. Always logged
+                               (the first few of each kind) through ``Stage.error``.
+``errors/transient/<reason>``  a row that failed for a reason that may pass (an endpoint timeout):
+                               counted by ``Stage.defer``; its task is not recorded as complete, so
+                               the next plain run retries exactly those rows.
+``<stage name>/<metric>``      anything else a stage measures: ``extract_html/chars_in``,
+                               ``read_warc/records/response``, ``minhash_dedup/verified_pairs``.
+``llm/<metric>``               engine accounting shared by every LLM stage (``llm/prompt_tokens``,
+                               ``llm/completion_tokens``, ``llm/requests``, ``llm/cached``).
 """
 
 from __future__ import annotations
@@ -160,7 +181,7 @@ class Stage:
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
-    reads: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()   # "{option}" entries are resolved from the config
     writes: ClassVar[dict[str, pa.DataType]] = {}
     resources: ClassVar[Resources] = Resources()
     # modules a runner may import before forking workers, so that workers start warm (only modules
@@ -175,6 +196,8 @@ class Stage:
         else:
             self.config = self.Config.model_validate({**(config or {}), **options})
         self.counters = Counters()
+        self.reads = self.input_columns()
+        self.deferred = 0
         self._is_setup = False
         self._side: dict[str, list[pa.Table]] = {}
         # Set by the runner: where this stage may keep scratch/state files (local path), and the
@@ -208,6 +231,18 @@ class Stage:
     def count(self, key: str, n: int | float = 1) -> None:
         self.counters.add(key, n)
 
+    def defer(self, reason: str, n: int = 1, *, detail: str = "") -> None:
+        """``n`` rows failed for a reason that may pass (timeouts, HTTP 5xx after retries) and were
+        left out of this batch's output. They are counted under ``errors/transient/<reason>`` and
+        the runner does not record the task as complete: the next run of the same command redoes
+        the task (finished rows come back from caches) instead of losing those rows."""
+        self.deferred += n
+        self.error(f"transient/{reason}", n, detail=detail)
+
+    def take_deferred(self) -> int:
+        n, self.deferred = self.deferred, 0
+        return n
+
     def side(self, name: str, table: pa.Table) -> None:
         """Emit a side table (e.g. dropped documents, cluster tables). The runner writes it to
         ``<output>/<step>/_<name>/`` with the same shard naming as the main output."""
@@ -231,6 +266,18 @@ class Stage:
         return ""
 
     # -- introspection -----------------------------------------------------------------------------
+    def input_columns(self) -> tuple[str, ...]:
+        """The columns this configured stage reads: ``reads`` with ``{option}`` entries replaced by
+        the option's value (a list-valued option adds each of its items)."""
+        out: list[str] = []
+        for col in type(self).reads:
+            if col.startswith("{") and col.endswith("}"):
+                value = getattr(self.config, col[1:-1])
+                out.extend([value] if isinstance(value, str) else list(value))
+            else:
+                out.append(col)
+        return tuple(out)
+
     @classmethod
     def doc(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

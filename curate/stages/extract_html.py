@@ -164,14 +164,9 @@ class ExtractHtml(FilterStage):
     name = "extract_html"
     preload = ("trafilatura",)
     Config = ExtractHtmlConfig
-    reads = ("html",)
+    reads = ("{html_column}",)
     writes = {"text": pa.string(), "title": pa.string(), "date": pa.string(), "metadata": pa.string()}
     resources = Resources(cpus=1.0)
-
-    def __init__(self, config=None, **options):
-        super().__init__(config, **options)
-        # the configured html column is the one checked by check_columns
-        self.reads = (self.config.html_column,)
 
     def setup(self) -> None:
         import trafilatura  # noqa: F401 - import once per worker (loads lxml, htmldate, justext)

@@ -93,13 +93,15 @@ class Generate(MapStage):
     # the engine already isolates failing requests; a batch exception is a real problem
     isolate_errors = False
 
+    def input_columns(self) -> tuple[str, ...]:
+        cfg = self.config
+        if cfg.template:
+            return tuple(template_fields(cfg.template, cfg.template_style))
+        return (cfg.prompt_column or "text",)
+
     def __init__(self, config: Any = None, **options: Any):
         super().__init__(config, **options)
         cfg = self.config
-        if cfg.template:
-            self.reads = tuple(template_fields(cfg.template, cfg.template_style))
-        else:
-            self.reads = (cfg.prompt_column or "text",)
         oc = cfg.output_column
         self.out_cols = {"text": oc, "finish": f"{oc}_finish_reason",
                          "prompt_tokens": f"{oc}_prompt_tokens", "tokens": f"{oc}_tokens"}

@@ -152,13 +152,9 @@ class HeuristicFilter(FilterStage):
     name = "heuristic_filter"
     preload = ("datatrove.pipeline.filters",)
     Config = HeuristicFilterConfig
-    reads = ("text",)
+    reads = ("{text_column}",)
     writes = {"text": pa.string()}
     resources = Resources(cpus=1.0)
-
-    def __init__(self, config=None, **options):
-        super().__init__(config, **options)
-        self.reads = (self.config.text_column,)
 
     def setup(self) -> None:
         try:

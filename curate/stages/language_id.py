@@ -96,13 +96,9 @@ class LanguageId(FilterStage):
     name = "language_id"
     preload = ("fasttext",)
     Config = LanguageIdConfig
-    reads = ("text",)
+    reads = ("{text_column}",)
     writes = {"language": pa.string(), "language_score": pa.float32()}
     resources = Resources(cpus=1.0, memory_gb=0.5)
-
-    def __init__(self, config=None, **options):
-        super().__init__(config, **options)
-        self.reads = (self.config.text_column,)
 
     def model_path(self) -> str:
         return self.config.model_path or default_model_path()

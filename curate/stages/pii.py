@@ -108,13 +108,12 @@ class Pii(MapStage):
 
     name = "pii"
     Config = PiiConfig
-    reads = ("text",)
+    reads = ("{columns}",)
     writes = {"text": pa.string()}
     resources = Resources(cpus=1.0)
 
     def __init__(self, config=None, **options):
         super().__init__(config, **options)
-        self.reads = tuple(self.config.columns)
         self._tokens = {**_DEFAULT_TOKENS, **self.config.replacements}
         self._kinds = tuple(self.config.kinds)
 
