@@ -72,7 +72,7 @@ def test_quickstart(tmp_path):
     # the same command again resumes: nothing recomputed, same stats
     run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
     again = json.load(open(os.path.join(out, "stats.json")))["steps"]
-    assert all(again[s]["status"] == "done (resumed)" for s in again)
+    assert all(again[s]["status"] == "skipped" for s in again)
     assert {s: again[s]["out"] for s in again} == {s: stats[s]["out"] for s in stats}
 
 
@@ -131,7 +131,7 @@ def test_crawl_example(tmp_path):
     assert got == expected and len(got) >= 10
     assert base + "/docs/de.html" not in got
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
-    assert stats["language_id"]["dropped"].get("language_id:language", 0) >= 1
+    assert stats["language_id"]["dropped"].get("wrong_language", 0) >= 1
     assert stats["exact_dedup"]["dropped"]  # the copy (or its original) was removed
 
 

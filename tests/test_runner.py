@@ -155,7 +155,7 @@ def test_rerun_skips_and_force_recomputes(tmp_path, corpus):
     m1 = os.stat(shard).st_mtime_ns
     res = run_pipeline(d, progress=False)
     assert os.stat(shard).st_mtime_ns == m1
-    assert all(s["status"] == "done (resumed)" for s in res.stats.values())
+    assert all(s["status"] == "skipped" for s in res.stats.values())
     res = run_pipeline(d, progress=False, force=True)
     assert os.stat(shard).st_mtime_ns != m1
     assert all(s["status"] == "done" for s in res.stats.values())
@@ -169,7 +169,7 @@ def test_changed_options_recompute_step_and_downstream_only(tmp_path, corpus):
     run_pipeline(d, progress=False)
     d["stages"][2]["options"]["k"] = 7               # only the global step changes
     res = run_pipeline(d, progress=False)
-    assert res.stats["min_words"]["status"] == "done (resumed)"
+    assert res.stats["min_words"]["status"] == "skipped"
     assert res.stats["top"]["status"] == "done" and res.stats["top"]["out"] == 7
     d["stages"][1]["options"]["min_words"] = 20       # upstream change: everything below reruns
     res = run_pipeline(d, progress=False)
@@ -225,7 +225,7 @@ def test_fsspec_output_memory_filesystem(corpus):
     top = pa.concat_tables([pq.read_table(fs.open(p)) for p in fs.glob("/curate-test/out/top/*.parquet")])
     assert top.num_rows == 50
     res2 = run_pipeline(d, progress=False)  # resume works on the remote filesystem too
-    assert res2.stats["top"]["status"] == "done (resumed)"
+    assert res2.stats["top"]["status"] == "skipped"
 
 
 def test_plain_progress_lines_when_not_a_tty(tmp_path, corpus, caplog):

@@ -18,6 +18,8 @@ import os
 from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
+from curate.pipeline.worker import Job
+
 
 class RayExecutor:
     streams_progress = False
@@ -53,16 +55,14 @@ class RayExecutor:
             self._remote[fn] = self.ray.remote(fn)
         return self._remote[fn]
 
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        payload = args[0] if args and isinstance(args[0], dict) else {}
-        res = payload.get("resources", {})
-        if res.get("gpus", 0) > 0:
-            return self._next_actor(payload["key"], res).run.remote(fn, *args).future()
-        ref = self._fn(fn).options(num_cpus=res.get("cpus", 1), num_gpus=0,
-                                   max_retries=2, retry_exceptions=False).remote(*args)
+    def submit(self, fn: Callable, job: Job, *args: Any) -> Future:
+        if job.gpus > 0:
+            return self._next_actor(job.key, job).run.remote(fn, job, *args).future()
+        ref = self._fn(fn).options(num_cpus=job.cpus, num_gpus=0,
+                                   max_retries=2, retry_exceptions=False).remote(job, *args)
         return ref.future()
 
-    def _next_actor(self, key: str, res: dict) -> Any:
+    def _next_actor(self, key: str, job: Job) -> Any:
         """Round-robin over this segment's actor pool (created on first use)."""
         pool = self._actors.get(key)
         if pool is None:
@@ -70,13 +70,13 @@ class RayExecutor:
                 for a in other[0]:
                     self.ray.kill(a)
             self._actors.clear()
-            gpus = float(res["gpus"])
+            gpus = float(job.gpus)
             have = float(self.ray.cluster_resources().get("GPU", 0))
             if have < gpus:
                 raise RuntimeError(f"a stage needs {gpus:g} GPU(s) per worker but the Ray cluster has "
                                    f"{have:g}; add GPU nodes or use a CPU engine")
             n = max(1, int(have // gpus))
-            actor_cls = self.ray.remote(_TaskActor).options(num_cpus=res.get("cpus", 1), num_gpus=gpus)
+            actor_cls = self.ray.remote(_TaskActor).options(num_cpus=job.cpus, num_gpus=gpus)
             pool = self._actors[key] = [[actor_cls.remote() for _ in range(n)], 0]
         actors, i = pool
         pool[1] = i + 1

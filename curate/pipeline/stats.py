@@ -10,12 +10,24 @@ import logging
 import sys
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from curate.pipeline.state import StepRecord
 
 log = logging.getLogger("curate")
 
 
 class StepStats:
+    """One step's numbers for stats.json and the funnel.
+
+    ``seconds`` is the wall time this run spent in the step (0 for a step finished earlier; the
+    fused steps of a segment share its wall time in proportion to their worker time), so the
+    steps add up to at most the run's time. ``cpu_seconds`` is the worker time of all runs.
+    ``status``: ``done``, ``skipped`` (finished by an earlier run) or ``resumed`` (some tasks
+    finished by an earlier run).
+    """
+
     def __init__(self, name: str, stage: str):
         self.name = name
         self.stage = stage
@@ -23,14 +35,29 @@ class StepStats:
         self.rows_out = 0
         self.counters: Counter[str] = Counter()
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.shards = 0
         self.status = "pending"
 
-    def add(self, rows_in: int = 0, rows_out: int = 0, counters: dict | None = None) -> None:
-        self.rows_in += rows_in
-        self.rows_out += rows_out
-        if counters:
-            self.counters.update(counters)
+    def add(self, rec: "StepRecord") -> None:
+        self.rows_in += rec.rows_in
+        self.rows_out += rec.rows_out
+        self.cpu_seconds += rec.seconds
+        if rec.counters:
+            self.counters.update(rec.counters)
+
+    def load(self, rec: "StepRecord") -> None:
+        """Replace by a step's recorded totals (a step finished by an earlier run)."""
+        self.rows_in = self.rows_out = 0
+        self.cpu_seconds = 0.0
+        self.counters.clear()
+        self.add(rec)
+        self.shards = rec.shards
+
+    def record(self) -> "StepRecord":
+        from curate.pipeline.state import StepRecord
+        return StepRecord(rows_in=self.rows_in, rows_out=self.rows_out, counters=dict(self.counters),
+                          seconds=self.cpu_seconds, shards=self.shards)
 
     def errors(self) -> int:
         return sum(v for k, v in self.counters.items() if k.startswith("errors/"))
@@ -42,7 +69,8 @@ class StepStats:
                  if not k.startswith(("dropped/", "errors/"))}
         return {"stage": self.stage, "status": self.status, "in": self.rows_in, "out": self.rows_out,
                 "dropped": dropped, "errors": errors, "counters": other,
-                "shards": self.shards, "seconds": round(self.seconds, 3)}
+                "shards": self.shards, "seconds": round(self.seconds, 3),
+                "cpu_seconds": round(self.cpu_seconds, 3)}
 
 
 def _short(reason: str, width: int = 26) -> str:
@@ -50,7 +78,8 @@ def _short(reason: str, width: int = 26) -> str:
 
 
 def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
-    """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time."""
+    """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time (this
+    run's; ``skipped`` for a step finished by an earlier run, ``(resumed)`` when partly)."""
     rows = [("step", "stage", "in", "out", "kept", "dropped (top reasons)", "errors", "time")]
     for name, s in stats.items():
         kept = f"{100 * s['out'] / s['in']:.1f}%" if s["in"] else "-"
@@ -59,8 +88,11 @@ def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
         if len(top) > 2:
             dropped += f", +{len(top) - 2} more"
         errs = sum(s["errors"].values())
+        status = s.get("status")
+        time_ = ("skipped" if status == "skipped" else
+                 f"{s['seconds']:.1f}s" + (" (resumed)" if status == "resumed" else ""))
         rows.append((name, s["stage"], f"{s['in']:,}", f"{s['out']:,}", kept, dropped,
-                     f"{errs:,}" if errs else "-", f"{s['seconds']:.1f}s"))
+                     f"{errs:,}" if errs else "-", time_))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):

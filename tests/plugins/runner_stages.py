@@ -142,3 +142,30 @@ class FakeTokens(MapStage):
     def process(self, table):
         self.count("llm/completion_tokens", 3 * table.num_rows)
         return table
+
+
+class FlakyConfig(StageConfig):
+    state_dir: str          # a file per row id that already failed once
+    every: int = 7          # rows whose word count is a multiple of this fail once
+
+
+@register
+class Flaky(MapStage):
+    """Rows fail transiently once (``Stage.defer``), then succeed: an endpoint that times out."""
+    name = "flaky"
+    Config = FlakyConfig
+    reads = ("text", "n_words")
+
+    def process(self, table):
+        os.makedirs(self.config.state_dir, exist_ok=True)
+        keep = []
+        for i, (t, n) in enumerate(zip(table.column("text").to_pylist(), table.column("n_words").to_pylist())):
+            import hashlib
+            mark = os.path.join(self.config.state_dir, hashlib.md5(f"{t}|{i}".encode()).hexdigest())
+            if n % self.config.every == 0 and not os.path.exists(mark):
+                open(mark, "w").close()
+                continue
+            keep.append(i)
+        if len(keep) < table.num_rows:
+            self.defer("timeout", table.num_rows - len(keep))
+        return table.take(pa.array(keep, pa.int64()))

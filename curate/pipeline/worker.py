@@ -1,0 +1,237 @@
+"""Worker side: run one task of a segment end to end and record its completion.
+
+A ``Job`` is everything a worker needs for the tasks of one segment (picklable, sent with every
+task). Stage instances are built inside the worker from (stage name, options), set up once and
+reused for every task of the same job; a new job tears the previous stages down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from curate.pipeline.io import ShardWriter, get_fs, iter_parquet, join, slices, write_parquet_atomic
+from curate.pipeline.stage import Stage, get_stage
+from curate.pipeline.state import StepRecord, TaskRecord
+
+_WORKER: dict[str, Any] = {"key": None, "stages": None, "queue": None}
+
+TOKENS_KEY = "llm/completion_tokens"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage to build in a worker."""
+
+    name: str          # the step name
+    stage: str         # the registered stage name
+    options: dict
+    workdir: str
+
+
+@dataclass(frozen=True)
+class Job:
+    """The tasks of one segment: a fused source/map chain writing one materialised step."""
+
+    key: str                          # "<step>@<fingerprint>": workers rebuild stages when it changes
+    fingerprint: str
+    source: StageSpec | None          # a source fused at the head (tasks are its Task objects)
+    chain: tuple[StageSpec, ...]      # map stages, in order (tasks are InputSlices when no source)
+    out_dir: str                      # URL of the step folder
+    state_dir: str                    # URL of the step's completion records
+    side_dirs: dict[str, str]         # step -> URL where its side outputs go
+    task_ids: tuple[str, ...]
+    batch_size: int
+    rows_per_shard: int
+    plugins: tuple[str, ...] = ()
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+    @property
+    def specs(self) -> list[StageSpec]:
+        return ([self.source] if self.source else []) + list(self.chain)
+
+
+@dataclass(frozen=True)
+class InputSlice:
+    """A task of a segment that reads a materialised step: rows [start, stop) of one shard."""
+
+    path: str
+    start: int = 0
+    stop: int | None = None   # None: to the end
+
+    @property
+    def id(self) -> str:
+        base = os.path.basename(self.path)
+        return base if self.start == 0 and self.stop is None else f"{base}@{self.start}"
+
+    def read(self, batch_size: int) -> Iterator[pa.Table]:
+        return iter_parquet(self.path, batch_size=batch_size, start=self.start, stop=self.stop)
+
+
+class TaskDeferred(Exception):
+    """A task finished but some of its rows failed transiently (``Stage.defer``): its shards are
+    kept but it is not recorded as complete, so the next run redoes it."""
+
+    def __init__(self, rows: int, steps: dict):
+        super().__init__(f"{rows} row(s) failed transiently")
+        self.rows = rows
+        self.steps = steps   # step -> StepRecord of the deferred task (counters for stats)
+
+    def __reduce__(self):  # crosses process boundaries
+        return (TaskDeferred, (self.rows, self.steps))
+
+
+# ------------------------------------------------------------------------------------------------
+# worker process set-up (local process pool)
+
+
+def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str]) -> None:
+    # the forkserver was started by the first pool of this process and kept its environment:
+    # workers take the environment of the run that starts them (credentials, endpoints, paths)
+    os.environ.clear()
+    os.environ.update(env)
+    _WORKER["queue"] = queue
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    _die_with_parent(parent_pid)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive the run that started it (``kill -9`` of ``curate run``): an
+    orphan would keep writing while the next run resumes. The forkserver exits when the run dies,
+    so PR_SET_PDEATHSIG kills us at once on Linux; a watchdog thread covers other systems."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(70)
+            except PermissionError:
+                pass
+
+    threading.Thread(target=watch, name="curate-parent-watchdog", daemon=True).start()
+
+
+def set_progress_sink(queue: Any) -> None:
+    _WORKER["queue"] = queue
+
+
+def reset_worker() -> None:
+    old = _WORKER.get("stages")
+    if old:
+        for st in old:
+            st.teardown()
+    _WORKER.update({"key": None, "stages": None, "queue": None})
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks
+
+
+def _build(job: Job) -> list[Stage]:
+    if _WORKER["key"] != job.key:
+        for st in _WORKER.get("stages") or []:
+            st.teardown()
+        for mod in job.plugins:
+            __import__(mod)
+
+        def make(spec: StageSpec) -> Stage:
+            st = get_stage(spec.stage)(spec.options)
+            st.step_name = spec.name
+            st.workdir = spec.workdir
+            os.makedirs(st.workdir, exist_ok=True)
+            return st
+
+        _WORKER["stages"] = [make(s) for s in job.specs]
+        _WORKER["key"] = job.key
+    return _WORKER["stages"]
+
+
+def _report(key: str, rows: int, tokens: int = 0) -> None:
+    q = _WORKER.get("queue")
+    if q is not None:
+        q.put((key, rows, tokens))
+
+
+def _rebatch(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+    for t in tables:
+        if t.num_rows <= size:
+            yield t
+        else:
+            yield from slices(t, size)
+
+
+def run_task(job: Job, index: int, item: Any) -> TaskRecord:
+    """Run task ``index`` of ``job`` (a source Task or an InputSlice), write its shards and side
+    outputs, then its completion record. Returns the record."""
+    t0 = time.monotonic()
+    stages = _build(job)
+    src, chain = (stages[0], stages[1:]) if job.source else (None, stages)
+    fs, out_dir = get_fs(job.out_dir)
+    prefix = f"part-{index:05d}"
+    for stale in fs.glob(join(out_dir, prefix + "-*")):
+        fs.rm(stale)
+    writer = ShardWriter(job.out_dir, prefix=prefix, rows_per_shard=job.rows_per_shard)
+    steps = {s.step_name: StepRecord() for s in stages}
+    if src is not None:
+        src.ensure_setup()
+        tables = src.read(item)
+    else:
+        tables = item.read(job.batch_size)
+    batches = _rebatch(tables, job.batch_size)
+    while True:
+        c0 = time.perf_counter()
+        t = next(batches, None)
+        if src is not None:
+            steps[src.step_name].seconds += time.perf_counter() - c0
+        if t is None:
+            break
+        head = t.num_rows
+        if src is not None:
+            steps[src.step_name].rows_out += head
+        for st in chain:
+            rec = steps[st.step_name]
+            rec.rows_in += t.num_rows
+            before = st.counters.data.get(TOKENS_KEY, 0)
+            c0 = time.perf_counter()
+            t = st.process_safe(t) if t.num_rows else t
+            rec.seconds += time.perf_counter() - c0
+            rec.rows_out += t.num_rows
+            tokens = st.counters.data.get(TOKENS_KEY, 0) - before
+            if tokens:
+                _report(job.key + "/tokens", 0, tokens)
+        writer.write(t)
+        _report(job.key, head)
+    shards = [s.to_dict() for s in writer.close()]
+    for st in stages:
+        steps[st.step_name].counters = st.counters.take()
+    deferred = sum(st.take_deferred() for st in stages)
+    if deferred:
+        for st in stages:
+            st.take_side()
+        raise TaskDeferred(deferred, steps)
+    side: dict[str, list[dict]] = {}
+    for st in stages:
+        for name, table in st.take_side().items():
+            sfs, sdir = get_fs(job.side_dirs[st.step_name])
+            info = write_parquet_atomic(sfs, join(sdir, f"_{name}", f"{prefix}.parquet"), table)
+            side.setdefault(st.step_name, []).append({**info.to_dict(), "name": name})
+    record = TaskRecord(task_index=index, task_id=job.task_ids[index], fingerprint=job.fingerprint,
+                        shards=shards, side=side, steps=steps, seconds=round(time.monotonic() - t0, 3))
+    record.write(job.state_dir)
+    return record
