@@ -48,13 +48,8 @@ import pyarrow.parquet as pq
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-BOILERPLATE = [
-    "Copyright 2024 Example Corp. All rights reserved. Subscribe to our newsletter for updates.",
-    "Share this page on social media. Cookies help us deliver our services. Read our privacy policy.",
-    "Related articles: read more from our documentation team. Back to top of page.",
-]
-FILLER = ("value object method function return string number list default module class error "
-          "argument option system file result memory python data table").split()
+from curate.testing.near_duplicates import heavy_edit, light_edit  # noqa: E402
+
 WORD_RE = re.compile(r"[^\W_]+")
 
 
@@ -89,38 +84,6 @@ def sentence_pool() -> list[str]:
     return sorted(sents)
 
 
-def light_edit(text: str, rng: random.Random) -> str:
-    kind = rng.choice(["subst", "swap", "boiler", "case", "mix"])
-    if kind in ("subst", "mix"):
-        words = text.split()
-        for _ in range(max(1, len(words) // 150)):
-            i = rng.randrange(len(words))
-            if rng.random() < 0.5:
-                words[i] = rng.choice(FILLER)
-            else:
-                del words[i]
-        text = " ".join(words)
-    if kind in ("swap", "mix"):
-        s = re.split(r"(?<=[.!?])\s+", text)
-        if len(s) >= 4:
-            i = rng.randrange(len(s) - 1)
-            s[i], s[i + 1] = s[i + 1], s[i]
-            text = " ".join(s)
-    if kind in ("boiler", "mix"):
-        b = rng.choice(BOILERPLATE)
-        text = f"{b} {text}" if rng.random() < 0.5 else f"{text} {b}"
-    if kind == "case":
-        text = text.upper().replace(",", " ,").replace(". ", "... ")
-    return text
-
-
-def heavy_edit(text: str, rng: random.Random) -> str:
-    words = text.split()
-    for i in rng.sample(range(len(words)), k=max(3, len(words) // 6)):
-        words[i] = rng.choice(FILLER)
-    return " ".join(words)
-
-
 def build_corpus(n_docs: int, seed: int = 0, pool: list[str] | None = None) -> tuple[list[str], list[int]]:
     """(texts, family) -- family[i] is the index of the base document i was derived from."""
     rng = random.Random(seed)
@@ -142,11 +105,11 @@ def build_corpus(n_docs: int, seed: int = 0, pool: list[str] | None = None) -> t
         r = rng.random()
         if r < 0.12:  # a near-duplicate family
             for _ in range(rng.choice([1, 1, 1, 2, 2, 3, 5])):
-                src = base if rng.random() < 0.7 else light_edit(base, rng)
-                texts.append(light_edit(src, rng))
+                src = base if rng.random() < 0.7 else light_edit(base, rng, words_per_edit=150)
+                texts.append(light_edit(src, rng, words_per_edit=150))
                 family.append(fam)
         elif r < 0.15:  # a hard negative
-            texts.append(heavy_edit(base, rng))
+            texts.append(heavy_edit(base, rng, changed_fraction=6))
             family.append(fam)
     texts, family = texts[:n_docs], family[:n_docs]
     order = list(range(len(texts)))

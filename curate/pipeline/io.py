@@ -108,14 +108,32 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
     return expand_paths(paths, (".parquet",))
 
 
-def iter_parquet(path: str, columns: Sequence[str] | None = None,
-                 batch_size: int = 4096) -> Iterator[pa.Table]:
-    """Stream one Parquet file as tables of at most ``batch_size`` rows."""
+def iter_parquet(path: str, columns: Sequence[str] | None = None, batch_size: int = 4096,
+                 start: int = 0, stop: int | None = None) -> Iterator[pa.Table]:
+    """Stream rows [start, stop) of one Parquet file (all by default) as tables of at most
+    ``batch_size`` rows. Row groups outside the range are not read."""
     fs, p = get_fs(path)
     with fs.open(p, "rb") as f:
         pf = pq.ParquetFile(f)
-        for b in pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None):
-            yield pa.Table.from_batches([b])
+        groups, row = [], 0         # row groups overlapping the range, and the first one's offset
+        first = None
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row + n > start and (stop is None or row < stop):
+                groups.append(g)
+                first = row if first is None else first
+            row += n
+        if not groups:
+            return
+        pos = first
+        for b in pf.iter_batches(batch_size=batch_size, row_groups=groups,
+                                 columns=list(columns) if columns else None):
+            lo, hi = max(start - pos, 0), b.num_rows if stop is None else min(stop - pos, b.num_rows)
+            pos += b.num_rows
+            if hi > lo:
+                yield pa.Table.from_batches([b.slice(lo, hi - lo) if (lo, hi) != (0, b.num_rows) else b])
+            if stop is not None and pos >= stop:
+                return
 
 
 def slices(table: pa.Table, size: int) -> Iterator[pa.Table]:
@@ -164,8 +182,20 @@ class Dataset:
         """Stream all parts (or only ``part``) as tables of at most ``batch_size`` rows."""
         idx = range(self.num_parts) if part is None else [part]
         for i in idx:
-            yield from iter_part(self._tables[i] if self._tables is not None else self.files[i],
-                                 columns, batch_size)
+            yield from iter_part(self.part_source(i), columns, batch_size)
+
+    def part_source(self, i: int) -> "pa.Table | str":
+        """Part ``i`` as a worker can take it (``iter_part``): a table, or a Parquet URL."""
+        return self._tables[i] if self._tables is not None else self.files[i]
+
+    def iter_with_offsets(self, part: int, columns: Sequence[str] | None = None,
+                          batch_size: int = 8192) -> Iterator[tuple[int, pa.Table]]:
+        """Part ``part`` as (row offset in the part, table) pairs: for stages that decide per
+        row number which rows to keep."""
+        row = 0
+        for t in self.iter_tables(columns, batch_size, part=part):
+            yield row, t
+            row += t.num_rows
 
     def part(self, i: int, columns: Sequence[str] | None = None) -> pa.Table:
         if self._tables is not None:

@@ -29,12 +29,12 @@ Counter names (one convention for every stage; the runner adds ``in``/``out`` it
 
 ``dropped/<reason>``           a row removed on purpose. ``reason`` is snake_case
                                (``duplicate_text``, ``near_duplicate``, ``not_selected``,
-                               ``low_language_score``); a stage with several rule sets prefixes
-                               the set: ``dropped/gopher_quality:gopher_short_doc``.
-``errors/<category>/<detail>``  a row (or record, page, answer) that could not be processed and was
-                               skipped: ``errors/exception/ValueError``, ``errors/parse/no_json``,
-                               ``errors/links/<reason>``, ``errors/decode/<charset>``. Always logged
-                               (the first few of each kind) through ``Stage.error``.
+                               ``low_language_score``, ``too_large``); a stage with several rule
+                               sets prefixes the set: ``dropped/gopher_quality:gopher_short_doc``.
+``errors/<category>[/<detail>]`` a row (or record, page, answer) that could not be processed and
+                               was skipped: ``errors/exception/ValueError``, ``errors/parse/no_json``,
+                               ``errors/links/<reason>``, ``errors/decode``, ``errors/timeout``.
+                               Always logged (the first few of each kind) through ``Stage.error``.
 ``errors/transient/<reason>``  a row that failed for a reason that may pass (an endpoint timeout):
                                counted by ``Stage.defer``; its task is not recorded as complete, so
                                the next plain run retries exactly those rows.

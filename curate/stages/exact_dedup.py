@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
+from curate.pipeline.tables import require_column
 
 log = logging.getLogger("curate")
 
@@ -228,9 +229,8 @@ class ExactDedup(GlobalStage):
         schema = dataset.schema()
         if schema is None or dataset.num_parts == 0:
             return
-        if c.dedup_text and c.text_column not in schema.names:
-            raise StageError(f"stage {self.step_name!r} (exact_dedup) needs column {c.text_column!r}; "
-                             f"the input has {schema.names}")
+        if c.dedup_text:
+            require_column(schema, c.text_column, self.step_name)  # binary text is decoded and counted
         url_col = c.url_column if c.dedup_urls and c.url_column in schema.names else None
         if c.dedup_urls and url_col is None:
             log.info("%s: no %r column, URL dedup skipped", self.step_name, c.url_column)
@@ -248,8 +248,7 @@ class ExactDedup(GlobalStage):
                "norm": {"lowercase": c.lowercase, "unicode_form": c.unicode_form,
                         "collapse_whitespace": c.collapse_whitespace,
                         "remove_punctuation": c.remove_punctuation, "replace_digits": c.replace_digits}}
-        in_memory = dataset._tables is not None
-        items = [{"part": i, "source": dataset._tables[i] if in_memory else dataset.files[i],
+        items = [{"part": i, "source": dataset.part_source(i),
                   "cfg": cfg, "work": work, "buckets": nb} for i in range(dataset.num_parts)]
 
         # 1. hashes, bucketed
@@ -286,8 +285,7 @@ class ExactDedup(GlobalStage):
         for p in range(dataset.num_parts):
             lo_i, hi_i = np.searchsorted(docs, [np.int64(p) << 32, np.int64(p + 1) << 32])
             drop_rows = docs[lo_i:hi_i] & np.int64(0xFFFFFFFF)
-            row = 0
-            for t in dataset.iter_tables(batch_size=c.batch_size, part=p):
+            for row, t in dataset.iter_with_offsets(p, batch_size=c.batch_size):
                 m = t.num_rows
                 a, b = np.searchsorted(drop_rows, [row, row + m])
                 if a == b:
@@ -303,7 +301,6 @@ class ExactDedup(GlobalStage):
                             np.where(kinds[sel] == 0, "duplicate_url", "duplicate_text").tolist(), pa.string()))
                         d = d.append_column("duplicate_of", first_ids.slice(lo_i + a, b - a))
                         self.side("dropped", d)
-                row += m
         shutil.rmtree(work, ignore_errors=True)
 
     @staticmethod

@@ -21,14 +21,14 @@ parsing one huge document) finishes before the page is abandoned; trafilatura's 
 Rows are dropped (and counted) by reason, never lost silently:
 
 ``dropped/empty_html``   no HTML and no text (a row that already has text but no HTML is passed
-                         through unchanged: ``extract/passthrough_text``)
+                         through unchanged: ``extract_html/passthrough_text``)
 ``dropped/no_content``   trafilatura found no main text (empty, boilerplate-only or broken page)
 ``dropped/timeout``      the page took longer than ``timeout_s`` (also ``errors/timeout``)
-``dropped/parse_error``  trafilatura or lxml raised (also ``errors/parse_error/<Exception>``)
+``dropped/parse_error``  trafilatura or lxml raised (also ``errors/parse/<Exception>``)
 
-Other counters: ``extract/decoded/<how>`` for binary HTML (see charset), ``extract/non_utf8`` for
+Other counters: ``extract_html/decoded/<how>`` for binary HTML (see charset), ``extract_html/non_utf8`` for
 pages whose bytes were not valid in their charset (bytes replaced by U+FFFD; the page is still
-extracted), ``extract/chars_in`` and ``extract/chars_out``.
+extracted), ``extract_html/chars_in`` and ``extract_html/chars_out``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
+from curate.pipeline.tables import set_column
 
 log = logging.getLogger("curate")
 
@@ -227,9 +228,9 @@ class ExtractHtml(FilterStage):
                     out.append(None)
                     continue
                 d = decode_bytes(v)
-                self.count(f"extract/decoded/{d.how}")
+                self.count(f"extract_html/decoded/{d.how}")
                 if d.replaced:
-                    self.count("extract/non_utf8")
+                    self.count("extract_html/non_utf8")
                 out.append(d.text)
             return out
         raise StageError(f"extract_html: column {self.config.html_column!r} has type {t}; "
@@ -258,7 +259,7 @@ class ExtractHtml(FilterStage):
                 if html is None or not html.strip():
                     if old_text[i]:
                         text = old_text[i]  # a text row: pass through
-                        self.count("extract/passthrough_text")
+                        self.count("extract_html/passthrough_text")
                     else:
                         reason = "empty_html"
                 elif c.max_html_bytes and len(html) > c.max_html_bytes and \
@@ -266,22 +267,22 @@ class ExtractHtml(FilterStage):
                     reason = "too_large"
                 else:
                     if "\ufffd" in html and not pa.types.is_binary(table.schema.field(c.html_column).type):
-                        self.count("extract/non_utf8")
+                        self.count("extract_html/non_utf8")
                     try:
                         text, meta = limit.call(self.extract_one, html, urls[i])
                     except ExtractionTimeout:
                         self.error("timeout", doc_id=ids[i], detail=f"> {c.timeout_s}s")
                         reason = "timeout"
                     except Exception as exc:  # noqa: BLE001 - one broken page is not fatal
-                        self.error(f"parse_error/{type(exc).__name__}", doc_id=ids[i],
+                        self.error(f"parse/{type(exc).__name__}", doc_id=ids[i],
                                    detail=str(exc)[:200])
                         reason = "parse_error"
                     else:
-                        self.count("extract/chars_in", len(html))
+                        self.count("extract_html/chars_in", len(html))
                         if not text or not text.strip():
                             text, reason = None, "no_content"
                         else:
-                            self.count("extract/chars_out", len(text))
+                            self.count("extract_html/chars_out", len(text))
                 self._reasons.append(reason)
                 texts.append(text if reason is None else (old_text[i] or ""))
                 titles.append(meta.get("title"))
@@ -293,11 +294,7 @@ class ExtractHtml(FilterStage):
             if name == "title" or name == "date":
                 if not c.with_metadata:
                     continue
-            arr = pa.array(values, pa.string())
-            if name in out.schema.names:
-                out = out.set_column(out.schema.names.index(name), name, arr)
-            else:
-                out = out.append_column(name, arr)
+            out = set_column(out, name, pa.array(values, pa.string()))
         return out
 
     @staticmethod

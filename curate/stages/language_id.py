@@ -13,8 +13,8 @@ whitespace) get ``language`` null and score 0.
 
 Keeps documents whose language is in ``languages`` (all when empty) with a score of at least
 ``min_score`` (per-language thresholds in ``min_score_per_language``). Drop reasons:
-``dropped/language_id:empty_text``, ``dropped/language_id:language`` (not a wanted language),
-``dropped/language_id:low_score``. Counters ``language/<code>`` count every labelled document.
+``dropped/empty_text``, ``dropped/wrong_language`` (not a wanted language),
+``dropped/low_language_score``. Counters ``language_id/language/<code>`` count every labelled document.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
+from curate.pipeline.tables import require_text, set_column
 
 LABEL_PREFIX = "__label__"
 
@@ -114,24 +115,16 @@ class LanguageId(FilterStage):
         self._model = load_model(self.model_path())
 
     def annotate(self, table: pa.Table) -> pa.Table:
+        require_text(table.schema, self.config.text_column, self.step_name)
         col = table.column(self.config.text_column)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
-                or pa.types.is_null(col.type)):
-            raise StageError(f"language_id: column {self.config.text_column!r} has type {col.type}; "
-                             "expected text")
         langs, scores = [], []
         for text in col.to_pylist():
             lang, score = predict_language(self._model, text, self.config.max_chars)
             langs.append(lang)
             scores.append(score)
-            self.count(f"language/{lang or 'none'}")
-        for name, arr in (("language", pa.array(langs, pa.string())),
-                          ("language_score", pa.array(scores, pa.float32()))):
-            if name in table.schema.names:
-                table = table.set_column(table.schema.names.index(name), name, arr)
-            else:
-                table = table.append_column(name, arr)
-        return table
+            self.count(f"language_id/language/{lang or 'none'}")
+        table = set_column(table, "language", pa.array(langs, pa.string()))
+        return set_column(table, "language_score", pa.array(scores, pa.float32()))
 
     def keep(self, table: pa.Table):
         c = self.config
@@ -142,11 +135,11 @@ class LanguageId(FilterStage):
             reason = None
             if c.filter:
                 if lang is None:
-                    reason = "language_id:empty_text"
+                    reason = "empty_text"
                 elif wanted and lang not in wanted:
-                    reason = "language_id:language"
+                    reason = "wrong_language"
                 elif score < c.min_score_per_language.get(lang, c.min_score) - 1e-7:
-                    reason = "language_id:low_score"
+                    reason = "low_language_score"
             mask.append(reason is None)
             reasons.append(reason)
         return mask, reasons

@@ -23,9 +23,9 @@ map or a per-band "hash shuffle" -- the same plan runs under the local process p
 Side output ``clusters`` (``save_clusters``): one row per document of every non-singleton cluster
 (``id``, ``cluster_id``, ``cluster_size``, ``kept``), to audit what was removed; ``removed``
 (``save_removed``): the full removed rows with a ``duplicate_of`` column.
-Counters: ``clusters``, ``docs_in_clusters``, ``cluster_size/<bucket>``, ``dropped/near_duplicate``,
-``minhash/candidate_edges``, ``minhash/verified_pairs``, ``minhash/rejected_pairs``,
-``minhash/empty_docs`` (no word: never a duplicate), ``minhash/short_docs`` (< ngram tokens).
+Counters: ``minhash_dedup/clusters``, ``minhash_dedup/docs_in_clusters``, ``minhash_dedup/cluster_size/<bucket>``, ``dropped/near_duplicate``,
+``minhash_dedup/candidate_edges``, ``minhash_dedup/verified_pairs``, ``minhash_dedup/rejected_pairs``,
+``minhash_dedup/empty_docs`` (no word: never a duplicate), ``minhash_dedup/short_docs`` (< ngram tokens).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
+from curate.pipeline.tables import require_column, set_column
 
 log = logging.getLogger("curate")
 
@@ -157,13 +158,13 @@ def _text_array(col: pa.ChunkedArray | pa.Array, counters: dict[str, int]) -> pa
                 except UnicodeDecodeError:
                     bad += 1
                     vals.append(v.decode("utf-8", errors="replace"))
-            counters["minhash/non_utf8_text"] = counters.get("minhash/non_utf8_text", 0) + bad
+            counters["minhash_dedup/non_utf8_text"] = counters.get("minhash_dedup/non_utf8_text", 0) + bad
             return pa.array(vals, pa.string())
     try:
         out = col.cast(pa.string())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise StageError(f"minhash_dedup: text column of type {t} cannot be read as text: {exc}") from exc
-    counters["minhash/non_string_text"] = counters.get("minhash/non_string_text", 0) + len(col) - col.null_count
+    counters["minhash_dedup/non_string_text"] = counters.get("minhash_dedup/non_string_text", 0) + len(col) - col.null_count
     return out
 
 
@@ -212,8 +213,8 @@ def signature_task(item: dict) -> dict:
             h, off, ntok = M.shingle_hashes(texts, cfg["ngram"], cfg["char_ngrams"], token_counts=True)
             empty = ntok == 0
             short = int(((ntok > 0) & (ntok < cfg["ngram"])).sum())
-            counters["minhash/empty_docs"] = counters.get("minhash/empty_docs", 0) + int(empty.sum())
-            counters["minhash/short_docs"] = counters.get("minhash/short_docs", 0) + short
+            counters["minhash_dedup/empty_docs"] = counters.get("minhash_dedup/empty_docs", 0) + int(empty.sum())
+            counters["minhash_dedup/short_docs"] = counters.get("minhash_dedup/short_docs", 0) + short
             sig = M.signatures(h, off, a, b)
             keys = M.band_keys(sig, bands, rows)
             rows_idx = np.arange(n, n + m, dtype=np.int64)
@@ -332,9 +333,7 @@ class MinhashDedup(GlobalStage):
         schema = dataset.schema()
         if schema is None or dataset.num_parts == 0:
             return
-        if c.text_column not in schema.names:
-            raise StageError(f"stage {self.step_name!r} (minhash_dedup) needs column {c.text_column!r}; "
-                             f"the input has {schema.names}")
+        require_column(schema, c.text_column, self.step_name)  # binary text is decoded and counted
         if c.keep == "score" and c.score_column not in schema.names:
             raise StageError(f"stage {self.step_name!r} (minhash_dedup): score_column {c.score_column!r} "
                              f"not in the input (columns: {schema.names})")
@@ -348,8 +347,7 @@ class MinhashDedup(GlobalStage):
                "verify": c.verify, "save_signatures": c.save_signatures,
                "threads": c.threads,
                "key_partitions": c.key_partitions or max(1, -(-dataset.count_rows() // 20_000_000))}
-        in_memory = dataset._tables is not None
-        items = [{"part": i, "source": dataset._tables[i] if in_memory else dataset.files[i],
+        items = [{"part": i, "source": dataset.part_source(i),
                   "cfg": cfg, "work": work, "a": a, "b": b} for i in range(dataset.num_parts)]
 
         clock = time.perf_counter()
@@ -392,7 +390,7 @@ class MinhashDedup(GlobalStage):
         for res in ctx.map(edges_task, edge_items):
             edge_files.append(res["path"])
             n_edges += res["edges"]
-        self.count("minhash/candidate_edges", n_edges)
+        self.count("minhash_dedup/candidate_edges", n_edges)
         shutil.rmtree(os.path.join(work, "keys"), ignore_errors=True)
 
         lap("edges")
@@ -412,13 +410,13 @@ class MinhashDedup(GlobalStage):
         kept, size_of = pick_kept(labels, values)
         sizes = np.bincount(labels, minlength=total)
         comp_sizes = sizes[sizes > 1]
-        self.count("clusters", int(len(comp_sizes)))
-        self.count("docs_in_clusters", int(comp_sizes.sum()))
+        self.count("minhash_dedup/clusters", int(len(comp_sizes)))
+        self.count("minhash_dedup/docs_in_clusters", int(comp_sizes.sum()))
         if len(comp_sizes):
             u, cnt = np.unique(comp_sizes, return_counts=True)
             for s, k in zip(u.tolist(), cnt.tolist()):
-                self.count(f"cluster_size/{size_bucket(s)}", k)
-            self.count("cluster_size/max", int(comp_sizes.max()))
+                self.count(f"minhash_dedup/cluster_size/{size_bucket(s)}", k)
+            self.count("minhash_dedup/cluster_size/max", int(comp_sizes.max()))
         self._write_all(dataset, writer, (kept, size_of, offsets))
         lap("write")
         log.info("%s: phases (s) %s", self.step_name, self.phase_seconds)
@@ -462,8 +460,8 @@ class MinhashDedup(GlobalStage):
         j = jaccard_pairs(vals, off, np.searchsorted(involved, a), np.searchsorted(involved, b))
         keep = j >= thr
         uf.union(a[keep], b[keep])
-        self.count("minhash/verified_pairs", int(keep.sum()))
-        self.count("minhash/rejected_pairs", int(len(keep) - keep.sum()))
+        self.count("minhash_dedup/verified_pairs", int(keep.sum()))
+        self.count("minhash_dedup/rejected_pairs", int(len(keep) - keep.sum()))
 
     def _kept_ids(self, dataset: Any, kept_docs: np.ndarray, offsets: np.ndarray) -> pa.Array:
         """The ``id`` of each kept document (sorted dense numbers), read part by part."""
@@ -488,17 +486,15 @@ class MinhashDedup(GlobalStage):
             kept_ids = self._kept_ids(dataset, kept_docs, offsets)
         removed_total = 0
         for p in range(dataset.num_parts):
-            row = 0
-            for t in dataset.iter_tables(batch_size=max(c.batch_size, 8192), part=p):
+            for row, t in dataset.iter_with_offsets(p, batch_size=max(c.batch_size, 8192)):
                 m = t.num_rows
                 if plan is None:
                     if c.cluster_columns:
-                        t = _set_col(t, "cluster_id", pa.nulls(m, pa.string()))
-                        t = _set_col(t, "cluster_size", pa.array(np.ones(m, np.int32)))
+                        t = set_column(t, "cluster_id", pa.nulls(m, pa.string()))
+                        t = set_column(t, "cluster_size", pa.array(np.ones(m, np.int32)))
                     writer.write(t)
                     continue
                 dense = offsets[p] + row + np.arange(m, dtype=np.int64)
-                row += m
                 if m and dense[-1] >= offsets[p + 1]:
                     raise StageError(f"minhash_dedup: part {p} changed while the stage ran")
                 sz = size_of[dense]
@@ -523,19 +519,14 @@ class MinhashDedup(GlobalStage):
                         "kept": pa.array(keep_mask[sel])}))
                 out = t
                 if c.cluster_columns:
-                    out = _set_col(out, "cluster_id", cid)
-                    out = _set_col(out, "cluster_size", pa.array(sz.astype(np.int32)))
+                    out = set_column(out, "cluster_id", cid)
+                    out = set_column(out, "cluster_size", pa.array(sz.astype(np.int32)))
                 n_removed = int(m - keep_mask.sum())
                 if n_removed and c.save_removed:
                     rm = out.filter(pa.array(~keep_mask))
-                    self.side("removed", _set_col(rm, "duplicate_of", cid.filter(pa.array(~keep_mask))))
+                    self.side("removed", set_column(rm, "duplicate_of", cid.filter(pa.array(~keep_mask))))
                 removed_total += n_removed
                 writer.write(out.filter(pa.array(keep_mask)) if n_removed else out)
         if removed_total:
             self.drop("near_duplicate", removed_total)
 
-
-def _set_col(t: pa.Table, name: str, arr: pa.Array) -> pa.Table:
-    if name in t.schema.names:
-        return t.set_column(t.schema.names.index(name), name, arr)
-    return t.append_column(name, arr)

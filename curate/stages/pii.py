@@ -24,7 +24,8 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
+from curate.pipeline.stage import MapStage, Resources, StageConfig, register
+from curate.pipeline.tables import require_text
 
 Kind = Literal["email", "phone", "ip"]
 ORDER: tuple[str, ...] = ("email", "ip", "phone")
@@ -119,11 +120,10 @@ class Pii(MapStage):
 
     def process(self, table: pa.Table) -> pa.Table:
         for col in self.config.columns:
+            require_text(table.schema, col, self.step_name)
             t = table.schema.field(col).type
             if pa.types.is_null(t):
                 continue
-            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-                raise StageError(f"pii: column {col!r} has type {t}; expected text")
             out, changed_docs = [], 0
             for text in table.column(col).to_pylist():
                 if not text:

@@ -157,7 +157,7 @@ class ReadFiles(FileSource):
                 self.error("decode", doc_id=path, detail=f"bytes not valid {dec.charset}; replaced")
             meta.update(charset=dec.charset, charset_from=dec.how)
             text, html = ("", dec.text) if kind == "html" else (dec.text, None)
-        self.count(f"files/{kind}")
+        self.count(f"read_files/{kind}")
         return (make_id(path), text, path, dumps_meta(meta), html)
 
     def _unsupported(self, path: str, what: str, why: str) -> None:

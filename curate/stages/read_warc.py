@@ -2,7 +2,7 @@
 
 One task per file. By default ``response`` records (the HTML pages of a web crawl) and
 ``conversion`` records (the plain text of a WET file) are read; other record types (request,
-metadata, warcinfo...) are counted under ``warc/records/<type>`` and skipped.
+metadata, warcinfo...) are counted under ``read_warc/records/<type>`` and skipped.
 
 Response records: the HTTP headers are parsed (status, Content-Type), the payload is de-chunked and
 decompressed by warcio, and decoded with the detected charset (HTTP header, ``<meta>``, UTF-8,
@@ -14,7 +14,7 @@ Bad input never stops a file: a record that cannot be parsed or decompressed is 
 ``errors/corrupt_record`` and the reader re-synchronises on the next record (the next gzip member
 of a .warc.gz, the next ``WARC/1.x`` line of a plain WARC); a record or gzip member cut short by the
 end of the file is counted as ``errors/truncated``; a file with no readable record at all as
-``errors/not_warc``. Skipped bytes are counted in ``warc/skipped_bytes``.
+``errors/not_warc``. Skipped bytes are counted in ``read_warc/skipped_bytes``.
 
 Rows: ``id`` (make_id of the WARC-Record-ID; of file+offset when absent), ``text``, ``source``
 (the target URI), ``metadata`` (JSON: warc_record_id, warc_date, warc_type, warc_file, offset,
@@ -146,7 +146,7 @@ class ReadWarc(FileSource):
                 else:
                     reason = "corrupt_record"
                 self.error(reason, doc_id=f"{path}@{failed_at}", detail=f"{type(exc).__name__}: {str(exc)[:200]}")
-                self.count("warc/skipped_bytes", (nxt if nxt is not None else size) - failed_at)
+                self.count("read_warc/skipped_bytes", (nxt if nxt is not None else size) - failed_at)
                 pos = nxt
 
     @staticmethod
@@ -178,7 +178,7 @@ class ReadWarc(FileSource):
         cfg = self.config
         rtype = rec.rec_type or ""
         if rtype not in cfg.record_types:
-            self.count(f"warc/records/{rtype or 'unknown'}")
+            self.count(f"read_warc/records/{rtype or 'unknown'}")
             return None
         h = rec.rec_headers
         url = h.get_header("WARC-Target-URI") or ""
@@ -204,7 +204,7 @@ class ReadWarc(FileSource):
             pass
         if getattr(rec.raw_stream, "limit", 0) > 0:
             raise _Truncated(f"record ends {rec.raw_stream.limit} bytes early")
-        self.count(f"warc/records/{rtype}")
+        self.count(f"read_warc/records/{rtype}")
         mime = ctype.split(";")[0].strip().lower()
         meta: dict[str, Any] = {"warc_record_id": record_id, "warc_date": date, "warc_type": rtype,
                                 "warc_file": name, "offset": offset}

@@ -6,9 +6,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import random
-import re
 import warnings
 from collections import Counter, defaultdict
+
+from curate.testing.near_duplicates import heavy_edit, light_edit
 
 MODULES = [
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
@@ -22,16 +23,6 @@ MODULES = [
     "timeit", "tokenize", "traceback", "types", "typing", "unittest", "urllib.parse", "uuid",
     "warnings", "weakref", "zipfile", "zlib", "pydoc", "doctest", "optparse", "mailbox", "xml.dom.minidom",
 ]
-
-BOILERPLATE = [
-    "Copyright 2024 Example Corp. All rights reserved. Subscribe to our newsletter for updates.",
-    "Share this page on social media. Cookies help us deliver our services. Privacy policy.",
-    "Related articles: read more from our documentation team. Back to top of page.",
-]
-
-FILLER = ("value object method function return string number list default module class error "
-          "argument option system file result memory python data table").split()
-
 
 def docstrings(min_words: int = 40) -> list[str]:
     """Distinct docstrings of stdlib modules and their public members, chunked to <= 220 words."""
@@ -59,45 +50,6 @@ def docstrings(min_words: int = 40) -> list[str]:
                     if len(chunk) >= min_words:
                         out.append(" ".join(chunk))
     return out
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
-
-
-def light_edit(text: str, rng: random.Random) -> str:
-    """Edits that keep a document a near duplicate: a few word substitutions/deletions, a sentence
-    swap, punctuation/case noise, boilerplate added."""
-    kind = rng.choice(["subst", "swap", "boiler", "case", "mix"])
-    words = text.split()
-    if kind in ("subst", "mix"):
-        for _ in range(max(1, len(words) // 120)):
-            i = rng.randrange(len(words))
-            if rng.random() < 0.5:
-                words[i] = rng.choice(FILLER)
-            else:
-                del words[i]
-        text = " ".join(words)
-    if kind in ("swap", "mix"):
-        s = sentences(text)
-        if len(s) >= 4:
-            i = rng.randrange(len(s) - 1)
-            s[i], s[i + 1] = s[i + 1], s[i]
-            text = " ".join(s)
-    if kind in ("boiler", "mix"):
-        b = rng.choice(BOILERPLATE)
-        text = f"{b} {text}" if rng.random() < 0.5 else f"{text} {b}"
-    if kind == "case":
-        text = text.upper().replace(",", " ,").replace(". ", "... ")
-    return text
-
-
-def heavy_edit(text: str, rng: random.Random) -> str:
-    """A related but different document (Jaccard well below 0.8): many words changed."""
-    words = text.split()
-    for i in rng.sample(range(len(words)), k=max(3, len(words) // 8)):
-        words[i] = rng.choice(FILLER)
-    return " ".join(words)
 
 
 def shingles(text: str | None, n: int = 5) -> frozenset[str]:

@@ -119,7 +119,7 @@ def test_planted_verified_recall_and_precision(planted):
     assert s["nondup_removed"] <= 0.01, s
     assert out.num_rows == len(planted.texts) - len(removed)
     assert st.counters.data["dropped/near_duplicate"] == len(removed)
-    assert st.counters.data["minhash/rejected_pairs"] > 0  # verification did remove LSH false positives
+    assert st.counters.data["minhash_dedup/rejected_pairs"] > 0  # verification did remove LSH false positives
     # every verified cluster is a union of true pairs: no removed document lacks a >= 0.8 partner
     assert s["fp"] == 0
 
@@ -214,8 +214,8 @@ def test_cluster_columns_and_removed_side_table(planted):
     assert all((r["cluster_id"] == r["id"]) == (r["cluster_size"] > 1) for r in rows)
     assert all((r["cluster_id"] is None) == (r["cluster_size"] == 1) for r in rows)
     c = st.counters.data
-    assert c["clusters"] == sum(v for k, v in c.items() if k.startswith("cluster_size/") and k != "cluster_size/max")
-    assert c["docs_in_clusters"] - c["clusters"] == c["dropped/near_duplicate"]
+    assert c["minhash_dedup/clusters"] == sum(v for k, v in c.items() if k.startswith("minhash_dedup/cluster_size/") and k != "minhash_dedup/cluster_size/max")
+    assert c["minhash_dedup/docs_in_clusters"] - c["minhash_dedup/clusters"] == c["dropped/near_duplicate"]
 
 
 def test_keep_longest_and_score():
@@ -257,8 +257,8 @@ def test_bad_input_counted_not_fatal():
     st = MinhashDedup()
     out = st(table_of(texts))
     c = st.counters.data
-    assert c["minhash/empty_docs"] == 3          # "", None, punctuation only: never duplicates
-    assert c["minhash/short_docs"] == 2          # "hi", "x"
+    assert c["minhash_dedup/empty_docs"] == 3          # "", None, punctuation only: never duplicates
+    assert c["minhash_dedup/short_docs"] == 2          # "hi", "x"
     assert c["dropped/near_duplicate"] == 1
     assert out.num_rows == 6
 
@@ -266,11 +266,11 @@ def test_bad_input_counted_not_fatal():
     raw = pa.array([long.encode(), b"\xff\xfe broken " + long.encode(), None], pa.binary())
     st = MinhashDedup()
     out = st(pa.table({"id": ["a", "b", "c"], "text": raw}))
-    assert st.counters.data["minhash/non_utf8_text"] == 1
+    assert st.counters.data["minhash_dedup/non_utf8_text"] == 1
     assert out.num_rows == 2
     st = MinhashDedup()
     out = st(pa.table({"id": ["a", "b"], "text": pa.array([1, 2])}))
-    assert out.num_rows == 2 and st.counters.data["minhash/non_string_text"] == 2
+    assert out.num_rows == 2 and st.counters.data["minhash_dedup/non_string_text"] == 2
 
     # empty inputs
     assert MinhashDedup()(table_of([])).num_rows == 0
@@ -311,7 +311,7 @@ def test_runner_with_process_pool_matches_library_call(planted, tmp_path):
     assert got.column("cluster_id").to_pylist() == expect.column("cluster_id").to_pylist()
     stats = res.stats["dedup"]
     assert stats["dropped"]["near_duplicate"] == n - got.num_rows == stats["in"] - stats["out"]
-    assert stats["counters"]["clusters"] > 0
+    assert stats["counters"]["minhash_dedup/clusters"] > 0
     assert os.path.exists(os.path.join(out, "dedup", "_clusters"))
 
 

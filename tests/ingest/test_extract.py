@@ -100,17 +100,17 @@ def test_binary_and_non_utf8_html():
     assert texts[0] == texts[1] == trafilatura.extract(good, include_comments=False)
     assert "Café" in texts[0]
     c = st.counters.to_dict()
-    assert c["extract/decoded/meta"] == 2  # both pages declare their charset
+    assert c["extract_html/decoded/meta"] == 2  # both pages declare their charset
     # invalid bytes: decoded by curate.ingest.charset (counted by how), the row is still extracted
     bad = good.encode("utf-8").replace(b"central bank", b"central \xff\xfe bank")
     st = ExtractHtml()
     out = st(pa.table({"id": ["c"], "html": pa.array([bad], pa.binary()), "text": [""]}))
     assert out.num_rows == 1 and "bank" in out.column("text")[0].as_py()
-    assert sum(v for k, v in st.counters.to_dict().items() if k.startswith("extract/decoded/")) == 1
+    assert sum(v for k, v in st.counters.to_dict().items() if k.startswith("extract_html/decoded/")) == 1
     # a string page that was decoded upstream with replacement characters is counted
     st = ExtractHtml()
     out = st(html_table([("u:r", good.replace("central bank", "central \ufffd bank"))]))
-    assert out.num_rows == 1 and st.counters.to_dict()["extract/non_utf8"] == 1
+    assert out.num_rows == 1 and st.counters.to_dict()["extract_html/non_utf8"] == 1
 
 
 def test_text_rows_pass_through_and_column_errors():
@@ -118,7 +118,7 @@ def test_text_rows_pass_through_and_column_errors():
     st = ExtractHtml()
     out = st(t)
     assert out.column("text").to_pylist() == ["already text"]
-    assert st.counters.to_dict()["extract/passthrough_text"] == 1
+    assert st.counters.to_dict()["extract_html/passthrough_text"] == 1
     with pytest.raises(StageError, match="html"):
         ExtractHtml()(pa.table({"id": ["x"], "text": ["no html column"]}))
     with pytest.raises(StageError, match="expected string or binary"):

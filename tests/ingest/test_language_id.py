@@ -44,19 +44,19 @@ def test_languages_of_real_pages(extracted):
     assert min(out.column("language_score").to_pylist()) > 0.65
     assert out.schema.field("language_score").type == pa.float32()
     c = st.counters.to_dict()
-    assert c["language/en"] == 3 and c["language/de"] == 2 and c["language/fr"] == 2
+    assert c["language_id/language/en"] == 3 and c["language_id/language/de"] == 2 and c["language_id/language/fr"] == 2
 
     st = LanguageId(languages=["en", "fr"], save_dropped=True)
     out = st(extracted)
     assert sorted(set(out.column("language").to_pylist())) == ["en", "fr"]
-    assert st.counters.to_dict()["dropped/language_id:language"] == 2
-    assert st.take_side()["dropped"].column("drop_reason").to_pylist() == ["language_id:language"] * 2
+    assert st.counters.to_dict()["dropped/wrong_language"] == 2
+    assert st.take_side()["dropped"].column("drop_reason").to_pylist() == ["wrong_language"] * 2
 
 
 def test_thresholds_and_annotate_only(extracted):
     st = LanguageId(min_score=0.999999)
     assert st(extracted).num_rows == 0
-    assert st.counters.to_dict()["dropped/language_id:low_score"] == extracted.num_rows
+    assert st.counters.to_dict()["dropped/low_language_score"] == extracted.num_rows
     st = LanguageId(min_score=0.999999, min_score_per_language={"de": 0.5})
     assert set(st(extracted).column("language").to_pylist()) == {"de"}
     st = LanguageId(languages=["xx"], filter=False)
@@ -78,7 +78,7 @@ def test_bad_input_counted():
     out = st(t)
     assert out.column("id").to_pylist() == ["a"]
     c = st.counters.to_dict()
-    assert c["dropped/language_id:empty_text"] == 3 and c["language/none"] == 3
+    assert c["dropped/empty_text"] == 3 and c["language_id/language/none"] == 3
     assert st.take_side()["dropped"].num_rows == 3
 
 

@@ -66,7 +66,7 @@ def test_reads_text_html_pdf_from_folder(corpus):
     meta = json.loads(rows["e.pdf"]["metadata"])
     assert meta["format"] == "pdf" and meta["pages"] == 1
     assert rows["a.txt"]["id"] == make_id(rows["a.txt"]["source"])
-    assert st.counters.to_dict() == {"files/text": 3, "files/html": 1, "files/pdf": 1}
+    assert st.counters.to_dict() == {"read_files/text": 3, "read_files/html": 1, "read_files/pdf": 1}
     # deterministic
     again = ReadFiles(paths=str(corpus))()
     assert again.equals(t)
@@ -110,7 +110,7 @@ def test_bad_inputs_are_counted_not_lost(tmp_path, caplog):
     latin = [r for r in t.to_pylist() if r["source"].endswith("latin.txt")][0]
     assert json.loads(latin["metadata"])["charset_from"] == "detected"
     # every file found is accounted for
-    accounted = sum(v for k, v in c.items() if k.startswith(("files/", "dropped/", "errors/pdf")))
+    accounted = sum(v for k, v in c.items() if k.startswith(("read_files/", "dropped/", "errors/pdf")))
     assert accounted == 9
     assert any("unknown file type" in r.message for r in caplog.records)
 

@@ -66,8 +66,8 @@ def test_reads_warc_gz_responses(tmp_path):
     assert meta["warc_record_id"].startswith("<urn:uuid:") and meta["offset"] > 0
     assert rows["http://example.com/meta"]["id"] == make_id(meta["warc_record_id"])
     c = st.counters.to_dict()
-    assert c["warc/records/response"] == 11 and c["warc/records/request"] == 1
-    assert c["warc/records/warcinfo"] == 1
+    assert c["read_warc/records/response"] == 11 and c["read_warc/records/request"] == 1
+    assert c["read_warc/records/warcinfo"] == 1
     assert c["dropped/http_status"] == 1 and c["dropped/content_type"] == 1
     assert not any(k.startswith("errors/") for k in c)
     assert ReadWarc(paths=str(p))().equals(t)  # deterministic
@@ -121,7 +121,7 @@ def test_corrupt_gzip_member_is_counted_and_skipped(tmp_path):
     t = st()
     assert t.column("url").to_pylist() == [u for u in kept if u != "http://example.com/page2"]
     c = st.counters.to_dict()
-    assert c["errors/corrupt_record"] == 1 and c["warc/skipped_bytes"] > 0
+    assert c["errors/corrupt_record"] == 1 and c["read_warc/skipped_bytes"] > 0
     assert "errors/truncated" not in c
 
 
@@ -137,7 +137,7 @@ def test_truncated_gz_keeps_everything_before(tmp_path):
     assert t.column("url").to_pylist() == ["http://example.com/page0", "http://example.com/page1"]
     c = st.counters.to_dict()
     assert c["errors/truncated"] == 1
-    assert c["warc/skipped_bytes"] == cut - offs[3]
+    assert c["read_warc/skipped_bytes"] == cut - offs[3]
 
 
 def test_plain_warc_garbage_and_cut_record(tmp_path):
