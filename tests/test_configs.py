@@ -172,10 +172,8 @@ def _shingles(text, n=5):
     return {" ".join(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
 
 
-@pytest.mark.slow
-def test_warc_example(tmp_path):
-    import itertools
-
+def make_warc_corpus(folder) -> None:
+    """Two WARC files: six stories, a near-duplicate of each, an exact copy, a corrupt record."""
     # six distinct stories: the same six sentences in different orders behind different leads
     # (Jaccard of 5-word shingles well below 0.8), then for each a lightly edited copy (one word
     # changed: a near-duplicate), and one byte-identical copy of story 0 at another URL
@@ -191,10 +189,17 @@ def test_warc_example(tmp_path):
 
     pages = [(f"https://news.example.org/{i}", article(i)) for i in range(6)]
     pages += [(f"https://news.example.org/{i}-edited", article(i, edited=True)) for i in range(6)]
-    _warc(str(tmp_path / "a.warc.gz"), pages[:6])
-    _warc(str(tmp_path / "b.warc.gz"), pages[6:] + [("https://news.example.org/copy", pages[0][1])])
-    with open(tmp_path / "b.warc.gz", "ab") as fh:
+    _warc(str(folder / "a.warc.gz"), pages[:6])
+    _warc(str(folder / "b.warc.gz"), pages[6:] + [("https://news.example.org/copy", pages[0][1])])
+    with open(folder / "b.warc.gz", "ab") as fh:
         fh.write(b"\x1f\x8b\x08\x00garbage that is not a gzip member")   # a corrupt trailing record
+
+
+@pytest.mark.slow
+def test_warc_example(tmp_path):
+    import itertools
+
+    make_warc_corpus(tmp_path)
     out = str(tmp_path / "out")
     run_cli(os.path.join(CONFIGS, "warc_example.yaml"), {"CURATE_OUTPUT": out,
                                                           "WARC_PATHS": str(tmp_path / "*.warc.gz")})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from curate.pipeline.scratch import spill_file, spill_read
 from numba import njit
 
 EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
@@ -74,7 +74,7 @@ def _edges_sorted(keys, docs, all_pairs_max):
 
 def band_edges(files: list[str], offsets: np.ndarray, all_pairs_max: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Candidate edges (a < b, dense numbers) of one band from its key files (all parts)."""
-    tables = [pq.read_table(f) for f in files]
+    tables = [spill_read(f) for f in files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -134,7 +134,7 @@ class UnionFind:
                                             b.astype(np.int64, copy=False)))
 
     def union_file(self, path: str, batch_size: int = 1 << 20) -> None:
-        pf = pq.ParquetFile(path)
+        pf = spill_file(path)
         for batch in pf.iter_batches(batch_size=batch_size):
             self.union(batch.column(0).to_numpy(), batch.column(1).to_numpy())
 

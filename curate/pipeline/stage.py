@@ -446,16 +446,18 @@ class GlobalStage(Stage):
         raise NotImplementedError
 
     def scratch(self, ctx: "RunContext", name: str) -> str:
-        """A fresh, empty local folder for this run's spill files (under the runner's work folder)."""
-        import os
-        import shutil
+        """A fresh, empty folder for this run's spill files, under the output location
+        (``<output>/_curate/work/<step>/<name>``; a URL when the output is an object store, so
+        workers on other nodes can read what each wrote). Read and write it with
+        ``curate.pipeline.scratch`` (``spill_join``, ``spill_writer``, ``spill_read``...)."""
+        from curate.pipeline.scratch import spill_join, spill_makedirs, spill_rmtree
 
-        base = getattr(ctx, "workdir", None) or self.workdir
+        base = getattr(ctx, "scratch_root", None) or getattr(ctx, "workdir", None) or self.workdir
         if not base:
             raise StageError(f"{self.name} needs a work folder")
-        path = os.path.join(base, name)
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
+        path = spill_join(base, name)
+        spill_rmtree(path)
+        spill_makedirs(path)
         return path
 
     def __call__(self, data: "pa.Table | str | list[str]", workdir: str | None = None) -> pa.Table:

@@ -44,6 +44,10 @@ class Layout:
         key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         return os.path.join(os.path.expanduser("~/.cache/curate/work"), key, step)
 
+    def scratch_url(self, step: str) -> str:
+        """Where a global step's spill files go: under the output, reachable from every node."""
+        return self.url_of(join(self.root, "_curate", "work", step))
+
     def url_of(self, path: str) -> str:
         return to_url(self.fs, path)
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -43,6 +41,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
+from curate.pipeline.scratch import spill_join, spill_read, spill_rmtree, spill_write, spill_writer
 from curate.pipeline.tables import require_column
 
 log = logging.getLogger("curate")
@@ -129,9 +128,8 @@ def hash_task(item: dict) -> dict:
             bk = int(b[s])
             w = writers.get((kind, bk))
             if w is None:
-                path = os.path.join(work, kind, f"b-{bk:04d}", f"part-{part:05d}.parquet")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                w = writers[(kind, bk)] = pq.ParquetWriter(path, _KEY_SCHEMA, compression="lz4")
+                path = spill_join(work, kind, f"b-{bk:04d}", f"part-{part:05d}.parquet")
+                w = writers[(kind, bk)] = spill_writer(path, _KEY_SCHEMA, compression="lz4")
                 files[kind][bk] = path
             w.write_table(pa.table({"hi": hi[s:e], "lo": lo[s:e], "doc": docs[s:e]}, schema=_KEY_SCHEMA))
 
@@ -181,7 +179,7 @@ def bucket_task(item: dict) -> dict:
     out = item["out"]
     if not files:
         return {"path": None, "dups": 0}
-    t = pa.concat_tables([pq.read_table(f) for f in files])
+    t = pa.concat_tables([spill_read(f) for f in files])
     hi = t.column("hi").to_numpy()
     lo = t.column("lo").to_numpy()
     doc = t.column("doc").to_numpy()
@@ -200,13 +198,12 @@ def bucket_task(item: dict) -> dict:
     start = np.where(~same, np.arange(len(doc)), 0)
     np.maximum.accumulate(start, out=start)
     dups, first = doc[same], doc[start[same]]
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    pq.write_table(pa.table({"doc": dups, "first": first}, schema=_DUP_SCHEMA), out)
+    spill_write(pa.table({"doc": dups, "first": first}, schema=_DUP_SCHEMA), out)
     return {"path": out, "dups": int(len(dups))}
 
 
 def _read_dups(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    tabs = [pq.read_table(p) for p in paths if p]
+    tabs = [spill_read(p) for p in paths if p]
     if not tabs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     t = pa.concat_tables(tabs)
@@ -261,7 +258,7 @@ class ExactDedup(GlobalStage):
 
         def buckets_of(kind: str, exclude=None) -> list[dict]:
             return [{"files": [r["files"][kind][b] for r in results], "exclude": exclude,
-                     "out": os.path.join(work, "dups", f"{kind}-{b:04d}.parquet")} for b in range(nb)]
+                     "out": spill_join(work, "dups", f"{kind}-{b:04d}.parquet")} for b in range(nb)]
 
         # 2a. URL duplicates, then 2b. text duplicates among the survivors
         url_doc = url_first = np.zeros(0, np.int64)
@@ -301,7 +298,7 @@ class ExactDedup(GlobalStage):
                             np.where(kinds[sel] == 0, "duplicate_url", "duplicate_text").tolist(), pa.string()))
                         d = d.append_column("duplicate_of", first_ids.slice(lo_i + a, b - a))
                         self.side("dropped", d)
-        shutil.rmtree(work, ignore_errors=True)
+        spill_rmtree(work)
 
     @staticmethod
     def _ids_of(dataset: Any, docs: np.ndarray) -> pa.Array:

@@ -31,8 +31,6 @@ Counters: ``minhash_dedup/clusters``, ``minhash_dedup/docs_in_clusters``, ``minh
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from typing import Any, Literal
 
@@ -43,6 +41,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
 from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
+from curate.pipeline.scratch import spill_join, spill_read, spill_rmtree, spill_write, spill_writer
 from curate.pipeline.tables import require_column, set_column
 
 log = logging.getLogger("curate")
@@ -198,10 +197,10 @@ def signature_task(item: dict) -> dict:
     nparts = cfg["key_partitions"]
     buckets = bands * nparts  # shuffle bucket = (band, key % nparts)
     writers: list[pq.ParquetWriter | None] = [None] * buckets
-    key_files = [os.path.join(work, "keys", f"bucket-{k:05d}", f"part-{part:05d}.parquet") for k in range(buckets)]
+    key_files = [spill_join(work, "keys", f"bucket-{k:05d}", f"part-{part:05d}.parquet") for k in range(buckets)]
     key_schema = pa.schema([("key", pa.uint64()), ("doc", pa.int64())])
     sig_writer = None
-    sig_file = os.path.join(work, "signatures", f"part-{part:05d}.parquet")
+    sig_file = spill_join(work, "signatures", f"part-{part:05d}.parquet")
     values: list[np.ndarray] = []
     n = 0
     try:
@@ -230,15 +229,13 @@ def signature_task(item: dict) -> dict:
                         tb = pa.table({"key": pa.array(kb[sel]), "doc": pa.array(docs[sel])}, schema=key_schema)
                     k = bd * nparts + kp
                     if writers[k] is None:
-                        os.makedirs(os.path.dirname(key_files[k]), exist_ok=True)
-                        writers[k] = pq.ParquetWriter(key_files[k], key_schema, **SPILL_OPTS)
+                        writers[k] = spill_writer(key_files[k], key_schema, **SPILL_OPTS)
                     writers[k].write_table(tb)
             if cfg["save_signatures"]:
                 flat = pa.array(sig.reshape(-1), pa.uint32())
                 tb = pa.table({"doc": pa.array(rows_idx), "signature": pa.FixedSizeListArray.from_arrays(flat, sig.shape[1])})
                 if sig_writer is None:
-                    os.makedirs(os.path.dirname(sig_file), exist_ok=True)
-                    sig_writer = pq.ParquetWriter(sig_file, tb.schema, **SPILL_OPTS)
+                    sig_writer = spill_writer(sig_file, tb.schema, **SPILL_OPTS)
                 sig_writer.write_table(tb)
             if cfg["keep"] == "longest":
                 values.append(pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False).astype(np.float64))
@@ -266,8 +263,7 @@ def edges_task(item: dict) -> dict:
     from curate.dedup.components import EDGE_SCHEMA, band_edges
 
     a, b = band_edges(item["files"], item["offsets"], item["all_pairs_max"])
-    os.makedirs(os.path.dirname(item["out"]), exist_ok=True)
-    pq.write_table(pa.table({"a": a, "b": b}, schema=EDGE_SCHEMA), item["out"], **SPILL_OPTS)
+    spill_write(pa.table({"a": a, "b": b}, schema=EDGE_SCHEMA), item["out"], **SPILL_OPTS)
     return {"band": item["band"], "edges": int(len(a)), "path": item["out"]}
 
 
@@ -371,7 +367,7 @@ class MinhashDedup(GlobalStage):
         np.cumsum(part_rows, out=offsets[1:])
         total = int(offsets[-1])
         if total == 0:
-            shutil.rmtree(work, ignore_errors=True)
+            spill_rmtree(work)
             self._write_all(dataset, writer, None)
             return
         values = None
@@ -383,7 +379,7 @@ class MinhashDedup(GlobalStage):
         # 2. band keys -> candidate edges (per shuffle bucket)
         edge_items = [{"band": k, "files": [r["key_files"][k] for r in results if r["key_files"][k]],
                        "offsets": offsets[:-1], "all_pairs_max": c.verify_all_pairs_max if c.verify else 0,
-                       "out": os.path.join(work, "edges", f"bucket-{k:05d}.parquet")}
+                       "out": spill_join(work, "edges", f"bucket-{k:05d}.parquet")}
                       for k in range(bands * cfg["key_partitions"])]
         edge_files = []
         n_edges = 0
@@ -391,7 +387,7 @@ class MinhashDedup(GlobalStage):
             edge_files.append(res["path"])
             n_edges += res["edges"]
         self.count("minhash_dedup/candidate_edges", n_edges)
-        shutil.rmtree(os.path.join(work, "keys"), ignore_errors=True)
+        spill_rmtree(spill_join(work, "keys"))
 
         lap("edges")
 
@@ -421,9 +417,9 @@ class MinhashDedup(GlobalStage):
         lap("write")
         log.info("%s: phases (s) %s", self.step_name, self.phase_seconds)
         if not c.save_signatures:
-            shutil.rmtree(work, ignore_errors=True)
+            spill_rmtree(work)
         else:
-            shutil.rmtree(os.path.join(work, "edges"), ignore_errors=True)
+            spill_rmtree(spill_join(work, "edges"))
 
     def _verify_and_union(self, uf: Any, edge_files: list[str], items: list[dict],
                           offsets: np.ndarray, ctx: Any) -> None:
@@ -433,7 +429,7 @@ class MinhashDedup(GlobalStage):
 
         c = self.config
         thr = c.verify_threshold or c.threshold or 0.8
-        tables = [pq.read_table(f) for f in edge_files]
+        tables = [spill_read(f) for f in edge_files]
         a = np.concatenate([t.column("a").to_numpy() for t in tables])
         b = np.concatenate([t.column("b").to_numpy() for t in tables])
         del tables
