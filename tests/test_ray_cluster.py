@@ -47,6 +47,7 @@ def s3_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    s3fs.S3FileSystem.clear_instance_cache()   # cached clients point at this server
     server.stop()
 
 
