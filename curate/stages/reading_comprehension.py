@@ -200,7 +200,7 @@ _ABBREV = {
     "nov", "dec", "u.s", "u.k", "ref", "refs", "cf", "resp", "gen", "gov", "rev", "art", "ed", "eds",
 }
 _BOUNDARY = re.compile(r"""(?:[.!?]+["'”’)\]]*\s+(?=["'“‘(\[]?[A-Z0-9]))|(?:\n[ \t]*\n\s*)""")
-_LAST_WORD = re.compile(r"([A-Za-z][A-Za-z.]*)\.$")
+_LAST_WORD = re.compile(r"(\S+)\.$")
 
 
 def split_sentences(text: str) -> list[str]:
@@ -211,8 +211,8 @@ def split_sentences(text: str) -> list[str]:
         if text[m.start()] == "." and text[m.start() + 1: m.start() + 2] != ".":
             w = _LAST_WORD.search(text, max(start, m.start() - 16), m.start() + 1)
             if w is not None:
-                word = w.group(1).lower()
-                if len(word) == 1 or word in _ABBREV:
+                word = w.group(1).lstrip("([{\"'“‘").lower()
+                if (len(word) == 1 and word.isalpha()) or word in _ABBREV:
                     continue
         if m.end() > start:
             out.append(text[start:m.end()])
@@ -325,11 +325,13 @@ def train_domain_tokenizer(texts, out_prefix: str, vocab_size: int, max_sentence
         n = 0
         for t in texts:
             for line in (t or "").splitlines():
-                if line.strip():
-                    yield line
-                    n += 1
-                    if n >= max_sentences:
-                        return
+                # SentencePiece skips lines over 4,192 bytes: give long lines sentence by sentence
+                for piece in (split_sentences(line) if len(line) > 2000 else [line]):
+                    if piece.strip():
+                        yield piece.strip()
+                        n += 1
+                        if n >= max_sentences:
+                            return
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines(), model_prefix=out_prefix, vocab_size=vocab_size, model_type="unigram",
