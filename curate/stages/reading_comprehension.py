@@ -135,6 +135,16 @@ class Miner:
         # one scan for the phrases every definition (group 1) or topic (group 2) match contains
         self.gate = re.compile(r"(defined as|definition is)|(about|topic is)", flags)
         self.ws = re.compile(r"\s*")
+        # which pair patterns can use a spot, by its connective (lowercased); others: try all
+        self.by_connective: dict[str, list[str]] = {}
+        for name, words in (("entail", ENTAIL), ("contradict", CONTRADICT), ("neutral", NEUTRAL),
+                            ("cause_effect", CAUSE_EFFECT), ("effect_cause", EFFECT_CAUSE),
+                            ("similar", SIMILAR), ("different", CONTRADICT)):
+            for w in words:
+                if w != "i.e.":
+                    self.by_connective.setdefault(w.lower(), []).append(name)
+        # "in other word" is a prefix of "in other words": the spot names the longer one
+        self.by_connective["in other word"] = ["similar"]
 
     def mine(self, text: str) -> dict[str, list[tuple[str, str, str]]]:
         out: dict[str, list[tuple[str, str, str]]] = {k: [] for k in SUBTYPES if k != "keywords"}
@@ -146,7 +156,10 @@ class Miner:
                 if window is None:
                     continue
                 lo, hi = window
-                for name in PAIR_SUBTYPES:
+                # no connective of one list is a prefix of one of another list, so the connective
+                # the spot found tells which patterns can match here (unknown text: "i.e." or a
+                # special case-folded character: try them all)
+                for name in self.by_connective.get(m.group(1).lower(), PAIR_SUBTYPES):
                     start = max(lo, pos[name])
                     if start >= hi:
                         continue
@@ -199,13 +212,14 @@ _ABBREV = {
     "corp", "dept", "est", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct",
     "nov", "dec", "u.s", "u.k", "ref", "refs", "cf", "resp", "gen", "gov", "rev", "art", "ed", "eds",
 }
-_BOUNDARY = re.compile(r"""(?:[.!?]+["'”’)\]]*\s+(?=["'“‘(\[]?[A-Z0-9]))|(?:\n[ \t]*\n\s*)""")
+# a run of end marks (+ closing quotes) and space before a capital, digit or opening quote; or a
+# blank line. Written to start with one character class, which the regex engine scans for quickly.
+_BOUNDARY = re.compile(r"""[.!?\n](?:(?<=[.!?])[.!?]*["'”’)\]]*\s+(?=["'“‘(\[]?[A-Z0-9])|(?<=\n)[ \t]*\n\s*)""")
 _LAST_WORD = re.compile(r"(\S+)\.$")
 
 
-def split_sentences(text: str) -> list[str]:
-    """Sentences with their trailing whitespace: ``"".join(split_sentences(t)) == t``."""
-    out: list[str] = []
+def _sentence_ends(text: str):
+    """End offsets (after the trailing space) of the sentences of ``text`` but the last."""
     start = 0
     for m in _BOUNDARY.finditer(text):
         if text[m.start()] == "." and text[m.start() + 1: m.start() + 2] != ".":
@@ -214,12 +228,32 @@ def split_sentences(text: str) -> list[str]:
                 word = w.group(1).lstrip("([{\"'“‘").lower()
                 if (len(word) == 1 and word.isalpha()) or word in _ABBREV:
                     continue
-        if m.end() > start:
-            out.append(text[start:m.end()])
-            start = m.end()
+        if not text[start:m.start() + 1].strip():
+            continue  # nothing but space so far: it belongs to the next sentence
+        yield m.end()
+        start = m.end()
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences with their trailing whitespace: ``"".join(split_sentences(t)) == t``."""
+    out: list[str] = []
+    start = 0
+    for end in _sentence_ends(text):
+        out.append(text[start:end])
+        start = end
     if start < len(text):
-        out.append(text[start:])
+        if text[start:].strip() or not out:
+            out.append(text[start:])
+        else:
+            out[-1] += text[start:]
     return out
+
+
+def has_two_sentences(text: str) -> bool:
+    """``len(split_sentences(text)) >= 2`` without splitting the whole text."""
+    for end in _sentence_ends(text):
+        return bool(text[end:].strip())
+    return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +316,11 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-_SPACES = re.compile(r"[ ]{2,}")
+def _one_space(s: str) -> str:
+    """Runs of spaces become one space (the reference's last step)."""
+    while "  " in s:
+        s = s.replace("  ", " ")
+    return s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,6 +348,17 @@ class KeywordOptions(BaseModel):
         if (self.domain_tokenizer is None) == (self.train_from is None):
             raise ValueError("give exactly one of domain_tokenizer and train_from")
         return self
+
+
+def _splits_on_whitespace(model_path: str) -> bool:
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        m = pb.ModelProto()
+        with open(model_path, "rb") as fh:
+            m.ParseFromString(fh.read())
+        return bool(m.trainer_spec.split_by_whitespace) and not m.trainer_spec.treat_whitespace_as_suffix
+    except Exception:  # noqa: BLE001 - unknown layout: encode every sentence (always correct)
+        return False
 
 
 def train_domain_tokenizer(texts, out_prefix: str, vocab_size: int, max_sentences: int) -> str:
@@ -353,6 +402,23 @@ class KeywordMiner:
         self.opts = opts
         self.specific = {p for p in self.domain.vocab() - general_vocab
                          if p.startswith("▁") and len(p) >= opts.min_piece_chars}
+        # Skip encoding sentences that cannot qualify: when the model splits on whitespace, a
+        # word-initial piece "▁abc" can only come from a whitespace-separated word starting with
+        # "abc" (for ASCII text, which normalisation leaves as it is); a sentence needs
+        # `min_keywords` distinct such words.
+        self.word_chars = opts.min_piece_chars - 1 if _splits_on_whitespace(domain_model) else None
+        self.specific_words = {p[1:] for p in self.specific}
+        self.longest = max((len(w) for w in self.specific_words), default=0)
+
+    def _candidate_words(self, sentence: str) -> int:
+        n, lo, words = 0, self.word_chars, self.specific_words
+        for w in set(sentence.split()):
+            if len(w) >= lo:
+                for k in range(lo, min(len(w), self.longest) + 1):
+                    if w[:k] in words:
+                        n += 1
+                        break
+        return n
 
     def mine(self, sentences: list[str], rng: random.Random) -> list[tuple[list[str], str]]:
         order = list(range(len(sentences)))
@@ -361,6 +427,9 @@ class KeywordMiner:
         for i in order:
             if len(found) >= self.opts.max_sentences:
                 break
+            if self.word_chars is not None and sentences[i].isascii():
+                if self._candidate_words(sentences[i]) < self.opts.min_keywords:
+                    continue
             pieces = self.domain.encode_pieces(sentences[i])
             distinct = set(pieces)
             if len(distinct) > self.opts.max_sentence_pieces:
@@ -527,8 +596,9 @@ class ReadingComprehension(MapStage):
         title, body = self.split(text, title)
         body = self.cutter.truncate(body, self.cut_n)
         mined: dict[str, list] = self.miner.mine(body)
-        sents = split_sentences(body)
+        sents = None  # split only when needed (keywords, a completion cut)
         if self.keywords is not None:
+            sents = split_sentences(body)
             mined["keywords"] = self.keywords.mine(sents, rng)
         else:
             mined["keywords"] = []
@@ -554,7 +624,8 @@ class ReadingComprehension(MapStage):
             tasks = intro + "\n\n".join(blocks)
         else:
             tasks = ""
-        has_title, has_sents = title is not None, len(sents) >= 2
+        has_title = title is not None
+        has_sents = len(sents) >= 2 if sents is not None else has_two_sentences(body)
         key = ("title_and_sentences" if has_title and has_sents else "title_only" if has_title
                else "sentences_only" if has_sents else None)
         if key is None:
@@ -564,6 +635,7 @@ class ReadingComprehension(MapStage):
             wrap = rng.choices(names, weights)[0]
         template = rng.choice(doc_t[wrap])
         if wrap in ("completion", "summarize_completion"):
+            sents = sents if sents is not None else split_sentences(body)
             cut = rng.randint(1, len(sents) - 1)
             first = "".join(sents[:cut]).strip()
             if wrap == "completion" and title is not None:
@@ -575,7 +647,7 @@ class ReadingComprehension(MapStage):
         else:
             head = title + "\n" if title is not None else ""
             out = template.format(text=head + body.strip(), domain=domain, tasks=tasks)
-        return _SPACES.sub(" ", out), raw, used, wrap
+        return _one_space(out), raw, used, wrap
 
     def _example(self, family: str, sub: str, item, rng: random.Random) -> str:
         t = self.t[family]

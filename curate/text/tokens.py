@@ -16,7 +16,10 @@ import os
 import re
 from functools import lru_cache
 
-_WS_WORD = re.compile(r"\S+")
+@lru_cache(maxsize=32)
+def _first_words(n: int) -> re.Pattern:
+    """Matches leading space and the first ``n`` words (no match: the text has fewer)."""
+    return re.compile(r"\s*(?:\S+\s+){%d}\S+" % (n - 1))
 
 
 class TokenizerError(ValueError):
@@ -50,13 +53,8 @@ class WhitespaceTokenizer(Tokenizer):
     def truncate(self, text: str, n: int) -> str:
         if n <= 0:
             return ""
-        # cheap exit: fewer than n+1 whitespace runs means at most n words
-        if text.count(" ") + text.count("\n") + text.count("\t") < n:
-            return text
-        for i, m in enumerate(_WS_WORD.finditer(text)):
-            if i == n - 1:
-                return text[: m.end()]
-        return text
+        m = _first_words(n).match(text)
+        return text[: m.end()] if m is not None else text
 
 
 class SentencePieceTokenizer(Tokenizer):
