@@ -91,6 +91,9 @@ FAMILIES = {"nli": ["entail", "contradict", "neutral"], "cause_effect": ["cause_
 PAIR_SUBTYPES = ["entail", "contradict", "neutral", "cause_effect", "effect_cause", "similar", "different"]
 
 
+_ODD_FOLDS = re.compile("[\u0130\u0131\u017f]")
+
+
 def _alt(words: list[str], literal: bool = True) -> str:
     return "|".join(re.escape(w) if literal else w for w in words)
 
@@ -132,7 +135,7 @@ class Miner:
             rf"\s+([^.!?,;\s\"]{{10,}})\s+({_alt(DEFINITION)})\s+([^.!?\n]{{20,}}[.!?]+)\s+", flags)
         self.topic = re.compile(
             rf"[.!?]+\s+([^.!?,;\n]{{20,}})\s+({_alt(TOPIC)})\s+([^.!?\n]{{20,}}[.!?]+)\s+", flags)
-        # one scan for the phrases every definition (group 1) or topic (group 2) match contains
+        # the phrases every definition (group 1) or topic (group 2) match contains
         self.gate = re.compile(r"(defined as|definition is)|(about|topic is)", flags)
         self.ws = re.compile(r"\s*")
         # which pair patterns can use a spot, by its connective (lowercased); others: try all
@@ -167,22 +170,78 @@ class Miner:
                     if hit is not None:
                         out[name].append(hit.groups())
                         pos[name] = hit.end()
-        definition, pos = False, 0
-        for g in self.gate.finditer(text):
-            if g.group(1) is not None:
-                definition = True
+        definitions, topics = self._gate(text)
+        pos = 0
+        for start, end in definitions:
+            # the connective ("is defined as" / "'s definition is") starts 3 characters earlier
+            window = self._definition_window(text, start - 3, end)
+            if window is None or max(window[0], pos) >= window[1]:
                 continue
+            hit = self.definition.search(text, max(window[0], pos), window[1])
+            if hit is not None:
+                out["definition"].append(hit.groups())
+                pos = hit.end()
+        pos = 0
+        for start, end in topics:
             # a topic match holds no end mark before its second sentence: same windows as pairs
-            window = self._window(text, g.start(), g.end())
+            window = self._window(text, start, end)
             if window is None or max(window[0], pos) >= window[1]:
                 continue
             hit = self.topic.search(text, max(window[0], pos), window[1])
             if hit is not None:
                 out["topic"].append(hit.groups())
                 pos = hit.end()
-        if definition:
-            out["definition"] = self.definition.findall(text)
         return out
+
+    def _definition_window(self, text: str, conn: int, conn_end: int) -> tuple[int, int] | None:
+        """A definition match is ``space word space connective space sentence marks space``: it
+        starts where the space before the word before the connective starts."""
+        if conn < 2:
+            return None
+        k = conn
+        while k > 0 and text[k - 1].isspace():
+            k -= 1
+        if k == conn:
+            return None
+        while k > 0 and not text[k - 1].isspace():
+            k -= 1
+        if k == 0:
+            return None
+        while k > 0 and text[k - 1].isspace():
+            k -= 1
+        e = [i for i in (text.find(".", conn_end), text.find("!", conn_end), text.find("?", conn_end))
+             if i >= 0]
+        if not e:
+            return None
+        e = min(e)
+        while e < len(text) and text[e] in ".!?":
+            e += 1
+        return k, self.ws.match(text, e).end()
+
+    def _gate(self, text: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Spans of the phrases every definition match ("defined as", "definition is") and every
+        topic match ("about", "topic is") contains, in text order.
+
+        A case-insensitive regex scan of literals is slow in Python's engine; ``str.lower`` and
+        ``str.find`` are fast and agree with it for these words, unless the text has one of the
+        few characters that fold to ``i`` or ``s`` under ``re.IGNORECASE`` but not under
+        ``lower()`` (İ, ı, ſ): then the regex is used."""
+        if _ODD_FOLDS.search(text):
+            definitions, topics = [], []
+            for g in self.gate.finditer(text):
+                (definitions if g.group(1) is not None else topics).append(g.span())
+            return definitions, topics
+        low = text.lower()
+        out = []
+        for words in (("defined as", "definition is"), ("about", "topic is")):
+            spans = []
+            for word in words:
+                i = low.find(word)
+                while i >= 0:
+                    spans.append((i, i + len(word)))
+                    i = low.find(word, i + len(word))
+            out.append(sorted(spans))
+        return out[0], out[1]
 
     def _window(self, text: str, mark: int, conn_end: int) -> tuple[int, int] | None:
         q = mark  # first mark of the run that ends at `mark`
@@ -215,19 +274,19 @@ _ABBREV = {
 # a run of end marks (+ closing quotes) and space before a capital, digit or opening quote; or a
 # blank line. Written to start with one character class, which the regex engine scans for quickly.
 _BOUNDARY = re.compile(r"""[.!?\n](?:(?<=[.!?])[.!?]*["'”’)\]]*\s+(?=["'“‘(\[]?[A-Z0-9])|(?<=\n)[ \t]*\n\s*)""")
-_LAST_WORD = re.compile(r"(\S+)\.$")
 
 
 def _sentence_ends(text: str):
     """End offsets (after the trailing space) of the sentences of ``text`` but the last."""
     start = 0
     for m in _BOUNDARY.finditer(text):
-        if text[m.start()] == "." and text[m.start() + 1: m.start() + 2] != ".":
-            w = _LAST_WORD.search(text, max(start, m.start() - 16), m.start() + 1)
-            if w is not None:
-                word = w.group(1).lstrip("([{\"'“‘").lower()
-                if (len(word) == 1 and word.isalpha()) or word in _ABBREV:
-                    continue
+        i = m.start()
+        if text[i] == "." and text[i + 1: i + 2] != ".":
+            lo = max(start, i - 16)
+            k = max(text.rfind(" ", lo, i), text.rfind("\n", lo, i), text.rfind("\t", lo, i)) + 1
+            word = text[max(k, lo):i].lstrip("([{\"'“‘").lower()
+            if (len(word) == 1 and word.isalpha()) or word in _ABBREV:
+                continue
         if not text[start:m.start() + 1].strip():
             continue  # nothing but space so far: it belongs to the next sentence
         yield m.end()
