@@ -409,13 +409,20 @@ class KeywordOptions(BaseModel):
         return self
 
 
-def _splits_on_whitespace(model_path: str) -> bool:
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _word_local(model_path: str) -> bool:
+    """Does the model segment each whitespace-separated word on its own (split on whitespace, one
+    ``▁`` per word, runs of spaces collapsed)? Then a sentence's pieces are its words' pieces."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
         m = pb.ModelProto()
         with open(model_path, "rb") as fh:
             m.ParseFromString(fh.read())
-        return bool(m.trainer_spec.split_by_whitespace) and not m.trainer_spec.treat_whitespace_as_suffix
+        t, n = m.trainer_spec, m.normalizer_spec
+        return (bool(t.split_by_whitespace) and not t.treat_whitespace_as_suffix
+                and n.add_dummy_prefix and n.remove_extra_whitespaces)
     except Exception:  # noqa: BLE001 - unknown layout: encode every sentence (always correct)
         return False
 
@@ -461,23 +468,26 @@ class KeywordMiner:
         self.opts = opts
         self.specific = {p for p in self.domain.vocab() - general_vocab
                          if p.startswith("▁") and len(p) >= opts.min_piece_chars}
-        # Skip encoding sentences that cannot qualify: when the model splits on whitespace, a
-        # word-initial piece "▁abc" can only come from a whitespace-separated word starting with
-        # "abc" (for ASCII text, which normalisation leaves as it is); a sentence needs
-        # `min_keywords` distinct such words.
-        self.word_chars = opts.min_piece_chars - 1 if _splits_on_whitespace(domain_model) else None
-        self.specific_words = {p[1:] for p in self.specific}
-        self.longest = max((len(w) for w in self.specific_words), default=0)
+        self.word_local = _word_local(domain_model)
+        self._word_pieces: dict[str, str] = {}
+        self.min_word = opts.min_piece_chars - 1   # "▁" + k characters come from a word of >= k
 
-    def _candidate_words(self, sentence: str) -> int:
-        n, lo, words = 0, self.word_chars, self.specific_words
-        for w in set(sentence.split()):
-            if len(w) >= lo:
-                for k in range(lo, min(len(w), self.longest) + 1):
-                    if w[:k] in words:
-                        n += 1
-                        break
-        return n
+    def _first_pieces(self, sentence: str) -> set[str]:
+        """The word-initial pieces of a plain-ASCII sentence, word by word: the model normalises
+        nothing in such text and segments each whitespace-separated word on its own (words are
+        cached: most recur across documents). Only words as long as a specific piece matter."""
+        cache, out, lo = self._word_pieces, set(), self.min_word
+        for w in sentence.split():
+            if len(w) < lo:
+                continue
+            piece = cache.get(w)
+            if piece is None:
+                if len(cache) > 500_000:
+                    cache.clear()
+                pieces = self.domain.encode_pieces(w)
+                piece = cache[w] = pieces[0] if pieces else ""
+            out.add(piece)
+        return out
 
     def mine(self, sentences: list[str], rng: random.Random) -> list[tuple[list[str], str]]:
         order = list(range(len(sentences)))
@@ -486,10 +496,13 @@ class KeywordMiner:
         for i in order:
             if len(found) >= self.opts.max_sentences:
                 break
-            if self.word_chars is not None and sentences[i].isascii():
-                if self._candidate_words(sentences[i]) < self.opts.min_keywords:
+            sent = sentences[i]
+            if self.word_local and sent.isascii() and not _CONTROL.search(sent):
+                # a cheap pre-check from cached word pieces; the sentence itself is encoded only
+                # when it passes (pieces of a run of equal characters may tie and differ by context)
+                if len(self.specific.intersection(self._first_pieces(sent))) < self.opts.min_keywords:
                     continue
-            pieces = self.domain.encode_pieces(sentences[i])
+            pieces = self.domain.encode_pieces(sent)
             distinct = set(pieces)
             if len(distinct) > self.opts.max_sentence_pieces:
                 continue

@@ -68,6 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
                                  "pip install 'curate[rc]'") from None
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=path)
+        self._chars_per_token = 4.0
 
     def count(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.sp.encode(list(texts))] if texts else []
@@ -77,13 +78,15 @@ class SentencePieceTokenizer(Tokenizer):
         its bodies. Only a prefix is encoded: SentencePiece splits on spaces before it segments
         (``split_by_whitespace``), so the pieces of a prefix that ends just before a space are the
         pieces of the whole text up to there."""
-        size = max(64, n * 5)
+        # prefix size from the characters per token seen last time (+25%), doubled if short
+        size = max(64, int(n * self._chars_per_token * 1.25))
         while size < len(text):
             cut = text.find(" ", size)
             if cut < 0:
                 break
             ids = self.sp.encode(text[:cut])
             if len(ids) > n:
+                self._chars_per_token = min(8.0, max(1.0, cut / len(ids)))
                 return self.sp.decode(ids[:n])
             size *= 2
         ids = self.sp.encode(text)
