@@ -595,7 +595,8 @@ class ReadingComprehension(MapStage):
             self.cutter = load_tokenizer(c.tokenizer)
         except (TokenizerError, OSError, RuntimeError) as exc:
             raise StageError(f"reading_comprehension: tokenizer: {exc}") from None
-        self.cut_n = c.max_body_tokens if c.tokenizer else max(1, int(c.max_body_tokens * c.words_per_token))
+        by_words = c.tokenizer in (None, "whitespace")
+        self.cut_n = max(1, int(c.max_body_tokens * c.words_per_token)) if by_words else c.max_body_tokens
         self.keywords = None
         if c.keywords is not None:
             model = c.keywords.domain_tokenizer or self._trained_domain_model()
