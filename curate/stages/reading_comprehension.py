@@ -209,14 +209,8 @@ class Miner:
             return None
         while k > 0 and text[k - 1].isspace():
             k -= 1
-        e = [i for i in (text.find(".", conn_end), text.find("!", conn_end), text.find("?", conn_end))
-             if i >= 0]
-        if not e:
-            return None
-        e = min(e)
-        while e < len(text) and text[e] in ".!?":
-            e += 1
-        return k, self.ws.match(text, e).end()
+        hi = self._sentence_end(text, conn_end)
+        return None if hi is None else (k, hi)
 
     def _gate(self, text: str) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Spans of the phrases every definition match ("defined as", "definition is") and every
@@ -252,14 +246,19 @@ class Miner:
             return None  # no end mark before the first sentence: no match can use this spot
         while p > 0 and text[p - 1] in ".!?":
             p -= 1
-        e = [i for i in (text.find(".", conn_end), text.find("!", conn_end), text.find("?", conn_end))
-             if i >= 0]
+        hi = self._sentence_end(text, conn_end)
+        return None if hi is None else (p, hi)
+
+    def _sentence_end(self, text: str, pos: int) -> int | None:
+        """End of the whitespace after the first run of end marks at or after ``pos``: where a
+        match whose last sentence starts after ``pos`` must end (its sentence holds no mark)."""
+        e = [i for i in (text.find(".", pos), text.find("!", pos), text.find("?", pos)) if i >= 0]
         if not e:
             return None
         e = min(e)
         while e < len(text) and text[e] in ".!?":
             e += 1
-        return p, self.ws.match(text, e).end()
+        return self.ws.match(text, e).end()
 
 
 # --------------------------------------------------------------------------------------------------
