@@ -54,7 +54,9 @@ class WhitespaceTokenizer(Tokenizer):
         if n <= 0:
             return ""
         m = _first_words(n).match(text)
-        return text[: m.end()] if m is not None else text
+        if m is None or m.end() == len(text) or text[m.end():].isspace():
+            return text  # at most n words
+        return text[: m.end()]
 
 
 class SentencePieceTokenizer(Tokenizer):
