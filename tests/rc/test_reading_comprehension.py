@@ -332,3 +332,25 @@ def test_keywords_with_trained_domain_tokenizer(tmp_path):
         listed = [m for m in re.findall(r"\b[a-z]{10,}(?:, [a-z]{10,}){2}\b", r)]
         assert listed and all(set(m.split(", ")) <= set(TERMS) for m in listed), r
     assert os.path.exists(glob.glob(str(tmp_path / "work" / "domain-*.model"))[0])
+
+
+def test_same_bytes_under_another_python_hash_seed():
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib, pyarrow as pa, sys; sys.path.insert(0, 'tests/rc');"
+            "from test_reading_comprehension import _doc;"
+            "from curate.stages.reading_comprehension import ReadingComprehension as R;"
+            "t = pa.table({'id': [f'd{i}' for i in range(30)], 'text': [_doc(i, 3) for i in range(30)]});"
+            "print(hashlib.sha256('\\x00'.join(R(domain='x')(t).column('text').to_pylist()).encode()).hexdigest())")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    digests = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests.add(r.stdout.strip())
+    t = pa.table({"id": [f"d{i}" for i in range(30)], "text": [_doc(i, 3) for i in range(30)]})
+    here = hashlib.sha256("\x00".join(ReadingComprehension(domain="x")(t).column("text").to_pylist()).encode()).hexdigest()
+    assert digests == {here}
