@@ -15,8 +15,11 @@ from typing import Any, Callable, Iterable, Iterator
 class RunContext:
     def __init__(self, workdir: str, workers: int = 1, executor: Executor | None = None,
                  mapper: Callable[[Callable, list], Iterator] | None = None,
-                 progress: Callable[[int], None] | None = None, scratch_root: str | None = None):
+                 progress: Callable[[int], None] | None = None, scratch_root: str | None = None,
+                 inputs: dict[str, list[str]] | None = None):
         self.workdir = workdir
+        # the files of each input step, for stages that treat their inputs differently (mix)
+        self.inputs = inputs
         # where spill files go: under the output location (a URL for object stores), so workers
         # on every node can read them; the local workdir for library calls
         self.scratch_root = scratch_root or workdir

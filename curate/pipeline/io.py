@@ -174,6 +174,10 @@ class Dataset:
         return cls(files=list_parquet(data))
 
     @property
+    def in_memory(self) -> bool:
+        return self._tables is not None
+
+    @property
     def num_parts(self) -> int:
         return len(self._tables) if self._tables is not None else len(self.files)
 

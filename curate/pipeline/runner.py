@@ -353,7 +353,8 @@ class Runner:
         os.makedirs(stage.workdir, exist_ok=True)
         bar = Progress(step.name, total=rows_in or None, enabled=self.progress_enabled)
         ctx = RunContext(stage.workdir, workers=self.workers, mapper=self._executor.map,
-                         progress=bar.update, scratch_root=self.layout.scratch_url(step.name))
+                         progress=bar.update, scratch_root=self.layout.scratch_url(step.name),
+                         inputs={inp: list(self.outputs[inp]) for inp in step.inputs})
         step_dir = self.layout.url_of(self.layout.step_dir(step.name))
         writer = ShardWriter(step_dir, prefix="part", rows_per_shard=self.spec.rows_per_shard)
         t0 = time.monotonic()

@@ -138,7 +138,7 @@ class Mix(GlobalStage):
             return {name: [(dataset, name)] for name in c.proportions}
         if hook:
             return {name: [(f, None) for f in files] for name, files in hook.items()}
-        if dataset._tables is not None:
+        if dataset.in_memory:
             raise StageError("mix: in-memory input: name each row's input with `input_column`, or call "
                              "Mix(...).mix({name: table, ...})")
         groups: dict[str, list] = {}
@@ -160,7 +160,7 @@ class Mix(GlobalStage):
         groups = {}
         for name, data in inputs.items():
             ds = Dataset.from_any(data)
-            groups[name] = [(ds._tables[i] if ds._tables is not None else ds.files[i], None)
+            groups[name] = [(ds.part_source(i), None)
                             for i in range(ds.num_parts)]
         writer = MemoryWriter()
         with tempfile.TemporaryDirectory(prefix="curate-mix-") as tmp:
