@@ -194,6 +194,9 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             problems.append((f"{where}: key 'stage'", str(exc.args[0])))
             previous = name
             continue
+        for missing in cls.missing_requirements():
+            problems.append((where, f"stage {s.stage!r} needs a module that cannot be imported: {missing} "
+                             "(reinstall curate so that its dependencies are complete)"))
         options = dict(s.options)
         eng = options.get("engine")
         if isinstance(eng, str):

@@ -187,6 +187,9 @@ class Stage:
     # modules a runner may import before forking workers, so that workers start warm (only modules
     # that start no threads at import: parsers, tokenizers; not torch or an engine)
     preload: ClassVar[tuple[str, ...]] = ()
+    # modules the stage cannot work without: imported when a pipeline is loaded (``curate validate``,
+    # the start of ``curate run``), so that a broken install fails once, at start, naming the module
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig | dict | None = None, **options: Any):
         if isinstance(config, StageConfig):
@@ -259,6 +262,19 @@ class Stage:
         """Problems found before any work starts, as (option key, message) pairs: missing input
         files, unreachable model paths... Called by ``curate validate`` and before ``curate run``."""
         return []
+
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """``requires`` modules that cannot be imported, as "module: reason" lines."""
+        import importlib
+
+        out = []
+        for mod in cls.requires:
+            try:
+                importlib.import_module(mod)
+            except ImportError as exc:
+                out.append(f"{mod}: {exc}")
+        return out
 
     def fingerprint_extra(self) -> str:
         """Anything beyond the options that should invalidate finished outputs when it changes

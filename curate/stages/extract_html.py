@@ -163,6 +163,8 @@ class ExtractHtml(FilterStage):
 
     name = "extract_html"
     preload = ("trafilatura",)
+    # jusText (inside trafilatura) imports lxml.html.clean, a separate package since lxml 5.2
+    requires = ("trafilatura", "lxml.html.clean")
     Config = ExtractHtmlConfig
     reads = ("{html_column}",)
     writes = {"text": pa.string(), "title": pa.string(), "date": pa.string(), "metadata": pa.string()}
