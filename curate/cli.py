@@ -44,6 +44,16 @@ def _load_or_exit(file: str, overrides: dict | None = None):
         sys.exit(2)
 
 
+def _output_or_exit(pipe) -> None:
+    """Exit 2 with one line when the pipeline's output cannot be created or written."""
+    from curate.pipeline.output_check import output_problem
+
+    problem = output_problem(pipe.output)
+    if problem:
+        click.echo(f"error: {pipe.path}: {problem}", err=True)
+        sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="curate")
 def main() -> None:
@@ -66,12 +76,18 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     _setup_logging(quiet)
     file = file or quickstart_path()
     pipe = _load_or_exit(file, {"runner": runner, "workers": workers, "output": output})
+    _output_or_exit(pipe)
     logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
                                      pipe.spec.runner)
     try:
         result = Runner(pipe, force=force, workers=workers, progress=not quiet).run()
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
+        from curate.pipeline.output_check import describe_os_error
+        msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)
+        click.echo(f"error: {msg}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
@@ -87,6 +103,7 @@ def validate(file: str) -> None:
     from curate.pipeline.runner import Segment, plan
 
     pipe = _load_or_exit(file)
+    _output_or_exit(pipe)
     click.echo(f"{file}: valid pipeline {pipe.spec.name!r}, {len(pipe.steps)} steps, output {pipe.output}")
     for item in plan(pipe):
         if isinstance(item, Segment):

@@ -44,3 +44,76 @@ def test_missing_required_module_fails_at_validate_with_the_module_named(tmp_pat
         assert r.exit_code == 2, r.output
         assert "lxml.html.clean" in r.output and "Traceback" not in r.output
     assert not os.path.exists(tmp_path / "out")  # nothing started
+
+
+# -- issue 13.1: an output location that cannot be written -------------------------------------------
+
+@pytest.fixture
+def locked_dir(tmp_path):
+    """``lock(path)`` makes a folder unwritable for this process (also for root: chattr +i) and
+    undoes it at the end of the test."""
+    locked: list[str] = []
+
+    def lock(path: str) -> str:
+        if os.geteuid() == 0:
+            r = subprocess.run(["chattr", "+i", path], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make a folder immutable here: {r.stderr.strip()}")
+        else:
+            os.chmod(path, 0o555)
+        locked.append(path)
+        return path
+
+    yield lock
+    for p in locked:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", p], check=False)
+        else:
+            os.chmod(p, 0o755)
+
+
+def small_pipeline(tmp_path, output: str) -> str:
+    if not (tmp_path / "in").exists():
+        write_corpus(str(tmp_path / "in"), files=1, rows=20)
+    return write_yaml(str(tmp_path / "p.yaml"), {
+        "name": "t", "output": output, "workers": 1, "plugins": ["runner_stages"],
+        "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+        "stages": [{"stage": "word_count"}]})
+
+
+def assert_one_line_error(r, code: int, *needles: str) -> None:
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.output
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("case", ["proc", "through_file", "read_only", "read_only_existing"])
+def test_unwritable_output_is_one_clear_line_at_validate_and_run(tmp_path, locked_dir, case):
+    if case == "proc":
+        out = "/proc/curate-out"
+    elif case == "through_file":
+        (tmp_path / "notes.txt").write_text("a file, not a folder")
+        out = str(tmp_path / "notes.txt" / "out")
+    elif case == "read_only":
+        os.mkdir(tmp_path / "ro")
+        out = str(tmp_path / "ro" / "out")
+        locked_dir(str(tmp_path / "ro"))
+    else:
+        os.mkdir(tmp_path / "ro")
+        out = locked_dir(str(tmp_path / "ro"))
+    p = small_pipeline(tmp_path, out)
+    needle = {"proc": "/proc", "through_file": "notes.txt"}.get(case, str(tmp_path / "ro"))
+    assert_one_line_error(cli("validate", p), 2, needle)
+    assert_one_line_error(cli("run", "-q", p), 2, needle)
+
+
+def test_force_on_a_step_folder_that_cannot_be_removed(tmp_path, locked_dir):
+    out = str(tmp_path / "out")
+    p = small_pipeline(tmp_path, out)
+    assert cli("run", "-q", p).exit_code == 0
+    locked_dir(os.path.join(out, "word_count"))
+    r = cli("run", "-q", "--force", p)
+    assert_one_line_error(r, 1, os.path.join(out, "word_count"), "cannot write the output")
