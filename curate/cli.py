@@ -146,15 +146,59 @@ def stages(name: str | None) -> None:
         click.echo(f"  {key}: {ann} ({default}){desc}")
 
 
+def _fused_into(path: str) -> tuple[str, str] | None:
+    """For ``<output>/<step>`` where ``step`` ran fused into a later step of its chain (consecutive
+    map steps run as one task; only the chain's last step writes shards): (the folder of that
+    step, a note saying so). None when ``path`` is not such a step."""
+    from curate.pipeline.config import ConfigError, load_pipeline
+    from curate.pipeline.io import get_fs, join
+    from curate.pipeline.runner import Segment, plan
+
+    fs, root = get_fs(path.rstrip("/"))
+    parent, step = root.rsplit("/", 1) if "/" in root else ("", root)
+    try:
+        with fs.open(join(parent, "_curate", "pipeline.json")) as f:
+            spec = json.load(f)
+        pipe = load_pipeline(spec, check=False)
+    except (OSError, ValueError, ConfigError):
+        return None
+    for item in plan(pipe):
+        if not isinstance(item, Segment) or item.target.name == step:
+            continue
+        names = ([item.source.name] if item.source else []) + [s.name for s in item.chain]
+        if step in names:
+            target = path.rstrip("/")[: -len(step)] + item.target.name
+            later = names[names.index(step) + 1:]
+            return target, (f"step {step!r} ran fused with {', '.join(later)} (consecutive steps run as one "
+                            f"task; only the last one writes shards): showing {target}, the output of the "
+                            f"chain. Add `save: true` to step {step!r} to keep its own output.")
+    return None
+
+
+def _empty_step(path: str) -> bool:
+    """``<output>/<step>`` of a finished step that wrote no shards (0 rows)."""
+    from curate.pipeline.io import get_fs, join
+
+    fs, root = get_fs(path.rstrip("/"))
+    parent, step = root.rsplit("/", 1) if "/" in root else ("", root)
+    try:
+        with fs.open(join(parent, "manifest.json")) as f:
+            shards = json.load(f)["steps"][step]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not shards
+
+
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
 def inspect(path: str, rows: int) -> None:
-    """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob)."""
+    """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob),
+    or an overview of a pipeline's output folder."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.pipeline.io import Dataset, get_fs, join
+    from curate.pipeline.io import list_parquet, get_fs, join, read_table
 
     fs, root = get_fs(path)
     manifest = join(root, "manifest.json")
@@ -165,18 +209,37 @@ def inspect(path: str, rows: int) -> None:
         for step, s in m["steps"].items():
             n = sum(sh["rows"] for sh in s["shards"])
             click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
-        click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step.")
+        click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step (a step fused into a "
+                   "later one shows that step's folder).")
         return
     try:
-        ds = Dataset.from_any(path)
+        files = list_parquet(path)
     except FileNotFoundError:
-        click.echo(f"error: {path}: not found", err=True)
-        sys.exit(2)
-    if not ds.files:
+        files = None
+    if not files:
+        fused = _fused_into(path)
+        if fused is not None:
+            path, note = fused
+            click.echo(f"note: {note}\n")
+            files = list_parquet(path) if fs.exists(get_fs(path)[1]) else []
+        elif _empty_step(path):
+            click.echo(f"{path}: 0 rows (the step kept no rows and wrote no shards; see stats.json for why)")
+            return
+        elif files is None:
+            click.echo(f"error: {path}: not found", err=True)
+            sys.exit(2)
+    if not files:
         click.echo(f"{path}: no Parquet files")
         return
-    table = ds.to_table()
-    click.echo(f"{path}: {len(ds.files)} files, {table.num_rows:,} rows\n\nschema:")
+    parts = []
+    for f in files:
+        try:
+            parts.append(read_table(f))
+        except (pa.ArrowException, OSError) as exc:
+            click.echo(f"error: {f}: not a readable Parquet file ({type(exc).__name__}: {exc})", err=True)
+            sys.exit(1)
+    table = pa.concat_tables(parts, promote_options="permissive")
+    click.echo(f"{path}: {len(files)} files, {table.num_rows:,} rows\n\nschema:")
     for field in table.schema:
         col = table.column(field.name)
         nulls = col.null_count

@@ -117,3 +117,49 @@ def test_force_on_a_step_folder_that_cannot_be_removed(tmp_path, locked_dir):
     locked_dir(os.path.join(out, "word_count"))
     r = cli("run", "-q", "--force", p)
     assert_one_line_error(r, 1, os.path.join(out, "word_count"), "cannot write the output")
+
+
+# -- issue 13.2: inspect on a broken shard or a file that is not Parquet -----------------------------
+
+def test_inspect_names_a_truncated_shard_or_a_non_parquet_file(tmp_path):
+    write_corpus(str(tmp_path / "d"), files=2, rows=200)
+    bad = tmp_path / "d" / "f1.parquet"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    for target, named in ((tmp_path / "d", str(bad)), (bad, str(bad))):
+        r = cli("inspect", str(target))
+        assert_one_line_error(r, 1, named, "not a readable Parquet file")
+    txt = tmp_path / "notes.parquet"
+    txt.write_text("just some notes\n" * 10)
+    assert_one_line_error(cli("inspect", str(txt)), 1, str(txt), "not a readable Parquet file")
+    assert cli("inspect", str(tmp_path / "d" / "f0.parquet")).exit_code == 0
+
+
+# -- issue 13.5: inspect a step that ran fused into the next one, and an empty step ------------------
+
+def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
+    from curate.pipeline.runner import run_pipeline
+    from helpers import pipeline_dict
+
+    write_corpus(str(tmp_path / "in"), files=2, rows=60)
+    out = str(tmp_path / "out")
+    run_pipeline(pipeline_dict(str(tmp_path / "in"), out, workers=1), progress=False)
+    assert not os.path.exists(os.path.join(out, "word_count"))  # fused into min_words
+    r = cli("inspect", os.path.join(out, "word_count"))
+    assert r.exit_code == 0, r.output
+    assert "step 'word_count' ran fused with min_words" in r.output
+    assert os.path.join(out, "min_words") in r.output and "n_words: int64" in r.output
+    r = cli("inspect", os.path.join(out, "docs"))  # a source fused at the head of the same chain
+    assert r.exit_code == 0 and "ran fused with word_count, min_words" in r.output
+    assert cli("inspect", os.path.join(out, "nosuchstep")).exit_code == 2
+
+    # every document dropped: the map step still has its schema; the global step after it says 0 rows
+    empty = str(tmp_path / "empty")
+    d = pipeline_dict(str(tmp_path / "in"), empty, workers=1)
+    d["stages"][1]["options"]["min_words"] = 10_000
+    run_pipeline(d, progress=False)
+    r = cli("inspect", os.path.join(empty, "min_words"))
+    assert r.exit_code == 0, r.output
+    assert " 0 rows" in r.output and "n_words: int64" in r.output and "text: string" in r.output
+    r = cli("inspect", os.path.join(empty, "top"))
+    assert r.exit_code == 0 and "0 rows" in r.output, r.output

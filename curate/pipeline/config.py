@@ -123,8 +123,10 @@ def _fmt(err: dict) -> str:
     return msg
 
 
-def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None) -> Pipeline:
-    """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem."""
+def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None, check: bool = True) -> Pipeline:
+    """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem.
+    ``check=False`` skips what depends on this machine (input files, required modules): for reading
+    back the plan of a finished run (``curate inspect``)."""
     path = source if isinstance(source, str) else "<dict>"
     if isinstance(source, str):
         if not os.path.exists(source):
@@ -194,7 +196,7 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             problems.append((f"{where}: key 'stage'", str(exc.args[0])))
             previous = name
             continue
-        for missing in cls.missing_requirements():
+        for missing in (cls.missing_requirements() if check else []):
             problems.append((where, f"stage {s.stage!r} needs a module that cannot be imported: {missing} "
                              "(reinstall curate so that its dependencies are complete)"))
         options = dict(s.options)
@@ -214,7 +216,7 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             previous = name
             continue
         stage.step_name = name
-        for key, msg in stage.check():
+        for key, msg in (stage.check() if check else []):
             problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
 
         if is_input or stage.kind == "source":
