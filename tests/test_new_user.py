@@ -163,3 +163,24 @@ def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
     assert " 0 rows" in r.output and "n_words: int64" in r.output and "text: string" in r.output
     r = cli("inspect", os.path.join(empty, "top"))
     assert r.exit_code == 0 and "0 rows" in r.output, r.output
+
+
+# -- issue 13.3: a library call whose glob matches nothing -------------------------------------------
+
+@pytest.mark.parametrize("paths", ["data/*.parquet", "data/", ["data/a.parquet"]])
+def test_library_source_with_no_matching_files_raises_what_validate_reports(tmp_path, monkeypatch, paths):
+    from curate.pipeline.stage import StageError
+    from curate.stages.read_parquet import ReadParquet
+
+    monkeypatch.chdir(tmp_path)
+    if paths == "data/":
+        os.mkdir("data")  # exists, but holds no Parquet file
+    with pytest.raises(StageError) as err:
+        ReadParquet(paths=paths)()
+    p = write_yaml("p.yaml", {"name": "x", "output": "out",
+                              "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": paths}}}})
+    with pytest.raises(ConfigError) as cfg_err:
+        load_pipeline(p)
+    (where, msg), = cfg_err.value.problems
+    assert f"{where.split(': ', 1)[1]}: {msg}" in str(err.value)
+    assert "key 'options.paths'" in str(err.value)

@@ -342,18 +342,23 @@ class FileSource(SourceStage):
         from curate.pipeline.io import expand_paths
         return expand_paths(self.paths(), self.suffixes)
 
-    def check(self) -> list[tuple[str, str]]:
+    def _files_and_problem(self) -> tuple[list[str], str | None]:
         try:
             found = self.files()
         except FileNotFoundError as exc:
-            return [("paths", f"not found: {exc.args[0]}")]
-        return [] if found else [("paths", f"no matching files in {self.paths()}")]
+            return [], f"not found: {exc.args[0]}"
+        return found, None if found else f"no matching files in {self.paths()}"
+
+    def check(self) -> list[tuple[str, str]]:
+        problem = self._files_and_problem()[1]
+        return [("paths", problem)] if problem else []
 
     def files_or_error(self) -> list[str]:
-        try:
-            return self.files()
-        except FileNotFoundError as exc:
-            raise StageError(f"{self.name}: path not found: {exc.args[0]}") from None
+        """The files, or the error ``curate validate`` reports (a path or glob that matches nothing)."""
+        found, problem = self._files_and_problem()
+        if problem:
+            raise StageError(f"{self.step_name}: key 'options.paths': {problem}")
+        return found
 
     def tasks(self) -> list[Task]:
         return [Task(id=f, payload=f) for f in self.files_or_error()]
