@@ -184,3 +184,25 @@ def test_library_source_with_no_matching_files_raises_what_validate_reports(tmp_
     (where, msg), = cfg_err.value.problems
     assert f"{where.split(': ', 1)[1]}: {msg}" in str(err.value)
     assert "key 'options.paths'" in str(err.value)
+
+
+# -- issue 13.6: every problem of a file at once -----------------------------------------------------
+
+def test_unknown_inputs_are_reported_next_to_unknown_stages_and_bad_options(tmp_path):
+    p = write_yaml(str(tmp_path / "p.yaml"), {
+        "name": "x", "output": str(tmp_path / "out"),
+        "inputs": {"pages": {"stage": "read_pydoc", "options": {"modules": ["json"]}}},
+        "stages": [{"stage": "extract_htm", "input": "nosuchstep"},
+                   {"stage": "pii", "input": "otherstep", "options": {"bogus": 1}},
+                   {"stage": "language_id", "input": "pages"}]})
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(p)
+    got = {(w, m.split(";")[0]) for w, m in err.value.problems}
+    assert got == {
+        ("stage 'extract_htm' (stages[0]): key 'stage'", "unknown stage 'extract_htm'"),
+        ("stage 'extract_htm' (stages[0]): key 'input'", "unknown step 'nosuchstep'"),
+        ("stage 'pii' (stages[1]): key 'input'", "unknown step 'otherstep'"),
+        ("stage 'pii' (stages[1]): key 'options.bogus'", "unknown key"),
+    }
+    r = cli("validate", p)
+    assert r.exit_code == 2 and "nosuchstep" in r.output and "otherstep" in r.output
