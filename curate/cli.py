@@ -2,7 +2,7 @@
 
   curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH]
   curate validate FILE
-  curate stages [NAME]
+  curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
 
 Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
@@ -115,16 +115,41 @@ def validate(file: str) -> None:
 
 @main.command()
 @click.argument("name", required=False)
-def stages(name: str | None) -> None:
+@click.option("--plugins", "plugin_modules", multiple=True, metavar="MODULE",
+              help="Also import this module of your own stages (repeatable).")
+@click.option("--file", "-f", "pipeline_file", default=None, metavar="FILE",
+              help="Also import the `plugins:` of this pipeline file.")
+def stages(name: str | None, plugin_modules: tuple[str, ...], pipeline_file: str | None) -> None:
     """List registered stages, or show one stage's options."""
+    from curate.pipeline.describe import describe_options
+    from curate.pipeline.plugins import import_plugins
     from curate.pipeline.stage import get_stage, list_stages
 
+    modules = list(plugin_modules)
+    if pipeline_file:
+        import yaml
+
+        try:
+            with open(pipeline_file, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            click.echo(f"error: {pipeline_file}: cannot read it: {exc}", err=True)
+            sys.exit(2)
+        listed = raw.get("plugins") if isinstance(raw, dict) else None
+        modules += [str(m) for m in listed or []]
+    problems = import_plugins(modules, pipeline_file)
+    for mod, reason in problems:
+        click.echo(f"error: plugin {mod!r}: cannot import it: {reason}", err=True)
+    if problems:
+        sys.exit(2)
     if name is None:
         reg = list_stages()
         width = max(map(len, reg)) if reg else 0
+        cwidth = max(len(c.__name__) for c in reg.values()) if reg else 0
         for n, cls in reg.items():
-            click.echo(f"{n.ljust(width)}  {cls.kind:<6}  {cls.doc()}")
-        click.echo("\n`curate stages NAME` shows a stage's options.")
+            click.echo(f"{n.ljust(width)}  {cls.kind:<6}  {cls.__name__.ljust(cwidth)}  {cls.doc()}")
+        click.echo("\n`curate stages NAME` shows a stage's options; the third column is its class for "
+                   "library calls, or use curate.stage(NAME, **options).")
         return
     try:
         cls = get_stage(name)
@@ -132,6 +157,7 @@ def stages(name: str | None) -> None:
         click.echo(f"error: {exc.args[0]}", err=True)
         sys.exit(2)
     click.echo(f"{name} ({cls.kind} stage): {cls.doc()}\n")
+    click.echo(f"class:  {cls.__module__}.{cls.__qualname__}")
     if cls.reads:
         click.echo(f"reads:  {', '.join(cls.reads)}")
     if cls.writes:
@@ -139,11 +165,8 @@ def stages(name: str | None) -> None:
     r = cls.resources
     click.echo(f"needs:  {r.cpus:g} CPU, {r.gpus:g} GPU" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))
     click.echo("\noptions:")
-    for key, f in cls.Config.model_fields.items():
-        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        desc = f" — {f.description}" if f.description else ""
-        click.echo(f"  {key}: {ann} ({default}){desc}")
+    for line in describe_options(cls.Config):
+        click.echo(line)
 
 
 def _fused_into(path: str) -> tuple[str, str] | None:

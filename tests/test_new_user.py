@@ -206,3 +206,125 @@ def test_unknown_inputs_are_reported_next_to_unknown_stages_and_bad_options(tmp_
     }
     r = cli("validate", p)
     assert r.exit_code == 2 and "nosuchstep" in r.output and "otherstep" in r.output
+
+
+# -- issue 13.7: plugins next to the pipeline file or in the working directory -----------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_plugin_code() -> str:
+    """The plugin example of the README, exactly as written there."""
+    import re
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    (code,) = [b for b in blocks if "class CharCount" in b]
+    return code
+
+
+def plugin_project(tmp_path, rows: int = 40) -> str:
+    """A project folder as the README describes it: my_project/stages.py beside pipeline.yaml."""
+    proj = tmp_path / "proj"
+    (proj / "my_project").mkdir(parents=True)
+    (proj / "my_project" / "stages.py").write_text(readme_plugin_code())
+    write_corpus(str(proj / "data"), files=3, rows=rows)
+    return write_yaml(str(proj / "pipeline.yaml"), {
+        "name": "plug", "output": "out", "workers": 2, "plugins": ["my_project.stages"],
+        "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": "${DATA:-data}"}}},
+        "stages": [{"stage": "char_count"}]})
+
+
+def check_char_counts(out: str, rows: int) -> None:
+    t = pa.concat_tables(pq.read_table(os.path.join(out, "char_count", f))
+                         for f in sorted(os.listdir(os.path.join(out, "char_count"))) if f.endswith(".parquet"))
+    assert t.num_rows == rows
+    assert t.column("n_chars").to_pylist() == [len(x) for x in t.column("text").to_pylist()]
+
+
+def test_readme_plugin_example_runs_from_the_project_folder_and_from_elsewhere(tmp_path, curate_cmd):
+    p = plugin_project(tmp_path)
+    proj = os.path.dirname(p)
+    # run from the project folder (workers: 2, so forkserver workers import the plugin too)
+    r = subprocess.run(curate_cmd + ["run", "-q", "pipeline.yaml"], cwd=proj,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    check_char_counts(os.path.join(proj, "out"), 120)
+    # run from elsewhere: the pipeline file's folder is searched
+    r = subprocess.run(curate_cmd + ["run", "-q", p, "--output", str(tmp_path / "out2")], cwd=str(tmp_path),
+                       env={**os.environ, "DATA": os.path.join(proj, "data")}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    check_char_counts(str(tmp_path / "out2"), 120)
+    # listing plugin stages
+    r = subprocess.run(curate_cmd + ["stages", "--plugins", "my_project.stages"], cwd=proj,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "char_count" in r.stdout and "CharCount" in r.stdout, r.stderr
+    r = subprocess.run(curate_cmd + ["stages", "--file", p, "char_count"], cwd=str(tmp_path),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "column: str (default 'n_chars')" in r.stdout, r.stderr
+    r = subprocess.run(curate_cmd + ["stages", "--plugins", "no_such_project.stages"], cwd=proj,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no_such_project" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plugin_next_to_the_pipeline_file_in_a_library_run_with_workers(tmp_path, monkeypatch):
+    from curate.pipeline.runner import run_pipeline
+    from helpers import pipeline_dict
+
+    # a first run starts this process's forkserver before the project folder is known
+    write_corpus(str(tmp_path / "in"), files=2, rows=30)
+    run_pipeline(pipeline_dict(str(tmp_path / "in"), str(tmp_path / "o1"), workers=2), progress=False)
+    p = plugin_project(tmp_path, rows=30)
+    monkeypatch.chdir(tmp_path)  # neither the project folder nor on sys.path: found via the file's folder
+    monkeypatch.setenv("DATA", os.path.join(os.path.dirname(p), "data"))
+    res = run_pipeline(p, workers=2, output=str(tmp_path / "o2"), progress=False)
+    assert res.stats["char_count"]["out"] == 90
+    check_char_counts(str(tmp_path / "o2"), 90)
+
+
+# -- issue 13.11: readable options; stage classes by name ---------------------------------------------
+
+def test_stage_options_show_allowed_values_and_nested_groups():
+    r = cli("stages", "minhash_dedup")
+    assert r.exit_code == 0
+    assert "keep: one of 'first', 'longest', 'score' (default 'first')" in r.output
+    assert "score_column: str or null (default None)" in r.output
+    assert "class:  curate.stages.minhash_dedup.MinhashDedup" in r.output
+    r = cli("stages", "heuristic_filter")
+    assert "gopher_quality: options of GopherQualityRules" in r.output
+    assert "      min_doc_words: int or null (default 50)" in r.output  # nested keys, indented
+    assert "Literal" not in r.output and "typing" not in r.output
+    r = cli("stages")
+    assert "MinhashDedup" in r.output and "ExtractHtml" in r.output
+
+
+def test_type_text_of_enums_and_containers():
+    import enum
+    from typing import Literal
+
+    from curate.pipeline.describe import type_text
+
+    class Mode(enum.Enum):
+        FAST = "fast"
+        GOOD = "good"
+
+    assert type_text(Mode) == "one of 'fast', 'good'"
+    assert type_text(Literal["a", "b"] | None) == "one of 'a', 'b' or null"
+    assert type_text(list[tuple[int, float]]) == "list of (int, float)"
+    assert type_text(dict[str, int]) == "mapping of str to int"
+
+
+def test_curate_stage_by_name_is_a_configured_library_call():
+    import curate
+    from curate.stages.pii import Pii
+
+    st = curate.stage("pii", kinds=["email"])
+    assert isinstance(st, Pii) and st.config == Pii(kinds=["email"]).config
+    t = pa.table({"id": ["a"], "text": ["write to someone@example.org or call"]})
+    assert curate.stage("pii")(t).column("text")[0].as_py() == Pii()(t).column("text")[0].as_py()
+    assert "someone@example.org" not in curate.stage("pii")(t).column("text")[0].as_py()
+    with pytest.raises(ValueError, match="unknown stage 'pi'"):
+        curate.stage("pi")
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError):
+        curate.stage("minhash_dedup", keep="shortest")

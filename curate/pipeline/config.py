@@ -26,7 +26,6 @@ Every error names the file, the step and the key; the CLI exits with code 2.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from curate.pipeline.plugins import import_plugins
 from curate.pipeline.stage import Stage, get_stage
 
 
@@ -166,11 +166,8 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
                 problems.append((f"key {_loc(e)!r}", _fmt(e)))
         raise ConfigError(path, problems) from None
 
-    for mod in spec.plugins:
-        try:
-            importlib.import_module(mod)
-        except Exception as exc:  # noqa: BLE001
-            problems.append(("key 'plugins'", f"cannot import {mod!r}: {type(exc).__name__}: {exc}"))
+    for mod, reason in import_plugins(spec.plugins, source if isinstance(source, str) else None):
+        problems.append(("key 'plugins'", f"cannot import {mod!r}: {reason}"))
     if not spec.inputs and not spec.stages:
         problems.append(("", "the pipeline has no inputs and no stages"))
 
