@@ -328,3 +328,66 @@ def test_curate_stage_by_name_is_a_configured_library_call():
     from pydantic import ValidationError
     with pytest.raises(ValidationError):
         curate.stage("minhash_dedup", keep="shortest")
+
+
+# -- issue 13.12: third-party log noise ----------------------------------------------------------------
+
+def test_trafilatura_log_lines_are_counted_and_logged_at_debug_with_the_page(caplog, capfd):
+    import logging
+
+    from curate.stages.extract_html import ExtractHtml
+
+    good = "<html><body><article>" + "<p>The committee met on Tuesday and approved the plan. </p>" * 8 \
+        + "</article></body></html>"
+    t = pa.table({"id": ["frag1", "good", "frag2"], "text": ["", "", ""],
+                  "html": ["<p>a fragment</p>", good, "<span>another fragment</span>"]})
+    st = ExtractHtml()
+    with caplog.at_level(logging.DEBUG):
+        out = st(t)
+    assert out.column("id").to_pylist() == ["good"]
+    c = st.counters.to_dict()
+    assert c["extract_html/library_log/trafilatura/parsed_tree_length"] == 2
+    assert c["dropped/no_content"] == 2
+    assert not [r for r in caplog.records if r.name.startswith("trafilatura")]  # none reach the log as is
+    debug = [r.getMessage() for r in caplog.records if r.name == "curate" and r.levelno == logging.DEBUG
+             and "parsed tree length" in r.getMessage()]
+    assert len(debug) == 2 and "(doc frag1)" in debug[0] and "(doc frag2)" in debug[1]
+    assert "parsed tree length" not in capfd.readouterr().err
+    # the library's logger is left as it was
+    assert logging.getLogger("trafilatura").propagate and not [
+        h for h in logging.getLogger("trafilatura").handlers if type(h).__name__ == "LibraryLogs"]
+
+
+@pytest.mark.slow
+def test_model_conversion_draws_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, capfd, monkeypatch):
+    pytest.importorskip("transformers")
+    from curate.engines import transformers_engine
+    from curate.engines.config import TransformersConfig
+    from curate.engines.transformers_engine import load_model
+
+    monkeypatch.setattr(transformers_engine, "_LOADED", {})  # not the model another test loaded
+
+    # a fresh cache folder: the bundled GGUF model is converted (de-quantized) and saved again
+    tok, model, _ = load_model(TransformersConfig(model_cache_dir=str(tmp_path), num_threads=1))
+    assert model is not None and os.path.exists(next(iter(
+        os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f == ".complete")))
+    err = capfd.readouterr().err
+    for bar in ("Converting and de-quantizing", "Loading weights", "Writing model shards", "it/s]"):
+        assert bar not in err, err[-500:]
+    from transformers.utils import logging as hf_logging
+    assert hf_logging.is_progress_bar_enabled()  # switched back on after loading
+
+
+def test_progress_bars_of_model_loading_are_off_while_loading_when_stderr_is_not_a_terminal(capfd):
+    pytest.importorskip("transformers")
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from curate.engines.transformers_engine import _QuietProgress
+
+    with _QuietProgress():  # what load_model wraps around conversion, loading and saving
+        list(gguf_utils.tqdm(range(50), desc="Converting and de-quantizing GGUF tensors..."))
+        list(hf_logging.tqdm(range(50), desc="Loading weights"))
+    assert "it/s]" not in capfd.readouterr().err
+    list(gguf_utils.tqdm(range(5), desc="after"))  # restored: the bar is drawn again
+    assert "after" in capfd.readouterr().err

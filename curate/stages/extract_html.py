@@ -28,7 +28,9 @@ Rows are dropped (and counted) by reason, never lost silently:
 
 Other counters: ``extract/decoded/<how>`` for binary HTML (see charset), ``extract/non_utf8`` for
 pages whose bytes were not valid in their charset (bytes replaced by U+FFFD; the page is still
-extracted), ``extract/chars_in`` and ``extract/chars_out``.
+extracted), ``extract/chars_in`` and ``extract/chars_out``. Warnings and errors that trafilatura
+and its helpers log (``parsed tree length ...``) are counted as
+``extract_html/library_log/<library>/<what>`` and logged at debug level with the page's id.
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from curate.pipeline.library_logs import LibraryLogs
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
 
 log = logging.getLogger("curate")
 
 #: trafilatura Document attributes copied into the metadata JSON (metadata key = attribute name)
 _HTML_LANG = re.compile(r"<html\b[^>]*?\blang\s*=\s*[\"']?\s*([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*)", re.I)
+#: libraries whose log records are counted and re-logged at debug level with the page (LibraryLogs)
+_LIBRARY_LOGGERS = ("trafilatura", "htmldate", "justext", "courlan")
 META_FIELDS = ("title", "author", "url", "hostname", "sitename", "description", "date", "language",
                "categories", "tags", "license", "pagetype", "image")
 
@@ -253,8 +258,9 @@ class ExtractHtml(FilterStage):
         dates: list[str | None] = []
         metas: list[str] = []
         self._reasons: list[str | None] = []
-        with _TimeLimit(c.timeout_s) as limit:
+        with _TimeLimit(c.timeout_s) as limit, LibraryLogs(self, _LIBRARY_LOGGERS) as library_logs:
             for i in range(n):
+                library_logs.doc_id = ids[i]
                 html, reason, meta = htmls[i], None, {}
                 text = None
                 if html is None or not html.strip():
