@@ -2,7 +2,7 @@
 
   curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH]
   curate validate FILE
-  curate stages [NAME]
+  curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
 
 Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
@@ -44,6 +44,16 @@ def _load_or_exit(file: str, overrides: dict | None = None):
         sys.exit(2)
 
 
+def _output_or_exit(pipe) -> None:
+    """Exit 2 with one line when the pipeline's output cannot be created or written."""
+    from curate.pipeline.output_check import output_problem
+
+    problem = output_problem(pipe.output)
+    if problem:
+        click.echo(f"error: {pipe.path}: {problem}", err=True)
+        sys.exit(2)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="curate")
 def main() -> None:
@@ -66,12 +76,18 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     _setup_logging(quiet)
     file = file or quickstart_path()
     pipe = _load_or_exit(file, {"runner": runner, "workers": workers, "output": output})
+    _output_or_exit(pipe)
     logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
                                      pipe.spec.runner)
     try:
         result = Runner(pipe, force=force, workers=workers, progress=not quiet).run()
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
+        from curate.pipeline.output_check import describe_os_error
+        msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)
+        click.echo(f"error: {msg}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
@@ -87,6 +103,7 @@ def validate(file: str) -> None:
     from curate.pipeline.runner import Segment, plan
 
     pipe = _load_or_exit(file)
+    _output_or_exit(pipe)
     click.echo(f"{file}: valid pipeline {pipe.spec.name!r}, {len(pipe.steps)} steps, output {pipe.output}")
     for item in plan(pipe):
         if isinstance(item, Segment):
@@ -98,16 +115,41 @@ def validate(file: str) -> None:
 
 @main.command()
 @click.argument("name", required=False)
-def stages(name: str | None) -> None:
+@click.option("--plugins", "plugin_modules", multiple=True, metavar="MODULE",
+              help="Also import this module of your own stages (repeatable).")
+@click.option("--file", "-f", "pipeline_file", default=None, metavar="FILE",
+              help="Also import the `plugins:` of this pipeline file.")
+def stages(name: str | None, plugin_modules: tuple[str, ...], pipeline_file: str | None) -> None:
     """List registered stages, or show one stage's options."""
+    from curate.pipeline.describe import describe_options
+    from curate.pipeline.plugins import import_plugins
     from curate.pipeline.stage import get_stage, list_stages
 
+    modules = list(plugin_modules)
+    if pipeline_file:
+        import yaml
+
+        try:
+            with open(pipeline_file, encoding="utf-8") as f:
+                raw = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            click.echo(f"error: {pipeline_file}: cannot read it: {exc}", err=True)
+            sys.exit(2)
+        listed = raw.get("plugins") if isinstance(raw, dict) else None
+        modules += [str(m) for m in listed or []]
+    problems = import_plugins(modules, pipeline_file)
+    for mod, reason in problems:
+        click.echo(f"error: plugin {mod!r}: cannot import it: {reason}", err=True)
+    if problems:
+        sys.exit(2)
     if name is None:
         reg = list_stages()
         width = max(map(len, reg)) if reg else 0
+        cwidth = max(len(c.__name__) for c in reg.values()) if reg else 0
         for n, cls in reg.items():
-            click.echo(f"{n.ljust(width)}  {cls.kind:<6}  {cls.doc()}")
-        click.echo("\n`curate stages NAME` shows a stage's options.")
+            click.echo(f"{n.ljust(width)}  {cls.kind:<6}  {cls.__name__.ljust(cwidth)}  {cls.doc()}")
+        click.echo("\n`curate stages NAME` shows a stage's options; the third column is its class for "
+                   "library calls, or use curate.stage(NAME, **options).")
         return
     try:
         cls = get_stage(name)
@@ -115,6 +157,7 @@ def stages(name: str | None) -> None:
         click.echo(f"error: {exc.args[0]}", err=True)
         sys.exit(2)
     click.echo(f"{name} ({cls.kind} stage): {cls.doc()}\n")
+    click.echo(f"class:  {cls.__module__}.{cls.__qualname__}")
     if cls.reads:
         click.echo(f"reads:  {', '.join(cls.reads)}")
     if cls.writes:
@@ -122,22 +165,63 @@ def stages(name: str | None) -> None:
     r = cls.resources
     click.echo(f"needs:  {r.cpus:g} CPU, {r.gpus:g} GPU" + (f", {r.memory_gb:g} GB" if r.memory_gb else ""))
     click.echo("\noptions:")
-    for key, f in cls.Config.model_fields.items():
-        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        desc = f" — {f.description}" if f.description else ""
-        click.echo(f"  {key}: {ann} ({default}){desc}")
+    for line in describe_options(cls.Config):
+        click.echo(line)
+
+
+def _fused_into(path: str) -> tuple[str, str] | None:
+    """For ``<output>/<step>`` where ``step`` ran fused into a later step of its chain (consecutive
+    map steps run as one task; only the chain's last step writes shards): (the folder of that
+    step, a note saying so). None when ``path`` is not such a step."""
+    from curate.pipeline.config import ConfigError, load_pipeline
+    from curate.pipeline.io import get_fs, join
+    from curate.pipeline.runner import Segment, plan
+
+    fs, root = get_fs(path.rstrip("/"))
+    parent, step = root.rsplit("/", 1) if "/" in root else ("", root)
+    try:
+        with fs.open(join(parent, "_curate", "pipeline.json")) as f:
+            spec = json.load(f)
+        pipe = load_pipeline(spec, check=False)
+    except (OSError, ValueError, ConfigError):
+        return None
+    for item in plan(pipe):
+        if not isinstance(item, Segment) or item.target.name == step:
+            continue
+        names = ([item.source.name] if item.source else []) + [s.name for s in item.chain]
+        if step in names:
+            target = path.rstrip("/")[: -len(step)] + item.target.name
+            later = names[names.index(step) + 1:]
+            return target, (f"step {step!r} ran fused with {', '.join(later)} (consecutive steps run as one "
+                            f"task; only the last one writes shards): showing {target}, the output of the "
+                            f"chain. Add `save: true` to step {step!r} to keep its own output.")
+    return None
+
+
+def _empty_step(path: str) -> bool:
+    """``<output>/<step>`` of a finished step that wrote no shards (0 rows)."""
+    from curate.pipeline.io import get_fs, join
+
+    fs, root = get_fs(path.rstrip("/"))
+    parent, step = root.rsplit("/", 1) if "/" in root else ("", root)
+    try:
+        with fs.open(join(parent, "manifest.json")) as f:
+            shards = json.load(f)["steps"][step]["shards"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return not shards
 
 
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
 def inspect(path: str, rows: int) -> None:
-    """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob)."""
+    """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob),
+    or an overview of a pipeline's output folder."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from curate.pipeline.io import Dataset, get_fs, join
+    from curate.pipeline.io import list_parquet, get_fs, join, read_table
 
     fs, root = get_fs(path)
     manifest = join(root, "manifest.json")
@@ -148,18 +232,37 @@ def inspect(path: str, rows: int) -> None:
         for step, s in m["steps"].items():
             n = sum(sh["rows"] for sh in s["shards"])
             click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
-        click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step.")
+        click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step (a step fused into a "
+                   "later one shows that step's folder).")
         return
     try:
-        ds = Dataset.from_any(path)
+        files = list_parquet(path)
     except FileNotFoundError:
-        click.echo(f"error: {path}: not found", err=True)
-        sys.exit(2)
-    if not ds.files:
+        files = None
+    if not files:
+        fused = _fused_into(path)
+        if fused is not None:
+            path, note = fused
+            click.echo(f"note: {note}\n")
+            files = list_parquet(path) if fs.exists(get_fs(path)[1]) else []
+        elif _empty_step(path):
+            click.echo(f"{path}: 0 rows (the step kept no rows and wrote no shards; see stats.json for why)")
+            return
+        elif files is None:
+            click.echo(f"error: {path}: not found", err=True)
+            sys.exit(2)
+    if not files:
         click.echo(f"{path}: no Parquet files")
         return
-    table = ds.to_table()
-    click.echo(f"{path}: {len(ds.files)} files, {table.num_rows:,} rows\n\nschema:")
+    parts = []
+    for f in files:
+        try:
+            parts.append(read_table(f))
+        except (pa.ArrowException, OSError) as exc:
+            click.echo(f"error: {f}: not a readable Parquet file ({type(exc).__name__}: {exc})", err=True)
+            sys.exit(1)
+    table = pa.concat_tables(parts, promote_options="permissive")
+    click.echo(f"{path}: {len(files)} files, {table.num_rows:,} rows\n\nschema:")
     for field in table.schema:
         col = table.column(field.name)
         nulls = col.null_count

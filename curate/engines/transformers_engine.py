@@ -106,6 +106,39 @@ def _dtype_kw(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+class _QuietProgress:
+    """Model loading draws tqdm bars (GGUF de-quantization, checkpoint shards). In a log file or a
+    worker's stderr (not a terminal) every redraw is a line of noise: there the bars are disabled
+    while a model loads (the "converting ... (once)" line above says what happens)."""
+
+    def __enter__(self) -> "_QuietProgress":
+        import sys
+        from functools import partial
+
+        self._restore: list[Any] = []
+        stream = sys.stderr
+        if stream is not None and hasattr(stream, "isatty") and stream.isatty():
+            return self
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self._restore.append(hf_logging.enable_progress_bar)
+        try:  # the GGUF converter calls tqdm directly, not through transformers' switch
+            import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        except ImportError:
+            return self
+        bar = getattr(gguf_utils, "tqdm", None)
+        if bar is not None:
+            gguf_utils.tqdm = partial(bar, disable=True)
+            self._restore.append(lambda: setattr(gguf_utils, "tqdm", bar))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for undo in reversed(self._restore):
+            undo()
+
+
 def load_model(cfg: TransformersConfig) -> tuple[Any, Any, str]:
     """Load (tokenizer, model, model id), converting/caching GGUF models once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +146,7 @@ def load_model(cfg: TransformersConfig) -> tuple[Any, Any, str]:
     folder, gguf, mid = resolve_model(cfg.model, cfg.gguf_file)
     dtype = _torch_dtype(cfg)
     key = (folder, gguf, cfg.device, str(dtype))
-    with _LOAD_LOCK:
+    with _LOAD_LOCK, _QuietProgress():
         if key in _LOADED:
             tok, model = _LOADED[key]
             return tok, model, mid

@@ -26,7 +26,6 @@ Every error names the file, the step and the key; the CLI exits with code 2.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from curate.pipeline.plugins import import_plugins
 from curate.pipeline.stage import Stage, get_stage
 
 
@@ -123,8 +123,10 @@ def _fmt(err: dict) -> str:
     return msg
 
 
-def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None) -> Pipeline:
-    """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem."""
+def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None, check: bool = True) -> Pipeline:
+    """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem.
+    ``check=False`` skips what depends on this machine (input files, required modules): for reading
+    back the plan of a finished run (``curate inspect``)."""
     path = source if isinstance(source, str) else "<dict>"
     if isinstance(source, str):
         if not os.path.exists(source):
@@ -164,11 +166,8 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
                 problems.append((f"key {_loc(e)!r}", _fmt(e)))
         raise ConfigError(path, problems) from None
 
-    for mod in spec.plugins:
-        try:
-            importlib.import_module(mod)
-        except Exception as exc:  # noqa: BLE001
-            problems.append(("key 'plugins'", f"cannot import {mod!r}: {type(exc).__name__}: {exc}"))
+    for mod, reason in import_plugins(spec.plugins, source if isinstance(source, str) else None):
+        problems.append(("key 'plugins'", f"cannot import {mod!r}: {reason}"))
     if not spec.inputs and not spec.stages:
         problems.append(("", "the pipeline has no inputs and no stages"))
 
@@ -188,19 +187,26 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             problems.append((where, f"step name {name!r} is used twice; give one of them `name:`"))
             continue
         seen.add(name)
+        # every check of a step runs, so that one bad key does not hide the others
         try:
-            cls = get_stage(s.stage)
+            cls: type[Stage] | None = get_stage(s.stage)
         except KeyError as exc:
             problems.append((f"{where}: key 'stage'", str(exc.args[0])))
+            cls = None
+        inputs = _check_inputs(name, where, s, is_input, cls, previous, only_input, entries, seen, problems)
+        if not is_input:
             previous = name
+        if cls is None:
             continue
+        for missing in (cls.missing_requirements() if check else []):
+            problems.append((where, f"stage {s.stage!r} needs a module that cannot be imported: {missing} "
+                             "(reinstall curate so that its dependencies are complete)"))
         options = dict(s.options)
         eng = options.get("engine")
         if isinstance(eng, str):
             if eng not in spec.engines:
                 problems.append((f"{where}: key 'options.engine'",
                                  f"unknown engine {eng!r}; defined engines: {sorted(spec.engines) or 'none'}"))
-                previous = name
                 continue
             options["engine"] = spec.engines[eng]
         try:
@@ -208,44 +214,49 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
         except ValidationError as exc:
             for e in exc.errors():
                 problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e)))
-            previous = name
             continue
         stage.step_name = name
-        for key, msg in stage.check():
+        for key, msg in (stage.check() if check else []):
             problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
-
-        if is_input or stage.kind == "source":
-            if not is_input:
-                problems.append((where, f"{s.stage} is a source stage; list it under `inputs:`"))
-            if s.input is not None:
-                problems.append((f"{where}: key 'input'", "a source takes no input"))
-            inputs: list[str] = []
-        else:
-            if is_input:
-                problems.append((where, f"{s.stage} is not a source stage; list it under `stages:`"))
-            if s.input is None:
-                default = only_input if previous is None else previous
-                inputs = [default] if default else []
-                if not inputs:
-                    problems.append((f"{where}: key 'input'", "no input: name a step or define `inputs:`"))
-            else:
-                inputs = [s.input] if isinstance(s.input, str) else list(s.input)
-                for inp in inputs:
-                    if inp not in [e[0] for e in entries]:
-                        problems.append((f"{where}: key 'input'", f"unknown step {inp!r}"))
-                    elif inp not in seen or inp == name:
-                        problems.append((f"{where}: key 'input'", f"step {inp!r} comes later; inputs must come first"))
-            if stage.kind == "map" and len(inputs) > 1:
-                problems.append((f"{where}: key 'input'", f"{s.stage} is a map stage and takes one input"))
         steps[name] = Step(name, stage, inputs, s.save, s)
-        if not is_input:
-            previous = name
 
     if problems:
         raise ConfigError(path, problems)
     pipe = Pipeline(spec, steps, path)
     _fingerprint(pipe)
     return pipe
+
+
+def _check_inputs(name: str, where: str, s: StepSpec, is_input: bool, cls: "type[Stage] | None",
+                  previous: str | None, only_input: str | None, entries: list, seen: set[str],
+                  problems: list[tuple[str, str]]) -> list[str]:
+    """The step's input names; problems with them (and with where the step is listed) are added
+    to ``problems``. ``cls`` is None when the stage itself is unknown."""
+    kind = cls.kind if cls is not None else ("source" if is_input else "")
+    if is_input or kind == "source":
+        if not is_input:
+            problems.append((where, f"{s.stage} is a source stage; list it under `inputs:`"))
+        if s.input is not None:
+            problems.append((f"{where}: key 'input'", "a source takes no input"))
+        return []
+    if is_input:
+        problems.append((where, f"{s.stage} is not a source stage; list it under `stages:`"))
+    if s.input is None:
+        default = only_input if previous is None else previous
+        inputs = [default] if default else []
+        if not inputs:
+            problems.append((f"{where}: key 'input'", "no input: name a step or define `inputs:`"))
+    else:
+        inputs = [s.input] if isinstance(s.input, str) else list(s.input)
+        names = [e[0] for e in entries]
+        for inp in inputs:
+            if inp not in names:
+                problems.append((f"{where}: key 'input'", f"unknown step {inp!r}"))
+            elif inp not in seen or inp == name:
+                problems.append((f"{where}: key 'input'", f"step {inp!r} comes later; inputs must come first"))
+    if kind == "map" and len(inputs) > 1:
+        problems.append((f"{where}: key 'input'", f"{s.stage} is a map stage and takes one input"))
+    return inputs
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -271,7 +271,9 @@ class ShardWriter:
         self._buffered = rest.num_rows
 
     def close(self) -> list[ShardInfo]:
-        if self._buffered:
+        """Write what is buffered. A writer that saw a schema but no rows writes one empty shard,
+        so that an empty step still has its schema (``curate inspect`` shows it with 0 rows)."""
+        if self._buffered or (not self.shards and self._buf):
             self._flush(self._buffered)
         self._buf = []
         return self.shards

@@ -187,6 +187,9 @@ class Stage:
     # modules a runner may import before forking workers, so that workers start warm (only modules
     # that start no threads at import: parsers, tokenizers; not torch or an engine)
     preload: ClassVar[tuple[str, ...]] = ()
+    # modules the stage cannot work without: imported when a pipeline is loaded (``curate validate``,
+    # the start of ``curate run``), so that a broken install fails once, at start, naming the module
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig | dict | None = None, **options: Any):
         if isinstance(config, StageConfig):
@@ -260,6 +263,19 @@ class Stage:
         files, unreachable model paths... Called by ``curate validate`` and before ``curate run``."""
         return []
 
+    @classmethod
+    def missing_requirements(cls) -> list[str]:
+        """``requires`` modules that cannot be imported, as "module: reason" lines."""
+        import importlib
+
+        out = []
+        for mod in cls.requires:
+            try:
+                importlib.import_module(mod)
+            except ImportError as exc:
+                out.append(f"{mod}: {exc}")
+        return out
+
     def fingerprint_extra(self) -> str:
         """Anything beyond the options that should invalidate finished outputs when it changes
         (e.g. a source's file sizes). Part of the step fingerprint used for resume."""
@@ -326,18 +342,23 @@ class FileSource(SourceStage):
         from curate.pipeline.io import expand_paths
         return expand_paths(self.paths(), self.suffixes)
 
-    def check(self) -> list[tuple[str, str]]:
+    def _files_and_problem(self) -> tuple[list[str], str | None]:
         try:
             found = self.files()
         except FileNotFoundError as exc:
-            return [("paths", f"not found: {exc.args[0]}")]
-        return [] if found else [("paths", f"no matching files in {self.paths()}")]
+            return [], f"not found: {exc.args[0]}"
+        return found, None if found else f"no matching files in {self.paths()}"
+
+    def check(self) -> list[tuple[str, str]]:
+        problem = self._files_and_problem()[1]
+        return [("paths", problem)] if problem else []
 
     def files_or_error(self) -> list[str]:
-        try:
-            return self.files()
-        except FileNotFoundError as exc:
-            raise StageError(f"{self.name}: path not found: {exc.args[0]}") from None
+        """The files, or the error ``curate validate`` reports (a path or glob that matches nothing)."""
+        found, problem = self._files_and_problem()
+        if problem:
+            raise StageError(f"{self.step_name}: key 'options.paths': {problem}")
+        return found
 
     def tasks(self) -> list[Task]:
         return [Task(id=f, payload=f) for f in self.files_or_error()]

@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -155,15 +156,25 @@ def _looks_like_html(body: bytes) -> bool:
     return head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<!--")) or b"<html" in head
 
 
-def extract_links(html: str, base_url: str) -> tuple[list[tuple[str, str]], bool]:
-    """([(href, base url to resolve it against)] of the <a>/<area> elements, nofollow) of a page;
-    honours <base href>, rel=nofollow and ``<meta name=robots content=nofollow>``."""
+_XML_DECLARATION = re.compile(r"^\ufeff?\s*<\?xml[^>]*\?>")
+
+
+def parse_html_text(html: str):
+    """The lxml document of an already decoded page. An XML declaration (``<?xml version="1.0"
+    encoding="UTF-8"?>``, as XHTML/DocBook pages start) is removed first: lxml refuses a str that
+    declares an encoding, and the text is decoded already. Raises on a document lxml cannot parse."""
     import lxml.html
 
-    try:
-        doc = lxml.html.document_fromstring(html)
-    except Exception:  # noqa: BLE001 - empty or unparsable documents have no links
+    return lxml.html.document_fromstring(_XML_DECLARATION.sub("", html, count=1))
+
+
+def extract_links(html: str, base_url: str) -> tuple[list[tuple[str, str]], bool]:
+    """([(href, base url to resolve it against)] of the <a>/<area> elements, nofollow) of a page;
+    honours <base href>, rel=nofollow and ``<meta name=robots content=nofollow>``. An empty page has
+    no links; a page lxml cannot parse raises (the crawler counts it under ``errors/links/``)."""
+    if not _XML_DECLARATION.sub("", html, count=1).strip():
         return [], False
+    doc = parse_html_text(html)
     for meta in doc.xpath("//meta[@name]"):
         if (meta.get("name") or "").lower() == "robots" and "nofollow" in (meta.get("content") or "").lower():
             return [], True
@@ -528,7 +539,18 @@ class Crawl(SourceStage):
         if depth >= self.config.max_depth:
             return
         dec = decode_bytes(body, ctype, html=True)
-        links, nofollow = extract_links(dec.text, url)
+        try:
+            links, nofollow = extract_links(dec.text, url)
+        except Exception as exc:  # noqa: BLE001 - counted and logged: the page is kept, its links are lost
+            reason = type(exc).__name__
+            key = f"errors/links/{reason}"
+            bumps[key] = bumps.get(key, 0) + 1
+            logged = self.__dict__.setdefault("_link_errors_logged", set())
+            if reason not in logged:  # once per reason and crawl: the counter has the total
+                logged.add(reason)
+                log.warning("%s: links of %s cannot be parsed (%s: %s); counted under %s", self.step_name,
+                            url, reason, str(exc)[:200], key)
+            return
         if nofollow:
             bumps["crawl/pages_nofollow"] = bumps.get("crawl/pages_nofollow", 0) + 1
         for href, base in links:

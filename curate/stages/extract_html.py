@@ -28,7 +28,9 @@ Rows are dropped (and counted) by reason, never lost silently:
 
 Other counters: ``extract_html/decoded/<how>`` for binary HTML (see charset), ``extract_html/non_utf8`` for
 pages whose bytes were not valid in their charset (bytes replaced by U+FFFD; the page is still
-extracted), ``extract_html/chars_in`` and ``extract_html/chars_out``.
+extracted), ``extract_html/chars_in`` and ``extract_html/chars_out``. Warnings and errors that trafilatura
+and its helpers log (``parsed tree length ...``) are counted as
+``extract_html/library_log/<library>/<what>`` and logged at debug level with the page's id.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from curate.pipeline.library_logs import LibraryLogs
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
 from curate.pipeline.tables import set_column
 
@@ -50,6 +53,8 @@ log = logging.getLogger("curate")
 
 #: trafilatura Document attributes copied into the metadata JSON (metadata key = attribute name)
 _HTML_LANG = re.compile(r"<html\b[^>]*?\blang\s*=\s*[\"']?\s*([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*)", re.I)
+#: libraries whose log records are counted and re-logged at debug level with the page (LibraryLogs)
+_LIBRARY_LOGGERS = ("trafilatura", "htmldate", "justext", "courlan")
 META_FIELDS = ("title", "author", "url", "hostname", "sitename", "description", "date", "language",
                "categories", "tags", "license", "pagetype", "image")
 
@@ -164,6 +169,8 @@ class ExtractHtml(FilterStage):
 
     name = "extract_html"
     preload = ("trafilatura",)
+    # jusText (inside trafilatura) imports lxml.html.clean, a separate package since lxml 5.2
+    requires = ("trafilatura", "lxml.html.clean")
     Config = ExtractHtmlConfig
     reads = ("{html_column}",)
     writes = {"text": pa.string(), "title": pa.string(), "date": pa.string(), "metadata": pa.string()}
@@ -252,8 +259,9 @@ class ExtractHtml(FilterStage):
         dates: list[str | None] = []
         metas: list[str] = []
         self._reasons: list[str | None] = []
-        with _TimeLimit(c.timeout_s) as limit:
+        with _TimeLimit(c.timeout_s) as limit, LibraryLogs(self, _LIBRARY_LOGGERS) as library_logs:
             for i in range(n):
+                library_logs.doc_id = ids[i]
                 html, reason, meta = htmls[i], None, {}
                 text = None
                 if html is None or not html.strip():

@@ -1,7 +1,8 @@
 """``read_pydoc``: real HTML pages rendered offline by ``pydoc`` from Python's standard library.
 
 A source for demos, tests and benchmarks that needs no download: each module's documentation is
-rendered as an HTML page (the same pages ``python -m pydoc -w`` writes), and each topic of the
+rendered as an HTML page (the same pages ``python -m pydoc -w`` writes, with memory addresses in
+default values normalised to ``0x0`` so that every run gives the same bytes), and each topic of the
 Python language reference that ships with Python (``pydoc_data.topics``: prose such as "The if
 statement is used for conditional execution...") as an article page. Some modules are aliases of
 others (``os.path`` is ``posixpath``), which gives natural exact and near duplicates.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import pydoc
+import re
 import warnings
 from typing import Iterator
 
@@ -76,7 +78,7 @@ class ReadPydoc(SourceStage):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     mod = importlib.import_module(name)
-                    page = pydoc.html.page(pydoc.describe(mod), pydoc.html.document(mod, name))
+                    page = normalize_addresses(pydoc.html.page(pydoc.describe(mod), pydoc.html.document(mod, name)))
             except Exception as exc:  # noqa: BLE001 - a module that cannot be imported/rendered
                 self.error("render_failed", doc_id=name, detail=f"{type(exc).__name__}: {exc}")
                 continue
@@ -85,6 +87,17 @@ class ReadPydoc(SourceStage):
         if rows:
             ids, urls, pages, metas = zip(*rows)
             yield docs_table(ids, [""] * len(ids), urls, metas, html=list(pages), url=list(urls))
+
+
+# pydoc prints default values with their repr, and many reprs hold a memory address
+# ("<object object at 0x7fc5dcd4c160>") that changes from one process to the next
+_ADDRESS = re.compile(r"(\bat(?:\s|&nbsp;)+)0x[0-9a-fA-F]+\b")
+
+
+def normalize_addresses(page: str) -> str:
+    """The page with every ``at 0x...`` memory address replaced by ``at 0x0``: the same module
+    renders to the same bytes in every run (the quickstart is byte-reproducible)."""
+    return _ADDRESS.sub(r"\g<1>0x0", page)
 
 
 def topic_page(name: str) -> str | None:
