@@ -64,3 +64,37 @@ def test_gpu_stage_without_gpus_is_a_clear_error(tmp_path):
          "stages": [{"stage": "gpu_probe", "options": {"marker_dir": str(tmp_path / "m")}}]}
     with pytest.raises(PipelineError, match="step 'gpu_probe'.*needs 1 GPU"):
         run_pipeline(d, progress=False)
+
+
+@pytest.mark.ray
+def test_plugin_next_to_the_pipeline_file_runs_on_ray_workers(tmp_path):
+    """Ray workers do not inherit the driver's sys.path: the job names the plugin folders."""
+    import textwrap
+
+    import pyarrow as pa
+
+    write_corpus(str(tmp_path / "in"), files=2, rows=30)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "ray_side_plugin.py").write_text(textwrap.dedent('''
+        import os
+        import pyarrow as pa
+        from curate.pipeline.stage import MapStage, register
+
+        @register
+        class WhereAmI(MapStage):
+            """Adds the worker's pid."""
+            name = "where_am_i"
+            def process(self, table):
+                return table.append_column("pid", pa.array([os.getpid()] * table.num_rows, pa.int64()))
+    '''))
+    import yaml
+    cfg = {"name": "p", "output": str(tmp_path / "out"), "runner": "ray", "workers": 2,
+           "plugins": ["ray_side_plugin"],
+           "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+           "stages": [{"stage": "where_am_i"}]}
+    (proj / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_pipeline(str(proj / "pipeline.yaml"), progress=False)
+    t = pa.concat_tables(read_step(str(tmp_path / "out"), "where_am_i").values())
+    assert t.num_rows == 60 and os.getpid() not in set(t.column("pid").to_pylist())
+    assert res.stats["where_am_i"]["out"] == 60

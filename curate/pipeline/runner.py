@@ -34,6 +34,7 @@ from curate.pipeline.config import Pipeline, Step
 from curate.pipeline.context import RunContext
 from curate.pipeline.io import Dataset, ShardWriter, is_local, join
 from curate.pipeline.plan import Segment, plan
+from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stats import Progress, StepStats, funnel_table
 from curate.pipeline.state import Layout, StepMarker, StepRecord, TaskRecord, read_task_records
 from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run_task
@@ -260,6 +261,7 @@ class Runner:
                   side_dirs={n: self.layout.url_of(self.layout.step_dir(n)) for n in names},
                   task_ids=tuple(task_ids), batch_size=self.spec.batch_size,
                   rows_per_shard=self.spec.rows_per_shard, plugins=tuple(self.spec.plugins),
+                  plugin_dirs=tuple(plugin_dirs(self.pipe.path if os.path.exists(self.pipe.path) else None)),
                   cpus=max([s.resources.cpus for s in stages] + [1.0]),
                   gpus=max([s.resources.gpus for s in stages] + [0.0]))
         total = self.stats[seg.head.name].rows_out if seg.head is not None else None

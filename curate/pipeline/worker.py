@@ -49,7 +49,8 @@ class Job:
     batch_size: int
     rows_per_shard: int
     plugins: tuple[str, ...] = ()
-    cpus: float = 1.0
+    plugin_dirs: tuple[str, ...] = ()   # where plugins are found besides sys.path (Ray workers
+    cpus: float = 1.0                   # on other nodes do not inherit the driver's sys.path)
     gpus: float = 0.0
 
     @property
@@ -147,6 +148,9 @@ def _build(job: Job) -> list[Stage]:
     if _WORKER["key"] != job.key:
         for st in _WORKER.get("stages") or []:
             st.teardown()
+        if job.plugins:
+            import sys
+            sys.path.extend(d for d in job.plugin_dirs if d not in sys.path)
         for mod in job.plugins:
             __import__(mod)
 
