@@ -76,7 +76,7 @@ CREATE TABLE IF NOT EXISTS urls(
     requested INTEGER NOT NULL DEFAULT 0,-- an HTTP request was made (counts toward max_pages)
     status INTEGER,
     fetched_at TEXT,
-    outcome TEXT,                        -- a counter key: pages/html, dropped/..., errors/...
+    outcome TEXT,                        -- a counter key: crawl/pages_html, dropped/..., errors/...
     content_type TEXT,
     seconds REAL
 );
@@ -502,7 +502,7 @@ class Crawl(SourceStage):
             body = bytes(buf)
             if not mime and not _looks_like_html(body):
                 return _Result("dropped/content_type", status, ctype, detail="no content-type, not HTML")
-            return _Result("pages/html", status, ctype, body=body)
+            return _Result("crawl/pages_html", status, ctype, body=body)
 
     # -- bookkeeping -------------------------------------------------------------------------------
     def _record(self, db: sqlite3.Connection, url: str, depth: int, hops: int, via: str | None,
@@ -514,7 +514,7 @@ class Crawl(SourceStage):
         bumps: dict[str, int] = {}
         new: list[tuple[str, int, int, str]] = []
         outcome = res.outcome
-        if res.outcome == "pages/html":
+        if res.outcome == "crawl/pages_html":
             self._links_of(url, depth, res.body, res.content_type, new, bumps)
         elif res.outcome == "crawl/redirects":
             if hops >= cfg.max_redirects:
@@ -525,7 +525,7 @@ class Crawl(SourceStage):
             db.execute("UPDATE urls SET state='done', requested=1, status=?, fetched_at=?, outcome=?, "
                        "content_type=?, seconds=? WHERE url=?",
                        (res.status, fetched_at, outcome, res.content_type, round(seconds, 4), url))
-            if res.outcome == "pages/html":
+            if res.outcome == "crawl/pages_html":
                 db.execute("INSERT OR REPLACE INTO pages VALUES(?,?,?,?,?,?,?,?)",
                            (url, depth, res.status, fetched_at, res.content_type, via, round(seconds, 4),
                             zlib.compress(res.body, 6)))
@@ -582,7 +582,7 @@ class Crawl(SourceStage):
         for outcome, n in db.execute("SELECT outcome, COUNT(*) FROM urls WHERE state='done' GROUP BY outcome"):
             self.count(outcome, n)
         requested = db.execute("SELECT COUNT(*) FROM urls WHERE requested=1").fetchone()[0]
-        self.count("pages/requested", requested)
+        self.count("crawl/pages_requested", requested)
         left = db.execute("SELECT COUNT(*) FROM urls WHERE state='queued'").fetchone()[0]
         self.count("crawl/frontier_left", left)
         for k, n in db.execute("SELECT key, n FROM counters"):

