@@ -43,6 +43,8 @@ def build_body(model: str, request: Request, extra: dict[str, Any] | None = None
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
+    if not request.add_special_tokens:
+        body["add_special_tokens"] = False  # a vLLM server extension: the prompt carries its BOS
     if request.messages is not None:
         path = "/chat/completions"
         body["messages"] = [dict(m) for m in request.messages]
@@ -155,10 +157,10 @@ class OpenAIEngine(Engine):
             h["Authorization"] = f"Bearer {key}"
         return h
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
-        return _run_sync(self._agenerate(requests))
+    def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
+        return _run_sync(self._agenerate(requests, on_done))
 
-    async def _agenerate(self, requests: list[Request]) -> list[Completion]:
+    async def _agenerate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         import httpx
 
         cfg = self.config
@@ -170,11 +172,29 @@ class OpenAIEngine(Engine):
         async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=self._headers(),
                                      timeout=httpx.Timeout(cfg.timeout), limits=limits,
                                      **kwargs) as client:
-            return list(await asyncio.gather(*(self._one(client, sem, r) for r in requests)))
+            limiter = self._limiter()
 
-    async def _one(self, client: Any, sem: asyncio.Semaphore, request: Request) -> Completion:
+            async def one(i: int, r: Request) -> Completion:
+                c = await self._one(client, sem, r, limiter)
+                if on_done is not None and c.ok:
+                    on_done(i, c)  # into the request cache now: an interrupted batch keeps it
+                    c.stored = True
+                return c
+
+            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    def _limiter(self) -> "RateLimiter | None":
+        cfg = self.config
+        if cfg.requests_per_minute is None and cfg.tokens_per_minute is None:
+            return None
+        return RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+
+    async def _one(self, client: Any, sem: asyncio.Semaphore, request: Request,
+                   limiter: "RateLimiter | None" = None) -> Completion:
         cfg = self.config
         path, body = build_body(cfg.model, request, cfg.extra_body)
+        if limiter is not None:
+            await limiter.acquire(estimate_tokens(request))
         delay = cfg.backoff
         reason = ""
         for attempt in range(cfg.max_retries + 1):
@@ -194,7 +214,7 @@ class OpenAIEngine(Engine):
                     log.info("openai engine: retrying after %s", reason)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
-        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)")
+        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)", transient=True)
 
     async def _post(self, client: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
         import httpx
@@ -219,6 +239,58 @@ class OpenAIEngine(Engine):
 
 class _Fatal(Exception):
     pass
+
+
+def estimate_tokens(request: Request) -> int:
+    """Tokens a request may use, for tokens-per-minute limits: prompt bytes / 4 plus max_tokens."""
+    text = request.prompt if request.prompt is not None else "".join(
+        m.get("content") or "" for m in request.messages or ())
+    return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4 + request.params.max_tokens * request.params.n
+
+
+class RateLimiter:
+    """Token buckets for requests and tokens per minute (each refills continuously; a bucket holds
+    at most one minute of its rate). ``acquire`` waits until both allow the request."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, clock: Any = None):
+        import time
+
+        self.rpm, self.tpm = rpm, tpm
+        self.clock = clock or time.monotonic
+        self.req = float(rpm or 0)
+        self.tok = float(tpm or 0)
+        self.t = self.clock()
+        self.lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        dt, self.t = now - self.t, now
+        if self.rpm:
+            self.req = min(float(self.rpm), self.req + dt * self.rpm / 60.0)
+        if self.tpm:
+            self.tok = min(float(self.tpm), self.tok + dt * self.tpm / 60.0)
+
+    def wait_time(self, tokens: int) -> float:
+        """Seconds until a request of ``tokens`` may go (0: now, and the buckets are charged)."""
+        self._refill()
+        tokens = min(tokens, int(self.tpm)) if self.tpm else tokens
+        waits = [0.0]
+        if self.rpm and self.req < 1:
+            waits.append((1 - self.req) * 60.0 / self.rpm)
+        if self.tpm and self.tok < tokens:
+            waits.append((tokens - self.tok) * 60.0 / self.tpm)
+        w = max(waits)
+        if w == 0.0:
+            if self.rpm:
+                self.req -= 1
+            if self.tpm:
+                self.tok -= tokens
+        return w
+
+    async def acquire(self, tokens: int) -> None:
+        async with self.lock:  # first come, first served
+            while (w := self.wait_time(tokens)) > 0:
+                await asyncio.sleep(w)
 
 
 def _snippet(resp: Any) -> str:

@@ -149,7 +149,8 @@ def test_in_a_pipeline_rerun_uses_the_cache(smol, tmp_path):
 
 
 def test_llm_accounting_for_other_stages():
-    from curate.engines import Choice, Completion, LLMAccounting
+    from curate.engines import Choice, Completion
+    from curate.llm import LLMAccounting
     from curate.pipeline.stage import MapStage
 
     class Rate(MapStage):
@@ -163,7 +164,8 @@ def test_llm_accounting_for_other_stages():
     acc.parse_failed("d4", "no score in 'banana'")
     c = st.counters.to_dict()
     assert c == {"llm/requests": 3, "llm/cached": 1, "llm/prompt_tokens": 10, "llm/completion_tokens": 2,
-                 "llm/failed": 2, "errors/llm/request": 1, "errors/llm/parse": 1, "llm/parse_failed": 1}
+                 "llm/failed": 2, "errors/llm/request": 1, "errors/parse/unparseable": 1,
+                 "llm/parse_failed": 1}
     acc.check()  # 2 of 3: too few requests to judge
     acc.record([Completion.failed("timeout")])
     with pytest.raises(StageError, match="3 of 4 LLM requests failed"):
