@@ -88,6 +88,38 @@ def _check_keys(obj: dict[str, Any], required: dict[str, Any] | None) -> dict[st
     return obj
 
 
+_JSON_STR = r'"(?:[^"\\\n]|\\.)*"'
+
+
+def salvage_string_list(text: str, key: str) -> list[str]:
+    """The complete string items of the JSON list under ``key`` in an answer cut short (the model
+    hit max_tokens inside the list): ``{"entities": ["a", "b", "c`` -> ["a", "b"]. Items must be
+    whole JSON strings followed by a comma or the list's end; nothing is guessed."""
+    m = re.search(rf'"{re.escape(key)}"\s*:\s*\[', text)
+    if not m:
+        return []
+    out = []
+    for item in re.finditer(rf"\s*({_JSON_STR})\s*(,|\])", text[m.end():]):
+        try:
+            out.append(json.loads(item.group(1)))
+        except ValueError:
+            break
+        if item.group(2) == "]":
+            break
+    return out
+
+
+def salvage_string(text: str, key: str) -> str | None:
+    """A complete JSON string value under ``key`` in a possibly cut answer, or None."""
+    m = re.search(rf'"{re.escape(key)}"\s*:\s*({_JSON_STR})', text)
+    if not m:
+        return None
+    try:
+        return json.loads(m.group(1))
+    except ValueError:
+        return None
+
+
 def string_list(values: Iterable[Any], *, max_len: int = 200) -> list[str]:
     """Strings from a JSON list: stripped, non-empty, at most ``max_len`` characters, case-insensitive
     duplicates removed (first kept). Non-strings are ignored."""

@@ -7,6 +7,8 @@ A template lives in ``curate/prompts/<recipe>/<name>.yaml`` and its id is ``<rec
     system: optional system message (Jinja)
     user: the user message (Jinja; variables such as {{ text }})
     prefix: optional text the answer must start with (checked by stages that care)
+    example: optional worked example {variables: {...}, answer: ...} (or a list), sent as an
+             earlier user/assistant turn
 
 Templates are Jinja2 with ``StrictUndefined``: a variable the caller does not supply is an error
 when rendering, and :meth:`PromptTemplate.variables` lists the names a template uses so a stage
@@ -69,9 +71,21 @@ class PromptTemplate:
             raise TemplateError(f"template {self.id!r}: {exc}") from None
         return system, user
 
-    def messages(self, **variables: Any) -> list[dict[str, str]]:
+    def example_turns(self) -> list[tuple[dict[str, Any], str]]:
+        """The template's worked examples: ``example: {variables: {...}, answer: ...}`` (or a list
+        of them), sent as earlier user/assistant turns (small models follow a format better)."""
+        ex = self.extra.get("example")
+        items = ex if isinstance(ex, list) else [ex] if ex else []
+        return [(dict(e.get("variables") or {}), str(e.get("answer") or "").strip()) for e in items]
+
+    def messages(self, *, examples: bool = True, **variables: Any) -> list[dict[str, str]]:
+        """Chat messages: system, the worked examples (``examples``), then the user message."""
         system, user = self.render(**variables)
-        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        msgs = [{"role": "system", "content": system}] if system else []
+        for ex_vars, answer in (self.example_turns() if examples else []):
+            msgs += [{"role": "user", "content": self.render(**{**variables, **ex_vars})[1]},
+                     {"role": "assistant", "content": answer}]
+        return msgs + [{"role": "user", "content": user}]
 
     @property
     def label(self) -> str:
@@ -118,6 +132,10 @@ def load_template(template_id: str, prompts_dir: str | None = None) -> PromptTem
     version = data.get("version")
     if not isinstance(version, int) or version < 1:
         raise TemplateError(f"prompt template {path}: 'version' must be a positive integer")
+    ex = data.get("example")
+    for e in (ex if isinstance(ex, list) else [ex] if ex is not None else []):
+        if not isinstance(e, dict) or not isinstance(e.get("answer"), str) or not isinstance(e.get("variables", {}), dict):
+            raise TemplateError(f"prompt template {path}: 'example' needs 'variables' (a mapping) and 'answer'")
     known = {"version", "description", "system", "user", "prefix"}
     tid = template_id if not template_id.endswith((".yaml", ".yml")) else \
         f"{os.path.basename(os.path.dirname(path))}/{os.path.splitext(os.path.basename(path))[0]}"

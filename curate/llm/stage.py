@@ -432,10 +432,13 @@ class LLMStage(MapStage):
             self.defer_rows(results)
         return self.assemble(table, outputs)
 
-    def collect(self, rows: list[dict[str, Any]], results: Sequence[JobResult]) -> list[tuple[int, dict[str, Any]]]:
-        """Output dicts of the finished jobs; synthetic stages get ids and provenance."""
+    def collect(self, rows: list[dict[str, Any]], results: Sequence[JobResult],
+                numbering: dict[int, int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """Output dicts of the finished jobs; synthetic stages get ids (``<source id>#<recipe>-<k>``,
+        k counting a row's outputs; pass one ``numbering`` dict to several calls for one batch) and
+        provenance."""
         out: list[tuple[int, dict[str, Any]]] = []
-        n_per_row: dict[int, int] = {}
+        n_per_row: dict[int, int] = {} if numbering is None else numbering
         for res in results:
             if res.status != "ok":
                 continue

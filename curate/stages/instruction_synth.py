@@ -16,7 +16,7 @@ chosen by a seed derived from the document id.
   </CON>\\n\\n``, with the BOS written in the text and the engine told not to add another
   (``Request.add_special_tokens = False``); the model answers ``<QUE> q <ANS> a </END>`` repeated.
 - ``instruct`` mode asks a chat model (prompt ``instruction_synth/instruct``, whose worked example
-  ``example_text``/``example_answer`` is sent as an earlier turn) for the same tagged format; both are read by the reference parsing rules (:func:`curate.llm.parse.parse_tagged_pairs`:
+  is sent as an earlier turn) for the same tagged format; both are read by the reference parsing rules (:func:`curate.llm.parse.parse_tagged_pairs`:
   split on ``</END>``, drop an unfinished last piece, exactly one ``<ANS>``, ``<QUE>`` first, no
   empty answers, no case-insensitive duplicate questions).
 - Multi-round (``rounds`` > 1): the rows of a batch are split into rounds; a text of round r is
@@ -106,9 +106,8 @@ class InstructionSynth(LLMStage):
             return Request(prompt=prompt, params=self.sampling(), id=doc_id, add_special_tokens=False)
         t = self.template(cfg.template)
         msgs: list[dict[str, str]] = []
-        turns = [(shot_text, format_tagged_pairs(pairs)) for shot_text, pairs in shots]
-        if t.extra.get("example_text") and t.extra.get("example_answer"):  # the template's worked example
-            turns.insert(0, (str(t.extra["example_text"]), str(t.extra["example_answer"]).strip()))
+        turns = [(ex.get("text", ""), answer) for ex, answer in t.example_turns()]  # the template's examples
+        turns += [(shot_text, format_tagged_pairs(pairs)) for shot_text, pairs in shots]
         for i, (shot_text, answer) in enumerate(turns):
             system, user = t.render(text=shot_text)
             if i == 0 and system:
