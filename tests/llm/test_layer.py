@@ -281,3 +281,49 @@ def test_pool_evicts_idle_gpu_engines(monkeypatch):
     pool.release(b)
     pool.clear()
     assert closed == ["/m/a", "/m/b"]
+
+
+def test_killed_run_resumes_without_new_calls_for_finished_rows(openai_server, prompts, tmp_path):
+    import signal
+    import sqlite3
+    import time
+
+    from helpers import curate_bin
+
+    st = openai_server.state
+    st.backend, st.responder = "script", facts_answer
+    texts = [f"fact{i} alpha{i} beta{i}" for i in range(12)]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(docs(texts), inp / "a.parquet")
+
+    def spec(out):
+        return {"name": "kill", "output": str(out), "workers": 1, "plugins": ["facts_stage"],
+                "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(inp)}}},
+                "stages": [{"stage": "test_facts", "options": {
+                    "engine": engine(openai_server, concurrency=2), "prompts_dir": str(prompts),
+                    "max_tokens": 32}}]}
+
+    whole = run_pipeline(spec(tmp_path / "whole"), progress=False)
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(yaml.safe_dump(spec(tmp_path / "out")))
+    st.hits, st.delay = 0, 0.3
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([curate_bin(), "run", "-q", str(cfg)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while st.hits < 7 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert 7 <= st.hits < 12, "the run must be killed midway"
+    time.sleep(0.5)  # answers in flight at the kill reach nobody
+    cache = tmp_path / "out" / "_curate" / "work" / "test_facts" / "llm_cache.sqlite"
+    finished = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM completions").fetchone()[0]
+    assert finished >= 5  # written as each answer arrived, not at the end of the batch
+    st.hits, st.delay = 0, 0.0
+    again = run_pipeline(spec(tmp_path / "out"), progress=False)
+    assert st.hits == 12 - finished  # no new call for a finished row
+    assert _table(again).equals(_table(whole))
