@@ -201,6 +201,41 @@ class LLMStage(MapStage):
                 "stop": tuple(cfg.stop), "seed": cfg.seed}
         return SamplingParams(**{**base, **overrides})
 
+    def text_budget(self, template: PromptTemplate | None, answer_tokens: int, margin: int = 32,
+                    **variables: Any) -> int:
+        """Tokens of document text per chunk: ``context_tokens`` (an option of chunking stages) minus
+        the answer and the template around the text (with its worked examples); ``variables`` fill
+        the template's other slots with typical values."""
+        overhead = margin
+        if template is not None:
+            msgs = template.messages(**{"text": "", **variables})
+            overhead += sum(self.engine.count_tokens(m["content"]) + 4 for m in msgs)
+        return max(32, self.config.context_tokens - answer_tokens - overhead)
+
+    def chunks_of(self, rows: list[dict[str, Any]], indices: range, column: str,
+                  budget: int) -> list[tuple[int, int, str]]:
+        """(row, chunk index, chunk text) for the rows ``indices``; empty texts are dropped and
+        counted (``dropped/empty_text``)."""
+        out: list[tuple[int, int, str]] = []
+        for i in indices:
+            text = rows[i].get(column)
+            if text is None or not str(text).strip():
+                self.drop("empty_text")
+                continue
+            out += [(i, k, c) for k, c in enumerate(self.split(str(text), budget))]
+        return out
+
+    def finish(self, table: pa.Table, rows: list[dict[str, Any]], results: Sequence[JobResult],
+               numbering: dict[int, int] | None = None) -> list[tuple[int, dict[str, Any]]]:
+        """End of a batch: failed rows to the side output, deferred rows counted, outputs collected."""
+        self.failed_side(table, results)
+        self.defer_rows(results)
+        return self.collect(rows, results, numbering)
+
+    def batches(self, rows: list[dict[str, Any]]) -> list[range]:
+        n, size = len(rows), self.config.batch_size
+        return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
     def split(self, text: str, budget: int) -> list[str]:
         """``text`` in chunks of at most ``budget`` engine tokens, cut at paragraph/sentence
         boundaries (never truncated). Counted: ``<stage>/chunked_docs``, ``<stage>/chunks``."""
@@ -422,14 +457,9 @@ class LLMStage(MapStage):
         rows = self.rows(table)
         ids = [r.get("id") for r in rows]
         outputs: list[tuple[int, dict[str, Any]]] = []
-        for start in range(0, len(rows), self.config.batch_size):
-            jobs: list[Job] = []
-            for i in range(start, min(len(rows), start + self.config.batch_size)):
-                jobs.extend(self.jobs_for(i, rows[i]))
-            results = self.complete(jobs, ids)
-            outputs.extend(self.collect(rows, results))
-            self.failed_side(table, results)
-            self.defer_rows(results)
+        for batch in self.batches(rows):
+            jobs = [j for i in batch for j in self.jobs_for(i, rows[i])]
+            outputs.extend(self.finish(table, rows, self.complete(jobs, ids)))
         return self.assemble(table, outputs)
 
     def collect(self, rows: list[dict[str, Any]], results: Sequence[JobResult],

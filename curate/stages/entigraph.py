@@ -164,21 +164,15 @@ class EntiGraph(LLMStage):
         rows = self.rows(table)
         ids = [r.get("id") for r in rows]
         outputs: list[tuple[int, dict[str, Any]]] = []
-        if rows:
-            ent_t = self.template(cfg.entities_template)
-            overhead = max(self.engine.count_tokens(m["content"]) for m in ent_t.messages(text="")) + 64
-            budget = max(64, cfg.context_tokens - max(cfg.entities_max_tokens, cfg.max_tokens) - overhead - 256)
-        for start in range(0, len(rows), cfg.batch_size):
-            jobs: list[Job] = []
-            for i in range(start, min(len(rows), start + cfg.batch_size)):
-                text = rows[i].get(cfg.text_column)
-                if not text or not str(text).strip():
-                    self.drop("empty_text")
-                    continue
-                for k, chunk in enumerate(self.split(str(text), budget)):
-                    req = self.ask(cfg.entities_template, row=rows[i], text=chunk,
-                                   params=self.sampling(max_tokens=cfg.entities_max_tokens))
-                    jobs.append(Job(i, [req], self.parse_entities, ent_t, {"chunk": k, "text": chunk}))
+        ent_t = self.template(cfg.entities_template)
+        # the relation prompts hold the document too: leave room for their entities and summary
+        budget = self.text_budget(self.template(cfg.pair_template), cfg.max_tokens, margin=64,
+                                  entities=["x" * 40] * 3, summary="x" * 400) if rows else 0
+        for batch in self.batches(rows):
+            jobs = [Job(i, [self.ask(cfg.entities_template, row=rows[i], text=chunk,
+                                     params=self.sampling(max_tokens=cfg.entities_max_tokens))],
+                        self.parse_entities, ent_t, {"chunk": k, "text": chunk})
+                    for i, k, chunk in self.chunks_of(rows, batch, cfg.text_column, budget)]
             step1 = self.complete(jobs, ids)
             rel_jobs: list[Job] = []
             numbering: dict[int, int] = {}
@@ -207,9 +201,7 @@ class EntiGraph(LLMStage):
                     rel_jobs.append(Job(i, [req], lambda cs, e=ents, s=summary: self.parse_relation(e, s, cs),
                                         self.template(tid), {"chunk": k}))
             step2 = self.complete(rel_jobs, ids)
-            outputs.extend(self.collect(rows, step2, numbering))
-            self.failed_side(table, step1 + step2)
-            self.defer_rows(step1 + step2)
+            outputs.extend(self.finish(table, rows, [r for r in step1 if r.status != "ok"] + step2, numbering))
         return self.assemble(table, outputs)
 
     def _tokens(self, req: Any) -> int:

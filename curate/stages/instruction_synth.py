@@ -127,10 +127,10 @@ class InstructionSynth(LLMStage):
         return sum(self.engine.count_tokens(m["content"]) + 4 for m in req.messages or ())
 
     def chunk_budget(self) -> int:
-        """Tokens of text per chunk: the context minus the answer and the prompt around the text."""
-        cfg = self.config
+        """Tokens of text per chunk: the context minus the answer and the prompt around the text
+        (counted on the request itself: the synthesizer prompt is not a template)."""
         overhead = self._prompt_tokens(self.request("", [], None)) + 16
-        return max(32, cfg.context_tokens - cfg.max_tokens - overhead)
+        return max(32, self.config.context_tokens - self.config.max_tokens - overhead)
 
     # -- parsing and rendering ---------------------------------------------------------------------
     def _rng(self, doc_id: Any, chunk: int) -> random.Random:
@@ -167,14 +167,8 @@ class InstructionSynth(LLMStage):
         budget = self.chunk_budget() if rows else 0
         outputs: list[tuple[int, dict[str, Any]]] = []
         tmpl = self.template(cfg.template) if cfg.mode == "instruct" else None
-        for start in range(0, len(rows), cfg.batch_size):
-            units: list[tuple[int, int, str]] = []  # (row, chunk index, text)
-            for i in range(start, min(len(rows), start + cfg.batch_size)):
-                text = rows[i].get(cfg.text_column)
-                if not text or not str(text).strip():
-                    self.drop("empty_text")
-                    continue
-                units += [(i, k, c) for k, c in enumerate(self.split(str(text), budget))]
+        for batch in self.batches(rows):
+            units = self.chunks_of(rows, batch, cfg.text_column, budget)  # (row, chunk index, text)
             per_round = -(-len(units) // cfg.rounds) if units else 0
             shots_of: dict[int, list[tuple[str, list[tuple[str, str]]]]] = {}  # unit -> its chain
             all_results = []
@@ -199,9 +193,7 @@ class InstructionSynth(LLMStage):
             for res in all_results:
                 for d in res.rows:
                     d.pop("pairs", None)
-            outputs.extend(self.collect(rows, all_results))
-            self.failed_side(table, all_results)
-            self.defer_rows(all_results)
+            outputs.extend(self.finish(table, rows, all_results))
         return self.assemble(table, outputs)
 
     def _chain(self, shots: list[tuple[str, list[tuple[str, str]]]], text: str | None, doc_id: Any):

@@ -94,22 +94,10 @@ class Rephrase(LLMStage):
         ids = [r.get("id") for r in rows]
         outputs: list[tuple[int, dict[str, Any]]] = []
         t = self.template(self.template_id)
-        budget = 0
-        if rows:
-            overhead = sum(self.engine.count_tokens(m["content"]) for m in t.messages(text="")) + 32
-            budget = max(32, cfg.context_tokens - cfg.max_tokens - overhead)
-        for start in range(0, len(rows), cfg.batch_size):
-            jobs: list[Job] = []
-            for i in range(start, min(len(rows), start + cfg.batch_size)):
-                text = rows[i].get(cfg.text_column)
-                if not text or not str(text).strip():
-                    self.drop("empty_text")
-                    continue
-                for k, chunk in enumerate(self.split(str(text), budget)):
-                    req = self.ask(self.template_id, row=rows[i], text=chunk)
-                    jobs.append(Job(i, [req], lambda cs, src=chunk: self.parse_answer(src, cs), t, {"chunk": k}))
-            results = self.complete(jobs, ids)
-            outputs.extend(self.collect(rows, results))
-            self.failed_side(table, results)
-            self.defer_rows(results)
+        budget = self.text_budget(t, cfg.max_tokens) if rows else 0
+        for batch in self.batches(rows):
+            jobs = [Job(i, [self.ask(self.template_id, row=rows[i], text=chunk)],
+                        lambda cs, src=chunk: self.parse_answer(src, cs), t, {"chunk": k})
+                    for i, k, chunk in self.chunks_of(rows, batch, cfg.text_column, budget)]
+            outputs.extend(self.finish(table, rows, self.complete(jobs, ids)))
         return self.assemble(table, outputs)

@@ -110,16 +110,21 @@ def _pipeline(tmp_path, out, server, **options):
                                                            "batch_size": 2, **options}}]}
 
 
+def _uninterrupted(server, prompts, tmp_path):
+    """A whole run to compare with (the server then answers well-formed facts, hits reset)."""
+    st = server.state
+    st.backend, st.responder = "script", facts_answer
+    whole = run_pipeline(_pipeline(tmp_path, tmp_path / "whole", server, prompts_dir=str(prompts)), progress=False)
+    st.hits = 0
+    return st, whole
+
+
 def _table(result):
     return result.dataset("test_facts").to_table().sort_by("id").select(["id", "text", "source_id"])
 
 
 def test_transient_failures_are_retried_by_a_plain_rerun(openai_server, prompts, tmp_path):
-    st = openai_server.state
-    st.backend, st.responder = "script", facts_answer
-    whole = run_pipeline(_pipeline(tmp_path, tmp_path / "whole", openai_server, prompts_dir=str(prompts)),
-                         progress=False)
-    st.hits = 0
+    st, whole = _uninterrupted(openai_server, prompts, tmp_path)
     st.fail_next = ["500", "500"]  # the first two requests fail (max_retries 0: given up at once)
     spec = _pipeline(tmp_path, tmp_path / "out", openai_server, prompts_dir=str(prompts))
     with pytest.raises(PipelineError, match=r"2 row\(s\).*may pass \(transient/llm_request\).*Run the same command again"):
@@ -134,11 +139,7 @@ def test_transient_failures_are_retried_by_a_plain_rerun(openai_server, prompts,
 
 
 def test_budget_stops_cleanly_and_a_bigger_budget_continues(openai_server, prompts, tmp_path):
-    st = openai_server.state
-    st.backend, st.responder = "script", facts_answer
-    whole = run_pipeline(_pipeline(tmp_path, tmp_path / "whole", openai_server, prompts_dir=str(prompts)),
-                         progress=False)
-    st.hits = 0
+    st, whole = _uninterrupted(openai_server, prompts, tmp_path)
     spec = _pipeline(tmp_path, tmp_path / "out", openai_server, prompts_dir=str(prompts), max_requests=3)
     with pytest.raises(PipelineError, match=r"1 row\(s\).*\(transient/budget\)"):
         run_pipeline(spec, progress=False)
