@@ -1,6 +1,9 @@
 """Any OpenAI-compatible server (OpenAI, ``vllm serve``, llama.cpp server, TGI, ...).
 
-Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight). Chat requests
+Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight, each slot with its
+own keep-alive connection), from one event loop in a background thread that lives as long as the
+engine: connections and the ``requests_per_minute``/``tokens_per_minute`` buckets carry over from
+one call to the next. Chat requests
 use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``. Timeouts,
 network errors, 408/409/429 and 5xx answers are retried with exponential backoff and jitter
 (``Retry-After`` is honoured); other 4xx answers fail the request at once. A request that still
@@ -112,28 +115,6 @@ def _completion_logprobs(lp: Any) -> list[TokenLogprob] | None:
             for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops)]
 
 
-def _run_sync(coro: Any) -> Any:
-    """Run a coroutine from sync code, also when this thread already runs an event loop (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["v"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001
-            box["e"] = exc
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
-
-
 class OpenAIEngine(Engine):
     kind = "openai"
 
@@ -144,6 +125,14 @@ class OpenAIEngine(Engine):
         self.model_id = f"{self.config.base_url.rstrip('/')}|{self.config.model}"
         self._transport = transport  # tests: httpx.MockTransport
         self._ssl: Any = None
+        # one event loop in a background thread for the engine's life: HTTP connections and the
+        # rate limiter's buckets carry over from one batch to the next
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._clients: "_ClientPool | None" = None
+        self._rate: "RateLimiter | None" = None
+        self._lock = threading.Lock()
 
     def cache_extra(self) -> str:
         import json
@@ -158,12 +147,25 @@ class OpenAIEngine(Engine):
             h["Authorization"] = f"Bearer {key}"
         return h
 
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or not self._thread.is_alive():  # type: ignore[union-attr]
+                loop = asyncio.new_event_loop()
+                th = threading.Thread(target=loop.run_forever, name="curate-openai-engine", daemon=True)
+                th.start()
+                self._loop, self._thread, self._pid = loop, th, os.getpid()
+                self._clients = _ClientPool(self._client, self.config.concurrency)
+                self._rate = self._limiter()
+            return self._loop
+
     def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
-        return _run_sync(self._agenerate(requests, on_done))
+        # works from any thread, also one that runs an event loop itself (Jupyter)
+        loop = self._event_loop()
+        return asyncio.run_coroutine_threadsafe(self._agenerate(requests, on_done), loop).result()
 
     async def _agenerate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
-        clients = _ClientPool(self._client, self.config.concurrency)
-        limiter = self._limiter()
+        clients, limiter = self._clients, self._rate
+        assert clients is not None
 
         async def one(i: int, r: Request) -> Completion:
             c = await self._one(clients, r, limiter)
@@ -172,10 +174,21 @@ class OpenAIEngine(Engine):
                 c.stored = True
             return c
 
-        try:
-            return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
-        finally:
-            await clients.aclose()
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    def close(self) -> None:
+        super().close()
+        loop, self._loop = self._loop, None
+        if loop is not None and self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            if self._clients is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(self._clients.aclose(), loop).result(10)
+                except Exception as exc:  # noqa: BLE001  (closing: a broken connection does not matter)
+                    log.debug("openai engine: closing connections: %s", exc)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(10)
+            loop.close()
+        self._clients = self._rate = None
 
     def _client(self) -> Any:
         """One HTTP client holding one keep-alive connection. ``concurrency`` of them are used side
@@ -291,7 +304,8 @@ class _ClientPool:
         return _Lease(self)
 
     async def aclose(self) -> None:
-        for c in self.all:
+        clients, self.all, self.free = self.all, [], []
+        for c in clients:
             await c.aclose()
 
 

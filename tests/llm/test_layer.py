@@ -258,6 +258,15 @@ def test_openai_rate_limit_option(openai_server):
     out = eng.generate([Request(prompt=f"p{i}", params=SamplingParams(max_tokens=2)) for i in range(30)])
     assert all(c.ok for c in out)
     assert time.monotonic() - t0 < 5  # the bucket starts full: a short burst is not slowed
+    # the buckets carry over from one call (batch) to the next: the limit holds across batches
+    eng = make_engine(engine(openai_server, requests_per_minute=60, concurrency=8))
+    t0 = time.monotonic()
+    assert all(c.ok for c in eng.generate([Request(prompt=f"q{i}", params=SamplingParams(max_tokens=2))
+                                           for i in range(60)]))
+    [c] = eng.generate([Request(prompt="one more", params=SamplingParams(max_tokens=2))])
+    assert c.ok and 0.95 <= time.monotonic() - t0 < 5  # 61 requests at 60/min: the 61st waits for the bucket
+    eng.close()
+    assert eng._loop is None and not eng._thread.is_alive()
 
 
 def test_pool_evicts_idle_gpu_engines(monkeypatch):
