@@ -57,8 +57,10 @@ class LLMAccounting:
             if not c.ok and count_failures:
                 self._fail("llm", "request", c.request_id, c.error or "")
 
-    def request_failed(self, doc_id: str | None, detail: str) -> None:
-        self._fail("llm", "request", doc_id, detail)
+    def request_failed(self, doc_id: str | None, detail: str, transient: bool = False) -> None:
+        """A request that failed after the engine's retries. A transient failure is counted here
+        for the failure rate only: the stage defers the row (``errors/transient/<reason>``)."""
+        self._fail("llm", "request", doc_id, detail, count_error=not transient)
 
     def parse_failed(self, doc_id: str | None, detail: str = "", reason: str = "unparseable") -> None:
         """The stage could not use an answer (malformed JSON, missing field...)."""
@@ -70,11 +72,12 @@ class LLMAccounting:
         self.total += 1
         self._fail("llm", "prompt", doc_id, detail)
 
-    def _fail(self, category: str, reason: str, doc_id: str | None, detail: str) -> None:
+    def _fail(self, category: str, reason: str, doc_id: str | None, detail: str, count_error: bool = True) -> None:
         self.failed += 1
         self.reasons[f"{category}/{reason}"] += 1
         self.stage.count("llm/failed")
-        self.stage.error(f"{category}/{reason}", doc_id=doc_id, detail=_short(detail))
+        if count_error:
+            self.stage.error(f"{category}/{reason}", doc_id=doc_id, detail=_short(detail))
         self.failures.append({"id": doc_id, "reason": f"{category}/{reason}", "detail": _short(detail)})
         del self.failures[:-100]
 

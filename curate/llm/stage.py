@@ -363,8 +363,9 @@ class LLMStage(MapStage):
                 bad = [c for c in cs if c is not None and not c.ok]
                 if bad:
                     err = bad[0].error or "failed"
-                    self.accounting.request_failed(doc, err)
-                    status = "deferred" if all(c.transient for c in bad) else "failed"
+                    transient = all(c.transient for c in bad)
+                    self.accounting.request_failed(doc, err, transient=transient)
+                    status = "deferred" if transient else "failed"
                     results[idx] = JobResult(job, status, completions=cs, error=err)  # type: ignore[arg-type]
                     continue
                 try:
