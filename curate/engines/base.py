@@ -16,7 +16,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,6 +61,9 @@ class Request(BaseModel):
     prompt: str | None = None
     params: SamplingParams = SamplingParams()
     id: str | None = Field(None, description="caller's reference (a document id); not part of the cache key")
+    add_special_tokens: bool = Field(
+        True, description="raw prompts only: let the tokenizer add its special tokens (BOS). False when "
+                          "the prompt text already starts with the BOS string (instruction synthesizer)")
 
     @model_validator(mode="before")
     @classmethod
@@ -79,8 +82,11 @@ class Request(BaseModel):
 
     def payload(self) -> dict[str, Any]:
         """What identifies the work (without the caller's id)."""
-        return {"messages": [dict(m) for m in self.messages] if self.messages is not None else None,
-                "prompt": self.prompt, "params": self.params.model_dump(mode="json")}
+        out = {"messages": [dict(m) for m in self.messages] if self.messages is not None else None,
+               "prompt": self.prompt, "params": self.params.model_dump(mode="json")}
+        if not self.add_special_tokens:  # only when set: older cache keys stay valid
+            out["add_special_tokens"] = False
+        return out
 
 
 @dataclass
@@ -130,6 +136,10 @@ class Completion:
     error: str | None = None
     cached: bool = False
     request_id: str | None = None
+    # a failure that may pass on a later try (timeout, HTTP 5xx after the engine's retries)
+    transient: bool = False
+    # already written to the request cache by the backend as it arrived
+    stored: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -152,8 +162,8 @@ class Completion:
         return self.choices[0].logprobs if self.choices else None
 
     @classmethod
-    def failed(cls, reason: str, request_id: str | None = None) -> "Completion":
-        return cls(choices=[], error=reason, request_id=request_id)
+    def failed(cls, reason: str, request_id: str | None = None, transient: bool = False) -> "Completion":
+        return cls(choices=[], error=reason, request_id=request_id, transient=transient)
 
     def to_dict(self) -> dict[str, Any]:
         return {"choices": [c.to_dict() for c in self.choices], "prompt_tokens": self.prompt_tokens}
@@ -222,43 +232,68 @@ class Engine(ABC):
         """Extra identity for the cache key (e.g. a custom chat template)."""
         return ""
 
-    def generate(self, requests: Sequence[Request | dict]) -> list[Completion]:
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` for chunking and budgets. Backends with a tokenizer count exactly; the
+        default is an estimate (UTF-8 bytes / 4, rounded up)."""
+        return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4
+
+    def cached(self, requests: Sequence[Request], cache: "RequestCache | None" = None) -> list[Completion | None]:
+        """The cached completion of each request, or None (no cache: all None). Does not generate."""
+        cache = cache if cache is not None else self.cache
+        out: list[Completion | None] = [None] * len(requests)
+        if cache is None:
+            return out
+        extra = self.cache_extra()
+        keys = [cache_key(self.kind, self.model_id, r, extra) for r in requests]
+        hits = cache.get_many(keys)
+        for i, k in enumerate(keys):
+            if k in hits:
+                c = Completion.from_dict(hits[k])
+                c.cached = True
+                c.request_id = requests[i].id
+                out[i] = c
+        return out
+
+    def generate(self, requests: Sequence[Request | dict], cache: "RequestCache | None" = None) -> list[Completion]:
+        """One completion per request, in order. ``cache`` overrides the engine's own cache (an
+        engine shared by several stages, each with its cache). New answers are written to the cache
+        as each one arrives, so an interrupted call keeps what finished."""
         reqs = [r if isinstance(r, Request) else Request.model_validate(r) for r in requests]
-        out: list[Completion | None] = [None] * len(reqs)
-        keys: list[str] = []
-        if self.cache is not None:
-            extra = self.cache_extra()
-            keys = [cache_key(self.kind, self.model_id, r, extra) for r in reqs]
-            hits = self.cache.get_many(keys)
-            for i, k in enumerate(keys):
-                if k in hits:
-                    c = Completion.from_dict(hits[k])
-                    c.cached = True
-                    c.request_id = reqs[i].id
-                    out[i] = c
+        cache = cache if cache is not None else self.cache
+        out = self.cached(reqs, cache)
         todo = [i for i, c in enumerate(out) if c is None]
         self.stats["requests"] += len(reqs)
         self.stats["cached"] += len(reqs) - len(todo)
         self.stats["generated"] += len(todo)
         if todo:
-            done = self._generate([reqs[i] for i in todo])
+            extra = self.cache_extra()
+            sub = [reqs[i] for i in todo]
+
+            def store(j: int, c: Completion) -> None:
+                if c.ok and cache is not None:
+                    cache.put(cache_key(self.kind, self.model_id, sub[j], extra), c.to_dict())
+
+            done = self._generate(sub, store)
             if len(done) != len(todo):
                 raise RuntimeError(f"{type(self).__name__} returned {len(done)} completions "
                                    f"for {len(todo)} requests")
             new: dict[str, dict[str, Any]] = {}
-            for i, c in zip(todo, done):
+            for j, (i, c) in enumerate(zip(todo, done)):
                 c.request_id = reqs[i].id
                 out[i] = c
                 if not c.ok:
                     self.stats["failed"] += 1
-                elif self.cache is not None:
-                    new[keys[i]] = c.to_dict()
-            if new and self.cache is not None:
-                self.cache.put_many(new)
+                elif cache is not None and not c.stored:
+                    new[cache_key(self.kind, self.model_id, reqs[i], extra)] = c.to_dict()
+            if new and cache is not None:
+                cache.put_many(new)
         return out  # type: ignore[return-value]
 
     @abstractmethod
-    def _generate(self, requests: list[Request]) -> list[Completion]:
+    def _generate(self, requests: list[Request], on_done: "Callable[[int, Completion], None] | None" = None
+                  ) -> list[Completion]:
+        """Generate uncached requests. A backend that finishes requests one at a time (HTTP) calls
+        ``on_done(index, completion)`` for each as it arrives and sets ``stored``."""
         ...
 
     def close(self) -> None:

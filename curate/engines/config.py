@@ -17,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 class _EngineConfigBase(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
+    price_prompt: float | None = Field(
+        None, ge=0, description="price per million prompt tokens (for cost in stats and `max_cost`)")
+    price_completion: float | None = Field(
+        None, ge=0, description="price per million completion tokens")
+
+    def identity(self) -> str:
+        """What makes two configs load the same engine (prices do not)."""
+        import json
+
+        return json.dumps(self.model_dump(mode="json", exclude={"price_prompt", "price_completion"}),
+                          sort_keys=True)
+
 
 class TransformersConfig(_EngineConfigBase):
     """CPU (or single GPU) generation with Hugging Face transformers; batched with left padding."""
@@ -55,6 +67,9 @@ class OpenAIConfig(_EngineConfigBase):
     backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles, with jitter)")
     backoff_max: float = Field(30.0, ge=0, description="longest retry delay")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields per request")
+    requests_per_minute: float | None = Field(None, gt=0, description="rate limit: requests per minute")
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="rate limit: tokens per minute (prompt estimated as bytes/4, plus max_tokens)")
 
 
 class VLLMConfig(_EngineConfigBase):

@@ -1,6 +1,9 @@
 """Any OpenAI-compatible server (OpenAI, ``vllm serve``, llama.cpp server, TGI, ...).
 
-Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight). Chat requests
+Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight, each slot with its
+own keep-alive connection), from one event loop in a background thread that lives as long as the
+engine: connections and the ``requests_per_minute``/``tokens_per_minute`` buckets carry over from
+one call to the next. Chat requests
 use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``. Timeouts,
 network errors, 408/409/429 and 5xx answers are retried with exponential backoff and jitter
 (``Retry-After`` is honoured); other 4xx answers fail the request at once. A request that still
@@ -43,6 +46,8 @@ def build_body(model: str, request: Request, extra: dict[str, Any] | None = None
         body["stop"] = list(p.stop)
     if p.seed is not None:
         body["seed"] = p.seed
+    if not request.add_special_tokens:
+        body["add_special_tokens"] = False  # a vLLM server extension: the prompt carries its BOS
     if request.messages is not None:
         path = "/chat/completions"
         body["messages"] = [dict(m) for m in request.messages]
@@ -110,28 +115,6 @@ def _completion_logprobs(lp: Any) -> list[TokenLogprob] | None:
             for tok, v, top in zip(lp["tokens"], lp.get("token_logprobs") or [], tops)]
 
 
-def _run_sync(coro: Any) -> Any:
-    """Run a coroutine from sync code, also when this thread already runs an event loop (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["v"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001
-            box["e"] = exc
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join()
-    if "e" in box:
-        raise box["e"]
-    return box["v"]
-
-
 class OpenAIEngine(Engine):
     kind = "openai"
 
@@ -141,6 +124,15 @@ class OpenAIEngine(Engine):
         self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.model_validate(config)
         self.model_id = f"{self.config.base_url.rstrip('/')}|{self.config.model}"
         self._transport = transport  # tests: httpx.MockTransport
+        self._ssl: Any = None
+        # one event loop in a background thread for the engine's life: HTTP connections and the
+        # rate limiter's buckets carry over from one batch to the next
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._clients: "_ClientPool | None" = None
+        self._rate: "RateLimiter | None" = None
+        self._lock = threading.Lock()
 
     def cache_extra(self) -> str:
         import json
@@ -155,32 +147,83 @@ class OpenAIEngine(Engine):
             h["Authorization"] = f"Bearer {key}"
         return h
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
-        return _run_sync(self._agenerate(requests))
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._pid != os.getpid() or not self._thread.is_alive():  # type: ignore[union-attr]
+                loop = asyncio.new_event_loop()
+                th = threading.Thread(target=loop.run_forever, name="curate-openai-engine", daemon=True)
+                th.start()
+                self._loop, self._thread, self._pid = loop, th, os.getpid()
+                self._clients = _ClientPool(self._client, self.config.concurrency)
+                self._rate = self._limiter()
+            return self._loop
 
-    async def _agenerate(self, requests: list[Request]) -> list[Completion]:
+    def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
+        # works from any thread, also one that runs an event loop itself (Jupyter)
+        loop = self._event_loop()
+        return asyncio.run_coroutine_threadsafe(self._agenerate(requests, on_done), loop).result()
+
+    async def _agenerate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
+        clients, limiter = self._clients, self._rate
+        assert clients is not None
+
+        async def one(i: int, r: Request) -> Completion:
+            c = await self._one(clients, r, limiter)
+            if on_done is not None and c.ok:
+                on_done(i, c)  # into the request cache now: an interrupted batch keeps it
+                c.stored = True
+            return c
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
+
+    def close(self) -> None:
+        super().close()
+        loop, self._loop = self._loop, None
+        if loop is not None and self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            if self._clients is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(self._clients.aclose(), loop).result(10)
+                except Exception as exc:  # noqa: BLE001  (closing: a broken connection does not matter)
+                    log.debug("openai engine: closing connections: %s", exc)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(10)
+            loop.close()
+        self._clients = self._rate = None
+
+    def _client(self) -> Any:
+        """One HTTP client holding one keep-alive connection. ``concurrency`` of them are used side
+        by side: httpx's shared connection pool costs O(requests x connections) per event, which
+        capped a 64-connection pool at ~40 requests/s on this machine (benchmarks/llm_stage.py)."""
         import httpx
 
         cfg = self.config
-        sem = asyncio.Semaphore(cfg.concurrency)
-        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
         kwargs: dict[str, Any] = {}
         if self._transport is not None:
             kwargs["transport"] = self._transport
-        async with httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=self._headers(),
-                                     timeout=httpx.Timeout(cfg.timeout), limits=limits,
-                                     **kwargs) as client:
-            return list(await asyncio.gather(*(self._one(client, sem, r) for r in requests)))
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()  # built once: loading the CA bundle per client is slow
+        return httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=self._headers(),
+                                 timeout=httpx.Timeout(cfg.timeout), verify=self._ssl,
+                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), **kwargs)
 
-    async def _one(self, client: Any, sem: asyncio.Semaphore, request: Request) -> Completion:
+    def _limiter(self) -> "RateLimiter | None":
+        cfg = self.config
+        if cfg.requests_per_minute is None and cfg.tokens_per_minute is None:
+            return None
+        return RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+
+    async def _one(self, clients: "_ClientPool", request: Request,
+                   limiter: "RateLimiter | None" = None) -> Completion:
         cfg = self.config
         path, body = build_body(cfg.model, request, cfg.extra_body)
+        if limiter is not None:
+            await limiter.acquire(estimate_tokens(request))
         delay = cfg.backoff
         reason = ""
         for attempt in range(cfg.max_retries + 1):
             retry_after = None
             try:
-                async with sem:
+                async with clients.lease() as client:  # at most `concurrency` requests in flight
                     return await self._post(client, path, body, request.is_chat)
             except _Retryable as exc:
                 reason = str(exc)
@@ -194,7 +237,7 @@ class OpenAIEngine(Engine):
                     log.info("openai engine: retrying after %s", reason)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
-        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)")
+        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)", transient=True)
 
     async def _post(self, client: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
         import httpx
@@ -219,6 +262,103 @@ class OpenAIEngine(Engine):
 
 class _Fatal(Exception):
     pass
+
+
+class _Lease:
+    """``async with pool.lease() as client``: a free client (waits while all are in use)."""
+
+    def __init__(self, pool: "_ClientPool"):
+        self.pool = pool
+        self.client: Any = None
+
+    async def __aenter__(self) -> Any:
+        pool = self.pool
+        async with pool.cond:
+            while not pool.free and len(pool.all) >= pool.size:
+                await pool.cond.wait()
+            if pool.free:
+                self.client = pool.free.pop()
+            else:
+                self.client = pool.factory()
+                pool.all.append(self.client)
+        return self.client
+
+    async def __aexit__(self, *exc: Any) -> None:
+        pool = self.pool
+        async with pool.cond:
+            pool.free.append(self.client)
+            pool.cond.notify()
+
+
+class _ClientPool:
+    """At most ``size`` HTTP clients, each used by one request at a time (created on demand)."""
+
+    def __init__(self, factory: Any, size: int):
+        self.factory = factory
+        self.size = size
+        self.free: list[Any] = []
+        self.all: list[Any] = []
+        self.cond = asyncio.Condition()
+
+    def lease(self) -> "_Lease":
+        return _Lease(self)
+
+    async def aclose(self) -> None:
+        clients, self.all, self.free = self.all, [], []
+        for c in clients:
+            await c.aclose()
+
+
+def estimate_tokens(request: Request) -> int:
+    """Tokens a request may use, for tokens-per-minute limits: prompt bytes / 4 plus max_tokens."""
+    text = request.prompt if request.prompt is not None else "".join(
+        m.get("content") or "" for m in request.messages or ())
+    return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4 + request.params.max_tokens * request.params.n
+
+
+class RateLimiter:
+    """Token buckets for requests and tokens per minute (each refills continuously; a bucket holds
+    at most one minute of its rate). ``acquire`` waits until both allow the request."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, clock: Any = None):
+        import time
+
+        self.rpm, self.tpm = rpm, tpm
+        self.clock = clock or time.monotonic
+        self.req = float(rpm or 0)
+        self.tok = float(tpm or 0)
+        self.t = self.clock()
+        self.lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = self.clock()
+        dt, self.t = now - self.t, now
+        if self.rpm:
+            self.req = min(float(self.rpm), self.req + dt * self.rpm / 60.0)
+        if self.tpm:
+            self.tok = min(float(self.tpm), self.tok + dt * self.tpm / 60.0)
+
+    def wait_time(self, tokens: int) -> float:
+        """Seconds until a request of ``tokens`` may go (0: now, and the buckets are charged)."""
+        self._refill()
+        tokens = min(tokens, int(self.tpm)) if self.tpm else tokens
+        waits = [0.0]
+        if self.rpm and self.req < 1:
+            waits.append((1 - self.req) * 60.0 / self.rpm)
+        if self.tpm and self.tok < tokens:
+            waits.append((tokens - self.tok) * 60.0 / self.tpm)
+        w = max(waits)
+        if w == 0.0:
+            if self.rpm:
+                self.req -= 1
+            if self.tpm:
+                self.tok -= tokens
+        return w
+
+    async def acquire(self, tokens: int) -> None:
+        async with self.lock:  # first come, first served
+            while (w := self.wait_time(tokens)) > 0:
+                await asyncio.sleep(w)
 
 
 def _snippet(resp: Any) -> str:

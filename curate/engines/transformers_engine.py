@@ -272,7 +272,7 @@ class TransformersEngine(Engine):
     def encode(self, request: Request) -> list[int]:
         text = self.render(request)
         # a rendered chat prompt already has its special tokens
-        ids = self.tokenizer(text, add_special_tokens=not request.is_chat)["input_ids"]
+        ids = self.tokenizer(text, add_special_tokens=not request.is_chat and request.add_special_tokens)["input_ids"]
         budget = self.config.max_model_len
         if budget:
             keep = max(1, budget - request.params.max_tokens)
@@ -284,7 +284,7 @@ class TransformersEngine(Engine):
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     # -- generation --------------------------------------------------------------------------------
-    def _generate(self, requests: list[Request]) -> list[Completion]:
+    def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         self.load()
         out: list[Completion | None] = [None] * len(requests)
         encoded: list[list[int] | None] = []
@@ -312,6 +312,9 @@ class TransformersEngine(Engine):
                         res = [self._run_one_safe(encoded[i], params) for i in chunk]
                 for i, c in zip(chunk, res):
                     out[i] = c
+                    if on_done is not None and c.ok:  # cached batch by batch: a kill keeps them
+                        on_done(i, c)
+                        c.stored = True
         return out  # type: ignore[return-value]
 
     def _run_one_safe(self, ids: list[int], params: SamplingParams) -> Completion:

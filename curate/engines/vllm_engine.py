@@ -154,7 +154,10 @@ class VLLMEngine(Engine):
             return apply_chat_template(self.llm.get_tokenizer(), request.messages, self.config.chat_template)
         return request.prompt or ""
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.get_tokenizer().encode(text, add_special_tokens=False))
+
+    def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         self.load()  # a failing start (no GPU memory...) is an error of the run, not of the requests
         out: list[Completion | None] = [None] * len(requests)
         if self.config.chat_mode == "vllm":
@@ -177,7 +180,14 @@ class VLLMEngine(Engine):
                     kw["chat_template"] = self.config.chat_template
                 convs = [[dict(m) for m in requests[i].messages] for i in ids]  # type: ignore[union-attr]
                 return self.llm.chat(convs, sampling_params=sps, **kw)
-            prompts = [self.render(requests[i]) for i in ids]
+            prompts: list[Any] = []
+            for i in ids:
+                r = requests[i]
+                if r.is_chat or r.add_special_tokens:
+                    prompts.append(self.render(r))
+                else:  # the prompt carries its own BOS: tokenize without adding another
+                    tok = self.llm.get_tokenizer()
+                    prompts.append({"prompt_token_ids": tok.encode(r.prompt or "", add_special_tokens=False)})
             return self.llm.generate(prompts, sampling_params=sps, use_tqdm=False)
 
         try:

@@ -7,12 +7,15 @@
         max_tokens: 128
 
 Adds ``<output_column>`` (the text), ``<output_column>_finish_reason`` ("stop", "length"),
-``<output_column>_prompt_tokens`` and ``<output_column>_tokens``. Answers are cached in SQLite in
-the stage's work folder (keyed by engine, model, prompt and sampling parameters), so a resumed run
-does not generate them again. A request that fails (after the engine's retries) is counted under
-``llm/failed`` and ``errors/llm/...``, saved with its reason in the side output ``failed``, and its
-row is dropped (``on_error: drop``) or kept with a null completion (``on_error: keep``). When more
-than ``max_failure_rate`` of the requests fail, the stage stops with an error.
+``<output_column>_prompt_tokens`` and ``<output_column>_tokens``. Built on the LLM stage layer
+(:mod:`curate.llm.stage`): answers are cached in SQLite in the stage's work folder (keyed by engine,
+model, prompt and sampling parameters), so a resumed run does not generate them again; budgets and
+the engine sharing work as for every LLM stage. A request that fails for good (a bad prompt, HTTP
+4xx) is counted under ``llm/failed`` and ``errors/llm/...``, saved with its reason in the side
+output ``failed``, and its row is dropped (``on_error: drop``) or kept with a null completion
+(``on_error: keep``); a request that failed transiently (timeouts, HTTP 5xx after the engine's
+retries) is also deferred: the next plain run retries it. When more than ``max_failure_rate`` of
+the requests fail, the stage stops with an error.
 
 Library call::
 
@@ -21,21 +24,18 @@ Library call::
 
 from __future__ import annotations
 
-import os
 import string
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from curate.engines import (EngineConfig, LLMAccounting, Request, RequestCache, SamplingParams,
-                            make_engine, parse_engine_config)
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
+from curate.engines import Completion, Request
+from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig
+from curate.pipeline.stage import register
 
 
-class GenerateConfig(StageConfig):
-    engine: EngineConfig = Field(default_factory=lambda: parse_engine_config({"kind": "transformers"}),
-                                 description="engine: {kind: transformers|vllm|openai, model: ..., ...}")
+class GenerateConfig(LLMStageConfig):
     prompt_column: str | None = Field(
         None, description="column holding the prompt (default: 'text' when no template is given)")
     template: str | None = Field(None, description="prompt template over row columns, e.g. 'Summarize:\\n{text}'")
@@ -43,23 +43,10 @@ class GenerateConfig(StageConfig):
         "format", description="format: Python str.format ({col}); dollar: string.Template ($col)")
     system: str | None = Field(None, description="system prompt (chat mode)")
     chat: bool = Field(True, description="send chat messages (chat template applied); false: raw prompt")
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (deterministic)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(256, ge=1)
-    stop: list[str] = Field(default_factory=list, description="stop strings (not included in the output)")
-    seed: int | None = Field(None, description="sampling seed (temperature > 0)")
     output_column: str = Field("completion", description="name of the completion column (and prefix of the others)")
     batch_size: int = Field(64, ge=1, description="rows sent to the engine at once")
-    cache: bool = Field(True, description="cache answers in the stage work folder (runner) or cache_path")
-    cache_path: str | None = Field(None, description="explicit SQLite cache file (also for library calls)")
     on_error: Literal["drop", "keep"] = Field("drop", description="rows whose request failed: drop or keep (null)")
-    max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="stop when more requests than this fail")
-    min_requests: int = Field(8, ge=1, description="requests made before the failure rate is checked")
-
-    @field_validator("engine", mode="before")
-    @classmethod
-    def _engine(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
+    parse_retries: int = Field(0, ge=0, description="(generate accepts every answer)")
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "GenerateConfig":
@@ -83,15 +70,14 @@ def template_fields(template: str, style: str) -> list[str]:
 
 
 @register
-class Generate(MapStage):
+class Generate(LLMStage):
     """Generate one LLM completion per row (prompt column or template) with any engine; cached."""
 
     name = "generate"
     Config = GenerateConfig
+    synthetic = False
     writes = {"completion": pa.string(), "completion_finish_reason": pa.string(),
               "completion_prompt_tokens": pa.int32(), "completion_tokens": pa.int32()}
-    # the engine already isolates failing requests; a batch exception is a real problem
-    isolate_errors = False
 
     def input_columns(self) -> tuple[str, ...]:
         cfg = self.config
@@ -101,132 +87,68 @@ class Generate(MapStage):
 
     def __init__(self, config: Any = None, **options: Any):
         super().__init__(config, **options)
-        cfg = self.config
-        oc = cfg.output_column
+        oc = self.config.output_column
         self.out_cols = {"text": oc, "finish": f"{oc}_finish_reason",
                          "prompt_tokens": f"{oc}_prompt_tokens", "tokens": f"{oc}_tokens"}
         self.writes = {oc: pa.string(), f"{oc}_finish_reason": pa.string(),
                        f"{oc}_prompt_tokens": pa.int32(), f"{oc}_tokens": pa.int32()}
-        if cfg.engine.kind == "vllm":
-            self.resources = Resources(cpus=1.0, gpus=float(cfg.engine.tensor_parallel_size))
-        self.params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                                     stop=tuple(cfg.stop), seed=cfg.seed)
-        self.engine: Any = None
-        self.accounting = LLMAccounting(self, cfg.max_failure_rate, cfg.min_requests)
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def check(self) -> list[tuple[str, str]]:
-        eng = self.config.engine
-        if eng.kind == "transformers":
-            from curate.engines.transformers_engine import ModelNotFound, resolve_model
-
-            try:
-                resolve_model(eng.model, eng.gguf_file)
-            except ModelNotFound as exc:
-                return [("engine.model", str(exc))]
-        elif eng.kind == "vllm" and not os.path.exists(os.path.expanduser(eng.model)):
-            return [("engine.model", f"{eng.model!r} is not a local path")]
-        return []
-
-    def cache_file(self) -> str | None:
-        cfg = self.config
-        if cfg.cache_path:
-            return cfg.cache_path
-        if cfg.cache and self.workdir:
-            return os.path.join(self.workdir, "llm_cache.sqlite")
-        return None
-
-    def setup(self) -> None:
-        path = self.cache_file()
-        try:
-            self.engine = make_engine(self.config.engine, cache=RequestCache(path) if path else None)
-        except (FileNotFoundError, ImportError) as exc:
-            raise StageError(f"stage {self.step_name!r}: cannot start the {self.config.engine.kind} "
-                             f"engine: {exc}") from exc
-
-    def teardown(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-        self._is_setup = False
+        self.params = self.sampling()
 
     # -- work --------------------------------------------------------------------------------------
     def _prompt(self, row: dict[str, Any]) -> str:
         cfg = self.config
         if cfg.template:
-            nulls = [k for k, v in row.items() if v is None]
+            values = {c: row.get(c) for c in self.reads}
+            nulls = [k for k, v in values.items() if v is None]
             if nulls:
                 raise ValueError(f"null value in column(s) {nulls}")
             if cfg.template_style == "dollar":
-                return string.Template(cfg.template).substitute(row)
-            return cfg.template.format(**row)
+                return string.Template(cfg.template).substitute(values)
+            return cfg.template.format(**values)
         value = row[cfg.prompt_column or "text"]
         if value is None:
             raise ValueError("prompt is null")
         return str(value)
 
-    def _request(self, prompt: str, doc_id: str | None) -> Request:
+    def requests(self, row: dict[str, Any]) -> list[Request]:
         cfg = self.config
+        prompt = self._prompt(row)
         if cfg.chat:
             msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else [])
             msgs.append({"role": "user", "content": prompt})
-            return Request(messages=msgs, params=self.params, id=doc_id)
+            return [Request(messages=msgs, params=self.params, id=row.get("id"))]
         text = f"{cfg.system}\n\n{prompt}" if cfg.system else prompt
-        return Request(prompt=text, params=self.params, id=doc_id)
+        return [Request(prompt=text, params=self.params, id=row.get("id"))]
+
+    def parse(self, row: dict[str, Any], completions: list[Completion]) -> list[dict[str, Any]]:
+        c = completions[0]
+        oc = self.out_cols
+        return [{oc["text"]: c.text, oc["finish"]: c.finish_reason,
+                 oc["prompt_tokens"]: c.prompt_tokens, oc["tokens"]: c.completion_tokens}]
 
     def process(self, table: pa.Table) -> pa.Table:
         cfg = self.config
-        n = table.num_rows
-        ids = table.column("id").to_pylist() if "id" in table.schema.names else [None] * n
-        texts: list[str | None] = [None] * n
-        finish: list[str | None] = [None] * n
-        ptoks: list[int | None] = [None] * n
-        ctoks: list[int | None] = [None] * n
-        failed: dict[int, str] = {}
-        if n:
-            cols = {c: table.column(c).to_pylist() for c in self.reads}
-            for start in range(0, n, cfg.batch_size):
-                rows = range(start, min(n, start + cfg.batch_size))
-                reqs: list[Request] = []
-                where: list[int] = []
-                for i in rows:
-                    try:
-                        prompt = self._prompt({c: cols[c][i] for c in self.reads})
-                    except (KeyError, ValueError, IndexError, TypeError) as exc:
-                        reason = f"prompt: {type(exc).__name__}: {exc}"
-                        failed[i] = reason
-                        self.accounting.invalid_prompt(ids[i], reason)
-                        continue
-                    reqs.append(self._request(prompt, ids[i]))
-                    where.append(i)
-                comps = self.engine.generate(reqs) if reqs else []
-                self.accounting.record(comps)
-                for i, c in zip(where, comps):
-                    if not c.ok:
-                        failed[i] = c.error or "failed"
-                        continue
-                    texts[i], finish[i] = c.text, c.finish_reason
-                    ptoks[i], ctoks[i] = c.prompt_tokens, c.completion_tokens
-                self.accounting.check()
-        oc = self.out_cols
-        out = table
-        for name, values, typ in ((oc["text"], texts, pa.string()), (oc["finish"], finish, pa.string()),
-                                  (oc["prompt_tokens"], ptoks, pa.int32()), (oc["tokens"], ctoks, pa.int32())):
-            arr = pa.array(values, typ)
-            if name in out.schema.names:
-                out = out.set_column(out.schema.names.index(name), name, arr)
-            else:
-                out = out.append_column(name, arr)
-        if failed:
-            bad = sorted(failed)
-            side = table.take(pa.array(bad, pa.int64()))
-            side = side.append_column("llm_error", pa.array([failed[i] for i in bad], pa.string()))
-            self.side("failed", side)
-            if cfg.on_error == "drop":
-                self.drop("llm_failed", len(bad))
-                keep = pa.array([i not in failed for i in range(n)], pa.bool_())
-                out = out.filter(keep)
-            else:
-                err = pa.array(["error" if i in failed else f for i, f in enumerate(finish)], pa.string())
-                out = out.set_column(out.schema.names.index(oc["finish"]), oc["finish"], err)
-        return out
+        rows = self.rows(table)
+        ids = [r.get("id") for r in rows]
+        outputs: list[tuple[int, dict[str, Any]]] = []
+        for start in range(0, len(rows), cfg.batch_size):
+            jobs: list[Job] = []
+            bad_prompts: list[JobResult] = []
+            for i in range(start, min(len(rows), start + cfg.batch_size)):
+                try:
+                    jobs.extend(self.jobs_for(i, rows[i]))
+                except (KeyError, ValueError, IndexError, TypeError) as exc:
+                    reason = f"prompt: {type(exc).__name__}: {exc}"
+                    self.accounting.invalid_prompt(ids[i], reason)
+                    bad_prompts.append(JobResult(Job(i, [], self.parse), "failed", error=reason))
+            results = self.complete(jobs, ids) + bad_prompts
+            outputs.extend(self.collect(rows, results))
+            self.failed_side(table, results)
+            self.defer_rows(results)
+            failed = [r.job.row for r in results if r.status == "failed"]
+            if cfg.on_error == "keep":
+                outputs.extend((i, {self.out_cols["finish"]: "error"}) for i in failed)
+            elif failed:
+                self.drop("llm_failed", len(failed))
+            self.accounting.check()
+        return self.assemble(table, outputs)

@@ -45,7 +45,8 @@ class _State:
     def reset(self) -> None:
         self.fail_next: list[str] = []   # "500", "429", "400", "sleep:<s>", "garbage"
         self.delay = 0.0                 # seconds each request is held (to build up concurrency)
-        self.backend = "model"           # "model" (SmolLM2) or "echo" (instant, no model)
+        self.backend = "model"           # "model" (SmolLM2), "echo" (instant, no model) or "script"
+        self.responder = None            # backend "script": fn(request body) -> answer text
         self.max_in_flight = 0
         self.hits = 0
         self.bodies: list[dict] = []
@@ -123,8 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
         from curate.engines import Request, SamplingParams
 
         n = int(body.get("n") or 1)
-        if self.server.state.backend == "echo":
+        if self.server.state.backend in ("echo", "script"):
             content = (body["messages"][-1]["content"] if chat else body["prompt"])[::-1]
+            if self.server.state.backend == "script":
+                content = self.server.state.responder(body)
             texts = [(content, "stop", 3)] * n
             prompt_tokens = 5
             lps: list = [None] * n

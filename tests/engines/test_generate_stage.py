@@ -106,13 +106,20 @@ def test_openai_engine_partial_and_total_failure(openai_server):
     st.backend = "echo"
     eng = {"kind": "openai", "model": "m", "base_url": openai_server.base_url, "max_retries": 0,
            "concurrency": 1, "backoff": 0.0}
-    # one failure among many: counted, recorded, the run goes on
+    # one failure among many: counted, recorded, the run goes on; a 5xx after the retries may pass:
+    # the row is deferred (errors/transient/..., the runner leaves the task for the next run)
     st.fail_next = ["500"]
     g = Generate(engine=eng, max_tokens=4, min_requests=2)
     out = g(docs([f"t{i}" for i in range(6)]))
     assert out.num_rows == 5
     c = g.counters.to_dict()
-    assert c["llm/failed"] == 1 and c["errors/llm/request"] == 1 and c["llm/requests"] == 6
+    assert c["llm/failed"] == 1 and c["errors/transient/llm_request"] == 1 and c["llm/requests"] == 6
+    assert "errors/llm/request" not in c and g.deferred == 1
+    # a client error (4xx) will not pass: counted as an error of the row, not deferred
+    st.fail_next = ["400"]
+    g4 = Generate(engine=eng, max_tokens=4, min_requests=2)
+    assert g4(docs([f"t{i}" for i in range(3)])).num_rows == 2
+    assert g4.counters.to_dict()["errors/llm/request"] == 1 and g4.deferred == 0
     assert "HTTP 500" in g.take_side()["failed"].column("llm_error")[0].as_py()
     # most requests fail: a clear StageError instead of an empty corpus
     st.fail_next = ["500"] * 100
@@ -149,7 +156,8 @@ def test_in_a_pipeline_rerun_uses_the_cache(smol, tmp_path):
 
 
 def test_llm_accounting_for_other_stages():
-    from curate.engines import Choice, Completion, LLMAccounting
+    from curate.engines import Choice, Completion
+    from curate.llm import LLMAccounting
     from curate.pipeline.stage import MapStage
 
     class Rate(MapStage):
@@ -163,7 +171,8 @@ def test_llm_accounting_for_other_stages():
     acc.parse_failed("d4", "no score in 'banana'")
     c = st.counters.to_dict()
     assert c == {"llm/requests": 3, "llm/cached": 1, "llm/prompt_tokens": 10, "llm/completion_tokens": 2,
-                 "llm/failed": 2, "errors/llm/request": 1, "errors/llm/parse": 1, "llm/parse_failed": 1}
+                 "llm/failed": 2, "errors/llm/request": 1, "errors/parse/unparseable": 1,
+                 "llm/parse_failed": 1}
     acc.check()  # 2 of 3: too few requests to judge
     acc.record([Completion.failed("timeout")])
     with pytest.raises(StageError, match="3 of 4 LLM requests failed"):

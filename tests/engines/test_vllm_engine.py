@@ -52,6 +52,9 @@ class FakeTokenizer:
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, chat_template=None):
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
 
+    def encode(self, text, add_special_tokens=True):  # one id per character; BOS = 1
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
+
 
 @dataclass
 class FakeLLM:
@@ -63,7 +66,9 @@ class FakeLLM:
     def get_tokenizer(self):
         return FakeTokenizer()
 
-    def _out(self, i: int, prompt: str, sp: FakeSamplingParams) -> RequestOutput:
+    def _out(self, i: int, prompt: Any, sp: FakeSamplingParams) -> RequestOutput:
+        if isinstance(prompt, dict):  # TokensPrompt
+            prompt = "".join(chr(t) for t in prompt["prompt_token_ids"])
         if self.fail_on and self.fail_on in prompt:
             raise ValueError("prompt too long")
         n = sp.kw["n"]
@@ -141,6 +146,18 @@ def test_engine_tokenizer_chat_mode(monkeypatch):
     assert llm.calls[0][2][1].kw["max_tokens"] == 2
     assert out[0].text == "<user>abc<assistant>"[::-1] and out[1].text == "zy"
     assert out[0].prompt_tokens == len("<user>abc<assistant>")
+
+
+def test_prompt_with_its_own_bos_gets_no_second_one(monkeypatch):
+    llm = FakeLLM()
+    eng = fake_engine(monkeypatch, llm)
+    text = "<s> <CON> a text </CON>\n\n"
+    out = eng.generate([Request(prompt=text, add_special_tokens=False, params=SamplingParams(max_tokens=50)),
+                        Request(prompt="plain", params=SamplingParams(max_tokens=50))])
+    sent = llm.calls[0][1]
+    assert sent[0] == {"prompt_token_ids": [ord(c) for c in text]} and sent[1] == "plain"
+    assert out[0].text == text[::-1]
+    assert eng.count_tokens("abc") == 3
 
 
 def test_engine_vllm_chat_mode_and_cache(monkeypatch, tmp_path):

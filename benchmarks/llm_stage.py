@@ -1,0 +1,160 @@
+"""LLM stage layer overhead.
+
+1. Saturation: a local OpenAI-compatible server whose answers take a random 50-500 ms (seeded) and
+   a 2,000-request ``generate`` stage (library call, no cache) on the ``openai`` engine at
+   concurrency 64. The ideal is the concurrency bound, 64 / mean latency requests/s (mean of the
+   latencies the server actually served). Target: >= 90% of it.
+2. Transformers engine: the same prompts through the ``generate`` stage and through the engine
+   called directly (greedy, same tokens). Target: stage >= 0.95x direct.
+
+    python benchmarks/llm_stage.py [--requests 2000] [--concurrency 64] [--prompts 16] [--max-tokens 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import pyarrow as pa
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def serve(port_box, low: float, high: float, seed: int) -> None:
+    """A minimal asyncio HTTP/1.1 server (keep-alive) answering chat completions after a random
+    latency; run in its own process, as a real inference server would be."""
+    import asyncio
+
+    rng = random.Random(seed)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = json.loads(await reader.readexactly(length))
+                await asyncio.sleep(rng.uniform(low, high))
+                text = body["messages"][-1]["content"][::-1]
+                data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": text}}],
+                                   "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}}).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(data)).encode() + b"\r\n\r\n" + data)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=512)
+        port_box.put(server.sockets[0].getsockname()[1])
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def latencies(n: int, low: float, high: float, seed: int) -> list[float]:
+    """The latencies the server draws for its first ``n`` requests (same generator, same order)."""
+    rng = random.Random(seed)
+    return [rng.uniform(low, high) for _ in range(n)]
+
+
+def table(n: int) -> pa.Table:
+    return pa.table({"id": [f"d{i}" for i in range(n)], "text": [f"Explain item {i} briefly." for i in range(n)]})
+
+
+def bench_saturation(n: int, concurrency: int) -> None:
+    from curate.stages.generate import Generate
+
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    box = ctx.Queue()
+    proc = ctx.Process(target=serve, args=(box, 0.05, 0.5, 0), daemon=True)
+    proc.start()
+    base_url = f"http://127.0.0.1:{box.get(timeout=60)}/v1"
+    try:
+        stage = Generate(engine={"kind": "openai", "model": "m", "base_url": base_url,
+                                 "concurrency": concurrency, "timeout": 30},
+                         cache=False, batch_size=n, max_tokens=16, min_requests=n + 1)
+        stage.ensure_setup()
+        stage(table(concurrency))  # warm-up: first-time imports of the HTTP stack (not counted)
+        t0 = time.perf_counter()
+        out = stage(table(n))
+        dt = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.join(10)
+    ok = sum(1 for f in out.column("completion_finish_reason").to_pylist() if f == "stop")
+    lat = latencies(concurrency + n, 0.05, 0.5, 0)[concurrency:]  # the server's draws after the warm-up
+    mean = sum(lat) / len(lat)
+    ideal = concurrency / mean
+    got = n / dt
+    print(f"openai engine through the stage: {n} requests, concurrency {concurrency}, latency 50-500 ms "
+          f"(mean {mean * 1000:.0f} ms), {ok} answered")
+    print(f"  stage: {got:8.1f} req/s   ideal 64/mean latency: {ideal:8.1f} req/s   "
+          f"ratio {got / ideal:.3f} (target >= 0.90)")
+    # what a client with zero overhead reaches on the same latencies (the end of the run has fewer
+    # than 64 requests in flight): the ratio above cannot exceed this one
+    import heapq
+
+    slots = [0.0] * concurrency
+    for x in lat:
+        heapq.heappush(slots, heapq.heappop(slots) + x)
+    print(f"  (a zero-overhead client on the same latencies: {n / max(slots):8.1f} req/s, "
+          f"ratio {n / max(slots) / ideal:.3f})")
+
+
+def bench_transformers(prompts: int, max_tokens: int, repeat: int) -> None:
+    from curate.engines import Request
+    from curate.stages.generate import Generate
+
+    tab = table(prompts)
+    stage = Generate(engine={"kind": "transformers", "num_threads": 1}, template="{text}", max_tokens=max_tokens,
+                     cache=False, batch_size=prompts)
+    stage.ensure_setup()
+    engine = stage.engine.shared  # the loaded engine, called directly below
+    reqs = [Request(messages=[{"role": "user", "content": t}], params=stage.params)
+            for t in tab.column("text").to_pylist()]
+    engine.generate(reqs[:2])  # warm-up
+    best_stage = best_direct = float("inf")
+    tokens = 0
+    for _ in range(repeat):  # alternate, keep the best of each (the machine is shared)
+        t0 = time.perf_counter()
+        direct = engine.generate(reqs)
+        best_direct = min(best_direct, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = stage(tab)
+        best_stage = min(best_stage, time.perf_counter() - t0)
+        tokens = sum(c.completion_tokens for c in direct)
+        assert out.column("completion").to_pylist() == [c.text for c in direct], "stage and engine differ"
+    s, d = tokens / best_stage, tokens / best_direct
+    print(f"transformers engine (SmolLM2-135M, CPU, 1 thread): {prompts} prompts x {max_tokens} tokens, same outputs")
+    print(f"  stage: {s:8.1f} tok/s   engine directly: {d:8.1f} tok/s   ratio {s / d:.3f} (target >= 0.95)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-transformers", action="store_true")
+    args = ap.parse_args()
+    bench_saturation(args.requests, args.concurrency)
+    if not args.skip_transformers:
+        bench_transformers(args.prompts, args.max_tokens, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
