@@ -134,3 +134,25 @@ def test_gpu_jobs_get_at_most_one_worker_per_gpu(monkeypatch):
     assert ex.slots(job(2)) == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert ex.slots(job(1)) == 1        # no GPU: one engine at a time, which says what it lacks
+
+
+def test_local_gpu_stage_runs_one_pinned_worker_per_gpu(tmp_path, monkeypatch):
+    """Two (declared) GPUs and four workers: the GPU step runs on exactly two processes, each
+    pinned to its own device for life and set up once."""
+    write_corpus(str(tmp_path / "in"), files=6, rows=40)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    markers = str(tmp_path / "markers")
+    d = {"name": "gpu", "output": str(tmp_path / "out"), "workers": 4, "batch_size": 10,
+         "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+         "stages": [{"stage": "gpu_probe", "options": {"marker_dir": markers}}]}
+    res = run_pipeline(d, progress=False)
+    t = Dataset(res.outputs["gpu_probe"]).to_table()
+    assert t.num_rows == 240
+    by_pid: dict[int, set] = {}
+    for pid, gpu in zip(t.column("pid").to_pylist(), t.column("gpu").to_pylist()):
+        by_pid.setdefault(pid, set()).add(gpu)
+    assert len(by_pid) == 2                                           # never more engines than GPUs
+    assert sorted(next(iter(g)) for g in by_pid.values()) == ["0", "1"]   # each its own device
+    assert all(len(g) == 1 for g in by_pid.values())
+    assert sorted(os.listdir(markers)) == sorted(f"setup-{p}" for p in by_pid)

@@ -27,9 +27,11 @@ class _InlineQueue:
 class LocalExecutor:
     """A process pool (forkserver workers) or, with one worker, the calling process itself.
 
-    A job that needs GPUs runs on at most ``gpus_available // gpus_per_worker`` workers at a time
-    (one engine per GPU, never more engines than GPUs); ``CUDA_VISIBLE_DEVICES`` tells how many
-    GPUs this machine lends (none: one worker, the engine decides what to do without a GPU).
+    A job that needs GPUs runs on a pool of its own: ``gpus_available // gpus_per_worker``
+    processes, each pinned to its own devices (``CUDA_VISIBLE_DEVICES``) for life, so each loads
+    its engine once and there are never more engines than GPUs. Visible GPUs come from
+    ``CUDA_VISIBLE_DEVICES`` or ``nvidia-smi -L``; with none, GPU jobs run one task at a time in
+    the ordinary pool (the engine says what it lacks).
     """
 
     streams_progress = True
@@ -38,18 +40,43 @@ class LocalExecutor:
         self.workers = workers
         self.queue = None
         self._pool = None
+        self._gpu_pool: tuple[str, Any] | None = None   # (job key, pool) of the current GPU job
+        self._preload = preload or []
         self._sink: Callable[[tuple], None] | None = None
         if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-            # forkserver: workers fork from a clean server process that has already imported
-            # curate and pyarrow: fast start, and no threads of this process are forked.
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["curate.pipeline.worker", *(preload or [])])
+            self._pool = self._new_pool(workers)
+
+    def _new_pool(self, n: int, gpu_groups: list[str] | None = None) -> Any:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        # forkserver: workers fork from a clean server process that has already imported
+        # curate and pyarrow: fast start, and no threads of this process are forked.
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["curate.pipeline.worker", *self._preload])
+        if self.queue is None:
             self.queue = ctx.Queue()
-            self._pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker.init_worker,
-                                             initargs=(self.queue, logging.getLogger().level, os.getpid(),
-                                                       dict(os.environ)))
+        devices = None
+        if gpu_groups:
+            devices = ctx.Queue()
+            for g in gpu_groups:
+                devices.put(g)
+        return ProcessPoolExecutor(n, mp_context=ctx, initializer=worker.init_worker,
+                                   initargs=(self.queue, logging.getLogger().level, os.getpid(),
+                                             dict(os.environ), devices))
+
+    def _pool_for(self, job: Any) -> Any:
+        """The pool a job's tasks run on: a pinned GPU pool for GPU jobs when GPUs are visible."""
+        if not isinstance(job, worker.Job) or job.gpus <= 0 or gpu_count() == 0:
+            return self._pool
+        if self._gpu_pool is None or self._gpu_pool[0] != job.key:
+            if self._gpu_pool is not None:
+                self._gpu_pool[1].shutdown(wait=True)
+            n = self.slots(job)
+            per = max(1, int(job.gpus))
+            ids = visible_gpu_ids()
+            groups = [",".join(ids[i * per:(i + 1) * per]) for i in range(n)]
+            self._gpu_pool = (job.key, self._new_pool(n, groups))
+        return self._gpu_pool[1]
 
     def set_sink(self, sink: Callable[[tuple], None]) -> None:
         if self._pool is None:
@@ -74,8 +101,9 @@ class LocalExecutor:
         return self.workers
 
     def submit(self, fn: Callable, *args: Any) -> Future:
-        if self._pool is not None:
-            return self._pool.submit(fn, *args)
+        pool = self._pool_for(args[0]) if args else self._pool
+        if pool is not None:
+            return pool.submit(fn, *args)
         fut: Future = Future()
         try:
             fut.set_result(fn(*args))
@@ -89,25 +117,32 @@ class LocalExecutor:
         return map(fn, items)
 
     def shutdown(self) -> None:
+        if self._gpu_pool is not None:
+            self._gpu_pool[1].shutdown(wait=True, cancel_futures=True)
+            self._gpu_pool = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         worker.reset_worker()
 
 
-def gpu_count() -> int:
+def visible_gpu_ids() -> list[str]:
     """GPUs visible to this process: ``CUDA_VISIBLE_DEVICES`` when set, else the devices
-    ``nvidia-smi -L`` lists, else 0 (torch is not imported here: it is slow and starts threads)."""
+    ``nvidia-smi -L`` lists, else none (torch is not imported here: it is slow and starts threads)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
-        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
     import shutil
     import subprocess
     exe = shutil.which("nvidia-smi")
     if not exe:
-        return 0
+        return []
     try:
         out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+
+
+def gpu_count() -> int:
+    return len(visible_gpu_ids())

@@ -92,11 +92,14 @@ class TaskDeferred(Exception):
 # worker process set-up (local process pool)
 
 
-def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str]) -> None:
+def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str],
+                devices: Any = None) -> None:
     # the forkserver was started by the first pool of this process and kept its environment:
     # workers take the environment of the run that starts them (credentials, endpoints, paths)
     os.environ.clear()
     os.environ.update(env)
+    if devices is not None:   # a worker of a GPU pool: its own devices, for life
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
     _WORKER["queue"] = queue
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     _die_with_parent(parent_pid)

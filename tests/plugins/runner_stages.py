@@ -128,7 +128,10 @@ class GpuProbe(MapStage):
 
     def process(self, table):
         import ray
-        gpu = ",".join(str(g) for g in ray.get_gpu_ids())
+        if ray.is_initialized():       # a Ray actor: the GPUs Ray assigned to it
+            gpu = ",".join(str(g) for g in ray.get_gpu_ids())
+        else:                          # a local worker: the devices it was given
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         n = table.num_rows
         return table.append_column("pid", pa.array([os.getpid()] * n, pa.int64())).append_column(
             "gpu", pa.array([gpu] * n, pa.string()))
