@@ -151,10 +151,6 @@ def load_template(template_id: str, prompts_dir: str | None = None) -> PromptTem
 
 
 def shipped_templates() -> list[str]:
-    """Ids of every template shipped with curate."""
-    out = []
-    for recipe in sorted(os.listdir(PROMPTS_DIR)):
-        d = os.path.join(PROMPTS_DIR, recipe)
-        if os.path.isdir(d) and not recipe.startswith("_"):
-            out += [f"{recipe}/{os.path.splitext(f)[0]}" for f in sorted(os.listdir(d)) if f.endswith(".yaml")]
-    return out
+    """Ids of every chat template shipped with curate (template sets are ``curate.prompts``')."""
+    from curate.prompts import shipped_prompts
+    return shipped_prompts(kind="chat")

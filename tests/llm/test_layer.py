@@ -127,7 +127,7 @@ def test_transient_failures_are_retried_by_a_plain_rerun(openai_server, prompts,
     st, whole = _uninterrupted(openai_server, prompts, tmp_path)
     st.fail_next = ["500", "500"]  # the first two requests fail (max_retries 0: given up at once)
     spec = _pipeline(tmp_path, tmp_path / "out", openai_server, prompts_dir=str(prompts))
-    with pytest.raises(PipelineError, match=r"2 row\(s\).*may pass \(transient/llm_request\).*Run the same command again"):
+    with pytest.raises(PipelineError, match=r"2 row\(s\).*may pass \(llm_request\).*Run the same command again"):
         run_pipeline(spec, progress=False)
     assert st.hits == 4
     st.hits = 0
@@ -141,7 +141,7 @@ def test_transient_failures_are_retried_by_a_plain_rerun(openai_server, prompts,
 def test_budget_stops_cleanly_and_a_bigger_budget_continues(openai_server, prompts, tmp_path):
     st, whole = _uninterrupted(openai_server, prompts, tmp_path)
     spec = _pipeline(tmp_path, tmp_path / "out", openai_server, prompts_dir=str(prompts), max_requests=3)
-    with pytest.raises(PipelineError, match=r"1 row\(s\).*\(transient/budget\)"):
+    with pytest.raises(PipelineError, match=r"1 row\(s\).*\(budget\)"):
         run_pipeline(spec, progress=False)
     assert st.hits == 3
     with pytest.raises(PipelineError, match="budget"):  # same budget: nothing new is sent
@@ -187,7 +187,7 @@ def test_editing_a_prompt_recomputes_that_step_only(openai_server, prompts, tmp_
     assert fp1["exact_dedup"] == fp2["exact_dedup"] and fp1["test_facts"] != fp2["test_facts"]
     st.hits = 0
     second = run_pipeline(spec, progress=False)
-    assert second.stats["exact_dedup"]["status"] == "done (resumed)"
+    assert second.stats["exact_dedup"]["status"] == "skipped"
     assert second.stats["test_facts"]["status"] == "done"
     assert st.hits == 4 and "at most three" in st.bodies[-1]["messages"][-1]["content"]
     assert set(second.dataset("test_facts").to_table().column("template_version").to_pylist()) == {2}

@@ -62,3 +62,15 @@ def test_template_errors(tmp_path):
     (tmp_path / "entigraph").mkdir()
     (tmp_path / "entigraph" / "pair.yaml").write_text("version: 9\nuser: 'mine {{ text }}'\n")
     assert load_template("entigraph/pair", str(tmp_path)).version == 9
+
+
+def test_every_shipped_prompt_file_is_a_chat_template_or_a_template_set():
+    from curate.prompts import load_prompt, shipped_prompts
+
+    chat, sets = set(shipped_prompts("chat")), set(shipped_prompts("template_set"))
+    assert chat and sets and not chat & sets
+    assert chat | sets == set(shipped_prompts())          # no file of another kind
+    assert set(shipped_templates()) == chat
+    for pid in sets:                                        # rendered by tests/rc
+        data = load_prompt(pid)
+        assert isinstance(data["version"], int) and data["version"] >= 1
