@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import podman  # noqa: E402
+import podman_util as podman  # noqa: E402
 
 GATES = {"container": "CURATE_CONTAINER_TESTS", "airflow": "CURATE_AIRFLOW_TESTS"}
 AIRFLOW_VENV = os.environ.get("CURATE_AIRFLOW_VENV") or os.path.expanduser("~/.cache/curate/airflow-venv")

@@ -18,7 +18,7 @@ import textwrap
 import pyarrow.parquet as pq
 import pytest
 
-from podman import ROOT
+from podman_util import ROOT
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from podman import podman
+from podman_util import podman
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
 

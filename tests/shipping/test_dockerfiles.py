@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from podman import ROOT
+from podman_util import ROOT
 
 CPU = os.path.join(ROOT, "docker", "Dockerfile")
 GPU = os.path.join(ROOT, "docker", "Dockerfile.gpu")
