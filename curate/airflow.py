@@ -21,6 +21,7 @@ Two flavours, the same two tasks::
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -87,6 +88,7 @@ class CurateOperator(BaseOperator):
         raise_for_exit_code(code, f"curate {self.command} {self.pipeline}", " | ".join(last))
 
 
+@functools.cache
 def _docker_operator_class():
     from airflow.providers.docker.exceptions import DockerContainerFailedException
     from airflow.providers.docker.operators.docker import DockerOperator
@@ -111,7 +113,16 @@ def _docker_operator_class():
                 raise_for_exit_code(int(m.group(1)), f"curate in {self.image}", detail)
                 raise
 
+    CurateDockerOperator.__module__ = __name__
+    CurateDockerOperator.__qualname__ = "CurateDockerOperator"
     return CurateDockerOperator
+
+
+def __getattr__(name: str):
+    # ``from curate.airflow import CurateDockerOperator`` needs the Docker provider, the rest does not
+    if name == "CurateDockerOperator":
+        return _docker_operator_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def curate_docker_operator(**kwargs: Any):

@@ -110,7 +110,7 @@ def test_dag_helper_builds_both_flavours(airflow_bin, airflow_home):
     check = textwrap.dedent("""
         import os, sys
         from airflow.dag_processing.dagbag import DagBag
-        from curate.airflow import CurateOperator, raise_for_exit_code
+        from curate.airflow import CurateDockerOperator, CurateOperator, raise_for_exit_code
         from airflow.sdk.exceptions import AirflowException, AirflowFailException
         bag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
         assert not bag.import_errors, bag.import_errors
@@ -122,7 +122,7 @@ def test_dag_helper_builds_both_flavours(airflow_bin, airflow_home):
         assert isinstance(plain.get_task("run"), CurateOperator)
         assert plain.get_task("run").pipeline == "/srv/data/pipeline.yaml"
         d = box.get_task("run")
-        assert type(d).__name__ == "CurateDockerOperator" and d.image == "curate:test"
+        assert isinstance(d, CurateDockerOperator) and d.image == "curate:test"
         assert d.command == ["run", "/data/pipeline.yaml", "--quiet"] and d.docker_url == "unix:///x.sock"
         assert [(m["Source"], m["Target"]) for m in d.mounts] == [("/srv/data", "/data")]
         raise_for_exit_code(0, "x")
