@@ -14,6 +14,7 @@ Settings (environment of the scheduler / DAG processor):
   CURATE_IMAGE          image of the container DAG (default curate:cpu)
   CURATE_DOCKER_URL     Docker API socket (default $DOCKER_HOST or unix://var/run/docker.sock)
   CURATE_RETRIES, CURATE_RETRY_DELAY_SECONDS   retries of `run` (default 3, after 60 s)
+  CURATE_AUTO_REMOVE    remove containers: success (default: failed ones stay to look at), force, never
 """
 
 import os
@@ -37,5 +38,5 @@ with DAG(dag_id="curate_pipeline", start_date=datetime(2026, 1, 1), schedule=Non
 with DAG(dag_id="curate_pipeline_container", start_date=datetime(2026, 1, 1), schedule=None, catchup=False,
          tags=["curate"]):
     curate_tasks(f"/data/{FILE}", image=os.environ.get("CURATE_IMAGE", "curate:cpu"), retries=RETRIES,
-                 retry_delay=DELAY, docker_url=DOCKER_URL,
+                 retry_delay=DELAY, docker_url=DOCKER_URL, auto_remove=os.environ.get("CURATE_AUTO_REMOVE", "success"),
                  mounts=[Mount(source=DATA, target="/data", type="bind")])

@@ -18,7 +18,7 @@ import textwrap
 import pyarrow.parquet as pq
 import pytest
 
-from podman_util import ROOT
+from podman_util import ROOT, podman
 
 pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ with DAG("curate_run_only_container", start_date=datetime(2026, 1, 1), schedule=
     curate_docker_operator(task_id="run", image=os.environ.get("CURATE_IMAGE", "curate:cpu"),
                            command=["run", "/data/bad.yaml"], docker_url=os.environ.get("CURATE_DOCKER_URL"),
                            mounts=[Mount(source=os.environ["CURATE_DATA_DIR"], target="/data", type="bind")],
-                           mount_tmp_dir=False, retries=3, retry_delay=timedelta(0))
+                           mount_tmp_dir=False, auto_remove="force", retries=3, retry_delay=timedelta(0))
 """
 
 
@@ -177,7 +177,8 @@ def test_container_dag(airflow_bin, airflow_home, cpu_image, podman_socket, tmp_
     image, _ = cpu_image
     data = tmp_path / "data"
     write_data(str(data), flaky=False)  # the test plugins are not in the image
-    extra = {"CURATE_IMAGE": image, "CURATE_DOCKER_URL": podman_socket}
+    extra = {"CURATE_IMAGE": image, "CURATE_DOCKER_URL": podman_socket, "CURATE_AUTO_REMOVE": "force"}
+    containers = podman("ps", "-a", "-q", "--filter", f"ancestor={image}").stdout.split()
     r, tis = dags_test(airflow_bin, airflow_home, "curate_pipeline_container", data, **extra)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert tis == {"validate": ("success", 1, 0), "run": ("success", 1, 3)}
@@ -191,3 +192,4 @@ def test_container_dag(airflow_bin, airflow_home, cpu_image, podman_socket, tmp_
     r, tis = dags_test(airflow_bin, airflow_home, "curate_run_only_container", data, **extra)
     assert r.returncode != 0 and tis == {"run": ("failed", 1, 3)}
     assert "invalid pipeline (exit code 2), not retried" in r.stdout + r.stderr
+    assert podman("ps", "-a", "-q", "--filter", f"ancestor={image}").stdout.split() == containers  # none left
