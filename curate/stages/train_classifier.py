@@ -1,0 +1,356 @@
+"""``train_classifier``: train a fastText classifier (domain or quality), evaluate it on held-out text.
+
+Positives (e.g. seed documents of the domain) and negatives (general text) each come from earlier
+steps (``{step: NAME}``) and/or paths: Parquet, JSON Lines, or text files (one document per file),
+as files, folders or globs. Texts become one line each (``\\n`` -> space, as ``fasttext_score``
+feeds them), examples are shuffled by a seeded hash of their id, and a held-out share
+(``test_fraction``, by the same hash) is kept out of training. fastText's supervised training runs
+with word bigrams by default and its usual options; with ``threads: 1`` (default) and a fixed
+``seed`` the model is bit-for-bit reproducible.
+
+Artifacts, in the step's output folder (``output_dir`` in a library call or ``curate
+train-classifier``): ``model.bin`` and ``model.json``, a card with the data (sources, counts), the
+options, the held-out precision/recall/F1 of the positive label at ``threshold``, and the
+model's sha256. The step's rows are the examples used, with ``label``, ``split`` (train/test) and
+``classifier_score`` (the model's probability of the positive label). A later step names the model
+as ``fasttext_score``'s ``model: {step: <this step>}``; retraining re-runs it.
+
+    - name: train
+      stage: train_classifier
+      input: [seeds, general]          # orders the steps; the data come from positive/negative
+      options: {positive: {step: seeds}, negative: {step: general}, label: finance}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any, Iterator, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator, model_validator
+
+from curate.pipeline.refs import StepRef
+from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
+from curate.stages.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, fasttext_lines,
+                                          require_training_fasttext)
+from curate.stages._scoring import sha256_file, unit_hash, writer_dir as _writer_dir
+
+log = logging.getLogger("curate")
+
+Source = str | StepRef
+N_BUCKETS = 16   # the training file is shuffled bucket by bucket (bounded memory)
+
+
+class TrainClassifierConfig(StageConfig):
+    positive: list[Source] = Field(description="documents of the label: {step: NAME} and/or paths "
+                                               "(Parquet, JSONL, text files; folders, globs)")
+    negative: list[Source] = Field(description="documents of the other class (e.g. general web text)")
+    label: str = Field("positive", description="name of the positive label (the score column of "
+                                               "fasttext_score is prefix + label)")
+    negative_label: str = Field("negative", description="name of the negative label")
+    text_column: str = Field("text", description="text column of Parquet sources")
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held-out share for the metrics")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="P(label) above which a held-out "
+                                                              "document counts as predicted positive")
+    max_chars: int | None = Field(None, ge=1, description="train on the first N characters only")
+    # fastText options (names as in fastText's Python API, snake_case)
+    lr: float = Field(0.1, gt=0)
+    epoch: int = Field(5, ge=1)
+    dim: int = Field(100, ge=1)
+    min_count: int = Field(1, ge=1)
+    word_ngrams: int = Field(2, ge=1, description="2: word bigrams (DCLM, fastText's recommendation)")
+    minn: int = Field(0, ge=0, description="subword character n-grams: min length (0: none)")
+    maxn: int = Field(0, ge=0)
+    bucket: int = Field(2_000_000, ge=1, description="hash buckets of n-grams (the model file holds "
+                                                     "bucket x dim floats)")
+    loss: Literal["softmax", "hs", "ova", "ns"] = "softmax"
+    seed: int = Field(0, description="fastText's seed and the shuffle/split seed")
+    threads: int = Field(1, ge=1, description="1: deterministic; more: faster, not reproducible")
+    output_dir: str | None = Field(None, description="where to write model.bin and model.json (library "
+                                                     "calls; in a pipeline: also copied here)")
+
+    @field_validator("positive", "negative", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, dict, StepRef)) else v
+
+    @model_validator(mode="after")
+    def _labels(self) -> "TrainClassifierConfig":
+        for key in ("label", "negative_label"):
+            v = getattr(self, key)
+            if v.startswith(LABEL_PREFIX):
+                setattr(self, key, v[len(LABEL_PREFIX):])
+            if not v or any(c.isspace() for c in v):
+                raise ValueError(f"`{key}` must be a non-empty word without spaces (got {v!r})")
+        if self.label == self.negative_label:
+            raise ValueError("`label` and `negative_label` must differ")
+        if not self.positive or not self.negative:
+            raise ValueError("give at least one `positive` and one `negative` source")
+        return self
+
+    def fasttext_options(self) -> dict[str, Any]:
+        return {"lr": self.lr, "epoch": self.epoch, "dim": self.dim, "minCount": self.min_count,
+                "wordNgrams": self.word_ngrams, "minn": self.minn, "maxn": self.maxn,
+                "bucket": self.bucket, "loss": self.loss, "seed": self.seed, "thread": self.threads}
+
+
+def _describe(src: Source) -> str:
+    return f"step {src.step}" if isinstance(src, StepRef) else src
+
+
+def _reader(path: str, text_column: str):
+    """The source stage that reads one file, by its suffix."""
+    from curate.stages.read_files import ReadFiles
+    from curate.stages.read_jsonl import JSONL_SUFFIXES, ReadJsonl
+    from curate.stages.read_parquet import ReadParquet
+
+    low = path.lower()
+    if low.endswith(".parquet"):
+        return ReadParquet(paths=path, text_column=text_column)
+    if low.endswith(JSONL_SUFFIXES) or low.endswith(".jsonl"):
+        return ReadJsonl(paths=path)
+    return ReadFiles(paths=path)
+
+
+def binary_metrics(truth: list[bool], predicted: list[bool]) -> dict[str, float | int | None]:
+    tp = sum(t and p for t, p in zip(truth, predicted))
+    fp = sum(p and not t for t, p in zip(truth, predicted))
+    fn = sum(t and not p for t, p in zip(truth, predicted))
+    tn = len(truth) - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall else 0.0
+          if precision is not None and recall is not None else None)
+    return {"precision": precision, "recall": recall, "f1": f1,
+            "accuracy": (tp + tn) / len(truth) if truth else None,
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn, "test_docs": len(truth)}
+
+
+@register
+class TrainClassifier(GlobalStage):
+    """Train a fastText classifier on positives vs negatives; model file + card with held-out P/R/F1."""
+
+    name = "train_classifier"
+    Config = TrainClassifierConfig
+    writes = {"label": pa.string(), "split": pa.string(), "classifier_score": pa.float32()}
+
+    def check(self) -> list[tuple[str, str]]:
+        from curate.pipeline.io import expand_paths
+
+        problems = []
+        for key in ("positive", "negative"):
+            for src in getattr(self.config, key):
+                if isinstance(src, str):
+                    try:
+                        if not expand_paths(src):
+                            problems.append((key, f"no files match {src}"))
+                    except FileNotFoundError:
+                        problems.append((key, f"not found: {src}"))
+        try:
+            require_training_fasttext()
+        except StageError as exc:
+            problems.append(("", str(exc)))
+        return problems
+
+    # -- data --------------------------------------------------------------------------------------
+    def iter_source(self, src: Source) -> Iterator[pa.Table]:
+        """Document tables (id, text, ...) of one positive/negative source."""
+        from curate.pipeline.io import expand_paths, list_parquet
+
+        if isinstance(src, StepRef):
+            try:
+                files = list_parquet(src.require_path(self.name))
+            except (FileNotFoundError, ValueError) as exc:
+                raise StageError(f"{self.step_name}: no output of step {src.step!r}: {exc}") from None
+        else:
+            try:
+                files = expand_paths(src)
+            except FileNotFoundError:
+                raise StageError(f"{self.step_name}: training data not found: {src}") from None
+        for f in files:
+            reader = _reader(f, self.config.text_column)
+            for task in reader.tasks():
+                yield from reader.read(task)
+            self.counters.merge(reader.counters.take())
+
+    def _write_examples(self, folder: str, writer) -> dict[str, Any]:
+        """Write bucketed training lines and the held-out file; emit the example rows."""
+        c = self.config
+        buckets = [open(os.path.join(folder, f"bucket-{i:02d}.txt"), "w", encoding="utf-8")
+                   for i in range(N_BUCKETS)]
+        test = open(os.path.join(folder, "test.txt"), "w", encoding="utf-8")
+        counts = {"positive": 0, "negative": 0, "train": 0, "test": 0, "empty": 0}
+        per_source: dict[str, int] = {}
+        try:
+            for key, label in (("positive", c.label), ("negative", c.negative_label)):
+                for src in getattr(c, key):
+                    n_src = 0
+                    for t in self.iter_source(src):
+                        lines = fasttext_lines(t.column("text"), c.max_chars)
+                        blank = pc.fill_null(pc.invert(pc.match_substring_regex(lines, r"\S")), True)
+                        n_blank = pc.sum(blank).as_py() or 0
+                        if n_blank:
+                            counts["empty"] += n_blank
+                            self.drop("empty_text", n_blank)
+                            keep = pc.invert(blank)
+                            t, lines = t.filter(keep), lines.filter(keep)
+                        splits = []
+                        for doc_id, line in zip(t.column("id").to_pylist(), lines.to_pylist()):
+                            u = unit_hash(doc_id, c.seed)
+                            if u < c.test_fraction:
+                                test.write(f"{label}\t{line}\n")
+                                splits.append("test")
+                            else:
+                                # the hash orders the lines: position inside the bucket, bucket id
+                                buckets[int(u * 2**40) % N_BUCKETS].write(
+                                    f"{u:.17f}\t{LABEL_PREFIX}{label} {line}\n")
+                                splits.append("train")
+                        counts[key] += t.num_rows
+                        counts["test"] += splits.count("test")
+                        counts["train"] += splits.count("train")
+                        n_src += t.num_rows
+                        writer.write(t.select(["id", "text", "source", "metadata"])
+                                     .append_column("label", pa.array([label] * t.num_rows, pa.string()))
+                                     .append_column("split", pa.array(splits, pa.string())))
+                    per_source[f"{key}: {_describe(src)}"] = n_src
+        finally:
+            for f in buckets + [test]:
+                f.close()
+        counts["sources"] = per_source
+        return counts
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self, dataset, writer, ctx) -> None:
+        c = self.config
+        fasttext = require_training_fasttext()
+        folder = self.scratch(ctx, "train")
+        rows = _Rows(os.path.join(folder, "examples.parquet"))
+        try:
+            data = self._write_examples(folder, rows)
+        finally:
+            rows.close()
+        for key in ("positive", "negative"):
+            self.count(f"train_classifier/{key}", data[key])
+        if not data["positive"] or not data["negative"]:
+            empty = [k for k in ("positive", "negative") if not data[k]]
+            raise StageError(f"{self.step_name}: empty training set: no {' and no '.join(empty)} "
+                             f"documents with text (sources: {data['sources']})")
+        if data["train"] == 0 or data["test"] == 0:
+            raise StageError(f"{self.step_name}: {data['positive'] + data['negative']} documents are too "
+                             f"few to hold out {c.test_fraction:.0%} for testing and train on the rest")
+        train_file = os.path.join(folder, "train.txt")
+        with open(train_file, "w", encoding="utf-8") as out:
+            for i in range(N_BUCKETS):
+                with open(os.path.join(folder, f"bucket-{i:02d}.txt"), encoding="utf-8") as f:
+                    lines = sorted(f)
+                out.writelines(line.split("\t", 1)[1] for line in lines)
+        t0 = time.monotonic()
+        model = fasttext.train_supervised(input=train_file, verbose=0, **c.fasttext_options())
+        seconds = time.monotonic() - t0
+        labels = [x[len(LABEL_PREFIX):] for x in model.get_labels()]
+        if set(labels) != {c.label, c.negative_label}:
+            raise StageError(f"{self.step_name}: the trained model has labels {labels}; expected "
+                             f"{[c.label, c.negative_label]}")
+        key = LABEL_PREFIX + c.label
+
+        def p_label(texts: list[str]) -> list[float]:
+            if not texts:
+                return []
+            labs, probs = model.predict(texts, k=-1)
+            return [min(1.0, float(pr[list(lab).index(key)])) for lab, pr in zip(labs, probs)]
+
+        truth, pred = [], []
+        with open(os.path.join(folder, "test.txt"), encoding="utf-8") as f:
+            pairs = [line.rstrip("\n").split("\t", 1) for line in f]
+        for i in range(0, len(pairs), 4096):
+            chunk = pairs[i:i + 4096]
+            for (lab, _), p in zip(chunk, p_label([text for _, text in chunk])):
+                truth.append(lab == c.label)
+                pred.append(p >= c.threshold)
+        metrics = binary_metrics(truth, pred)
+        metrics["threshold"] = c.threshold
+        log.info("%s: held-out precision %s recall %s F1 %s on %d documents (%d positive)", self.step_name,
+                 *(f"{metrics[k]:.3f}" if metrics[k] is not None else "n/a" for k in ("precision", "recall", "f1")),
+                 metrics["test_docs"], sum(truth))
+
+        local_model = os.path.join(folder, MODEL_FILE)
+        model.save_model(local_model)
+        card = {
+            "model": MODEL_FILE, "sha256": sha256_file(local_model), "bytes": os.path.getsize(local_model),
+            "labels": {"positive": c.label, "negative": c.negative_label},
+            "score_column": f"fasttext_{c.label}",
+            "data": {k: data[k] for k in ("sources", "positive", "negative", "train", "test", "empty")},
+            "options": {**c.fasttext_options(), "test_fraction": c.test_fraction, "max_chars": c.max_chars,
+                        "text_preprocessing": "newlines replaced by spaces"},
+            "metrics": metrics, "train_seconds": round(seconds, 3),
+            "fasttext": _fasttext_version(),
+        }
+        with open(os.path.join(folder, CARD_FILE), "w") as f:
+            json.dump(card, f, indent=1)
+        self.card = card
+        for dest in [d for d in (_writer_dir(writer), c.output_dir) if d]:
+            _publish(folder, dest)
+        if not _writer_dir(writer) and not c.output_dir:
+            log.warning("%s: no output_dir: the model was not kept", self.step_name)
+        # the example rows, with the model's probability of the positive label
+        for t in rows.read():
+            lines = fasttext_lines(t.column("text"), c.max_chars).to_pylist()
+            writer.write(t.append_column("classifier_score", pa.array(p_label(lines), pa.float32())))
+            ctx.progress(t.num_rows)
+
+
+class _Rows:
+    """The example rows, spilled to a local Parquet file until the model can score them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._w = None
+
+    def write(self, t: pa.Table) -> None:
+        import pyarrow.parquet as pq
+
+        if t.num_rows:
+            if self._w is None:
+                self._w = pq.ParquetWriter(self.path, t.schema)
+            self._w.write_table(t.cast(self._w.schema))
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+    def read(self) -> Iterator[pa.Table]:
+        from curate.pipeline.io import iter_parquet
+
+        return iter_parquet(self.path, batch_size=4096) if self._w is not None else iter(())
+
+
+def _publish(folder: str, dest: str) -> None:
+    from curate.pipeline.io import get_fs, is_local, join
+
+    fs, d = get_fs(dest)
+    fs.makedirs(d, exist_ok=True)
+    for name in (MODEL_FILE, CARD_FILE):
+        src = os.path.join(folder, name)
+        if is_local(fs):
+            tmp = os.path.join(d, f".{name}.tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, os.path.join(d, name))
+        else:
+            fs.put_file(src, join(d, name))
+
+
+def _fasttext_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("fasttext-numpy2", "fasttext", "fasttext-wheel"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return None
