@@ -251,7 +251,9 @@ class TrainClassifier(GlobalStage):
                     lines = sorted(f)
                 out.writelines(line.split("\t", 1)[1] for line in lines)
         t0 = time.monotonic()
-        model = fasttext.train_supervised(input=train_file, verbose=0, **c.fasttext_options())
+        local_model = os.path.join(folder, MODEL_FILE)
+        train_fasttext(train_file, local_model, c.fasttext_options(), self.step_name)
+        model = fasttext.load_model(local_model)
         seconds = time.monotonic() - t0
         labels = [x[len(LABEL_PREFIX):] for x in model.get_labels()]
         if set(labels) != {c.label, c.negative_label}:
@@ -279,8 +281,6 @@ class TrainClassifier(GlobalStage):
                  *(f"{metrics[k]:.3f}" if metrics[k] is not None else "n/a" for k in ("precision", "recall", "f1")),
                  metrics["test_docs"], sum(truth))
 
-        local_model = os.path.join(folder, MODEL_FILE)
-        model.save_model(local_model)
         card = {
             "model": MODEL_FILE, "sha256": sha256_file(local_model), "bytes": os.path.getsize(local_model),
             "labels": {"positive": c.label, "negative": c.negative_label},
@@ -303,6 +303,49 @@ class TrainClassifier(GlobalStage):
             lines = fasttext_lines(t.column("text"), c.max_chars).to_pylist()
             writer.write(t.append_column("classifier_score", pa.array(p_label(lines), pa.float32())))
             ctx.progress(t.num_rows)
+
+
+def train_fasttext(train_file: str, model_file: str, options: dict[str, Any], who: str) -> None:
+    """Train fastText's supervised model in a child process and save it to ``model_file``.
+
+    Why a child: the fasttext-numpy2 build initialises only ``threads``/10 of the input matrix
+    (blocks of 10%) and leaves the rest as whatever the allocator returns; reused heap memory
+    made training diverge ("Encountered NaN") or differ between identical runs. The child asks
+    glibc to zero-fill every allocation (M_PERTURB), which gives upstream fastText's behaviour (the rest of the matrix starts at zero): identical runs give
+    identical models. A child also keeps a fastText abort from taking the run down."""
+    import subprocess
+    import sys
+
+    import curate
+
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(curate.__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [pkg_root, os.environ.get("PYTHONPATH")] if p)}
+    job = json.dumps({"input": train_file, "output": model_file, "options": options})
+    r = subprocess.run([sys.executable, "-c", "from curate.stages.train_classifier import _child; _child()"],
+                       input=job, text=True, capture_output=True, env=env)
+    if r.returncode != 0 or not os.path.exists(model_file):
+        err = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        hint = " (training diverged: lower `lr`)" if "NaN" in err else ""
+        raise StageError(f"{who}: fastText training failed: {err}{hint}")
+
+
+def _child() -> None:
+    import ctypes
+    import sys
+
+    try:
+        # M_PERTURB 0xFF: glibc fills every new allocation with the complement, 0x00
+        ctypes.CDLL("libc.so.6").mallopt(-6, 0xFF)
+    except (OSError, AttributeError):
+        pass
+    job = json.loads(sys.stdin.read())
+    fasttext = require_training_fasttext()
+    try:
+        model = fasttext.train_supervised(input=job["input"], verbose=0, **job["options"])
+    except (RuntimeError, ValueError) as exc:
+        sys.stderr.write(f"{type(exc).__name__}: {exc}\n")
+        sys.exit(3)
+    model.save_model(job["output"])
 
 
 class _Rows:
