@@ -319,8 +319,7 @@ class Select(GlobalStage):
                 off += n
                 out = t.filter(pa.array(mask))
                 kept += out.num_rows
-                if out.num_rows:
-                    writer.write(out)
+                writer.write(out)          # an empty batch keeps the schema of an empty result
                 ctx.progress(n)
         if limited:
             self.drop("not_selected", info["candidates"] - kept)
