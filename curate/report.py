@@ -1,8 +1,8 @@
 """The run report: one self-contained HTML page (``report.html`` next to ``stats.json``).
 
 ``write_report(output)`` reads what a run left in its output folder (``stats.json``,
-``manifest.json``, ``_curate/pipeline.json``, each select step's ``selection.json`` and each
-classifier's ``model.json``) and the Parquet shards it needs, and writes:
+``manifest.json``, ``_curate/pipeline.json``, each select step's ``_selection.json`` and each
+classifier's ``_model.json``) and the Parquet shards it needs, and writes:
 
 - the funnel: rows in/out per step, kept share, top drop reasons, errors, time (a table with bars);
 - for every ``select`` step, a histogram of every numeric score column of its input, with the
@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.pipeline.io import atomic_write_bytes, get_fs, join
+from curate.stages.fasttext_score import STEP_CARD_FILE
+from curate.stages.select import SELECTION_FILE
 
 REPORT_FILE = "report.html"
 BINS = 30
@@ -315,7 +317,7 @@ def build_report(output: str) -> str:
     for name, s in steps.items():
         if s["stage"] != "train_classifier":
             continue
-        card = _read_json(fs, join(root, name, "model.json"))
+        card = _read_json(fs, join(root, name, STEP_CARD_FILE))
         if card:
             m = card.get("metrics", {})
             body.append(f"<h2>classifier {html.escape(name)}</h2><p>label <b>{html.escape(card['labels']['positive'])}"
@@ -327,7 +329,7 @@ def build_report(output: str) -> str:
     for name, s in steps.items():
         if s["stage"] != "select":
             continue
-        sel = _read_json(fs, join(root, name, "selection.json")) or {}
+        sel = _read_json(fs, join(root, name, SELECTION_FILE)) or {}
         ths = sel.get("thresholds", [])
         srcs = inputs.get(name, [])
         body.append(f"<h2 id='select-{html.escape(name)}'>select step {html.escape(name)}</h2>")

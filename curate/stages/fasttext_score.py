@@ -28,8 +28,12 @@ from curate.pipeline.refs import StepRef
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
 
 LABEL_PREFIX = "__label__"
-MODEL_FILE = "model.bin"            # what train_classifier writes into its step folder
+MODEL_FILE = "model.bin"            # what train_classifier writes into an output_dir
 CARD_FILE = "model.json"
+# ... and into its step folder: names starting with "_" are skipped by Parquet dataset readers
+# (pyarrow, pandas, curate), so `pq.read_table("<output>/<step>")` still reads only the shards
+STEP_MODEL_FILE = "_model.bin"
+STEP_CARD_FILE = "_model.json"
 FASTTEXT_MAGIC = 793712314          # first int32 of every fastText model file
 
 
@@ -146,7 +150,7 @@ class FastTextScore(MapStage):
         m = self.config.model
         if isinstance(m, StepRef):
             from curate.pipeline.io import join
-            return join(m.require_path(self.name), MODEL_FILE)
+            return join(m.require_path(self.name), STEP_MODEL_FILE)
         return m
 
     def check(self) -> list[tuple[str, str]]:

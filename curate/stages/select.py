@@ -21,7 +21,7 @@ Kept rows stay in input order. Global: it sees every shard. Memory: per candidat
 (score, id, part, row, tokens, stratum) key; texts are streamed twice (keys, then output).
 Drop reasons: ``dropped/where``, ``dropped/no_score``, ``dropped/below_min_value``,
 ``dropped/not_selected`` (outside the sample or the limits). In a pipeline the step writes
-``selection.json`` (options, counts, the lowest kept score per stratum) for the run report.
+``_selection.json`` (options, counts, the lowest kept score per stratum) for the run report.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pydantic import Field, field_validator, model_validator
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
 from curate.stages._scoring import unit_hash, writer_dir
 
-SELECTION_FILE = "selection.json"
+SELECTION_FILE = "_selection.json"  # "_": skipped by Parquet dataset readers
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ class Select(GlobalStage):
                 "cutoff": cutoff, "strata": per if c.stratify else {}}
 
     def _record(self, info: dict[str, Any]) -> dict[str, Any]:
-        """What selection.json holds: the options, counts and the thresholds to draw."""
+        """What _selection.json holds: the options, counts and the thresholds to draw."""
         c = self.config
         thresholds = []
         if c.by and c.min_value is not None:

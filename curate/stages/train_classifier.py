@@ -9,7 +9,8 @@ with word bigrams by default and its usual options; with ``threads: 1`` (default
 ``seed`` the model is bit-for-bit reproducible.
 
 Artifacts, in the step's output folder (``output_dir`` in a library call or ``curate
-train-classifier``): ``model.bin`` and ``model.json``, a card with the data (sources, counts), the
+train-classifier``): ``_model.bin`` and ``_model.json`` (``model.bin``, ``model.json`` in
+``output_dir``), a card with the data (sources, counts), the
 options, the held-out precision/recall/F1 of the positive label at ``threshold``, and the
 model's sha256. The step's rows are the examples used, with ``label``, ``split`` (train/test) and
 ``classifier_score`` (the model's probability of the positive label). A later step names the model
@@ -36,8 +37,8 @@ from pydantic import Field, field_validator, model_validator
 
 from curate.pipeline.refs import StepRef
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
-from curate.stages.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, fasttext_lines,
-                                          require_training_fasttext)
+from curate.stages.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, STEP_CARD_FILE,
+                                          STEP_MODEL_FILE, fasttext_lines, require_training_fasttext)
 from curate.stages._scoring import sha256_file, unit_hash, writer_dir as _writer_dir
 
 log = logging.getLogger("curate")
@@ -291,11 +292,11 @@ class TrainClassifier(GlobalStage):
             "metrics": metrics, "train_seconds": round(seconds, 3),
             "fasttext": _fasttext_version(),
         }
-        with open(os.path.join(folder, CARD_FILE), "w") as f:
-            json.dump(card, f, indent=1)
         self.card = card
-        for dest in [d for d in (_writer_dir(writer), c.output_dir) if d]:
-            _publish(folder, dest)
+        if _writer_dir(writer):
+            _publish(local_model, card, _writer_dir(writer), STEP_MODEL_FILE, STEP_CARD_FILE)
+        if c.output_dir:
+            _publish(local_model, card, c.output_dir, MODEL_FILE, CARD_FILE)
         if not _writer_dir(writer) and not c.output_dir:
             log.warning("%s: no output_dir: the model was not kept", self.step_name)
         # the example rows, with the model's probability of the positive label
@@ -373,19 +374,19 @@ class _Rows:
         return iter_parquet(self.path, batch_size=4096) if self._w is not None else iter(())
 
 
-def _publish(folder: str, dest: str) -> None:
-    from curate.pipeline.io import get_fs, is_local, join
+def _publish(model_file: str, card: dict, dest: str, model_name: str, card_name: str) -> None:
+    """Copy the model and write its card (naming the model file) into ``dest`` (any fsspec URL)."""
+    from curate.pipeline.io import atomic_write_bytes, get_fs, is_local, join
 
     fs, d = get_fs(dest)
     fs.makedirs(d, exist_ok=True)
-    for name in (MODEL_FILE, CARD_FILE):
-        src = os.path.join(folder, name)
-        if is_local(fs):
-            tmp = os.path.join(d, f".{name}.tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, os.path.join(d, name))
-        else:
-            fs.put_file(src, join(d, name))
+    if is_local(fs):
+        tmp = os.path.join(d, f".{model_name}.tmp")
+        shutil.copyfile(model_file, tmp)
+        os.replace(tmp, os.path.join(d, model_name))
+    else:
+        fs.put_file(model_file, join(d, model_name))
+    atomic_write_bytes(fs, join(d, card_name), json.dumps({**card, "model": model_name}, indent=1).encode())
 
 
 def _fasttext_version() -> str | None:

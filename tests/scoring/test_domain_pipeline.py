@@ -45,7 +45,7 @@ def test_domain_classifier_config(env):
     _run(env, "run", "-q", CONFIG)
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
     assert list(stats) == ["seeds", "general", "corpus", "train", "score", "select"]
-    card = json.load(open(os.path.join(out, "train", "model.json")))
+    card = json.load(open(os.path.join(out, "train", "_model.json")))
     assert card["metrics"]["f1"] >= 0.9 and card["labels"] == {"positive": "domain", "negative": "general"}
     assert card["data"]["positive"] == card["data"]["negative"] == 250
     assert stats["train"]["in"] == stats["train"]["out"] == 500
@@ -58,7 +58,7 @@ def test_domain_classifier_config(env):
     assert domains.count("finance") / 150 >= 0.9                        # recall
     assert min(kept.column("domain_score").to_pylist()) > 0.5
     assert stats["select"]["dropped"]["where"] == 300 - kept.num_rows
-    sel = json.load(open(os.path.join(out, "select", "selection.json")))
+    sel = json.load(open(os.path.join(out, "select", "_selection.json")))
     assert {"column": "domain_score", "value": 0.5, "op": ">", "from": "where"} in sel["thresholds"]
 
     # the same command again: everything resumed
@@ -71,7 +71,7 @@ def test_domain_classifier_config(env):
     third = json.load(open(os.path.join(out, "stats.json")))["steps"]
     # (corpus is read again: it is fused into the score step's tasks, not written out)
     assert {n for n, s in third.items() if s["status"] != "done (resumed)"} == {"train", "corpus", "score", "select"}
-    assert json.load(open(os.path.join(out, "train", "model.json")))["sha256"] != card["sha256"]
+    assert json.load(open(os.path.join(out, "train", "_model.json")))["sha256"] != card["sha256"]
 
     # the report of this run
     r = _run(env, "report", out)
