@@ -215,7 +215,9 @@ def _svg_hist(column: str, h: dict, thresholds: list[dict]) -> str:
             label = f'{th["op"]} {_fmt(v)}'
             parts.append(f'<line class="threshold" x1="{px:.1f}" y1="{T - 4}" x2="{px:.1f}" y2="{T + ph}">'
                          f'<title>{html.escape(th.get("from", ""))}: {html.escape(label)}</title></line>')
-            parts.append(f'<text class="threshold-label" x="{px + 3:.1f}" y="{T + 6}">{html.escape(label)}</text>')
+            right = px > L + 0.8 * pw                # keep the label inside the plot
+            parts.append(f'<text class="threshold-label" x="{px - 3 if right else px + 3:.1f}" y="{T + 6}" '
+                         f'text-anchor="{"end" if right else "start"}">{html.escape(label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -343,7 +345,8 @@ def build_report(output: str) -> str:
             plots, hists = _plots(step, ths)
             body.append(f"<h3>scores of its input, {html.escape(src)}</h3>{plots}")
             seen = set()
-            for th in ths:
+            # samples around the threshold that decided: the selection's cutoff first
+            for th in sorted(ths, key=lambda t: "selected" not in t.get("from", "")):
                 if th["column"] not in hists or th["column"] in seen:
                     continue
                 seen.add(th["column"])

@@ -167,8 +167,9 @@ class FastTextScore(MapStage):
         return []
 
     def fingerprint_extra(self) -> str:
-        """A model given by path: its sha256 (size and mtime above 512 MB), so a retrained file
-        rescores. A ``{step: ...}`` model is covered by that step's fingerprint."""
+        """A model given by path: its sha256 (its size and modification time above 64 MB: this
+        runs at every validation), so a retrained file rescores. A ``{step: ...}`` model is
+        covered by that step's fingerprint."""
         if isinstance(self.config.model, StepRef):
             return ""
         from curate.pipeline.io import get_fs
@@ -178,7 +179,7 @@ class FastTextScore(MapStage):
             info = fs.info(p)
         except FileNotFoundError:
             return "missing"
-        if info.get("size", 0) > 512 * 2**20:
+        if info.get("size", 0) > 64 * 2**20:
             return f"size={info.get('size')}:mtime={info.get('mtime') or info.get('LastModified')}"
         h = hashlib.sha256()
         with fs.open(p, "rb") as f:
