@@ -159,9 +159,14 @@ class FastTextScore(MapStage):
         problem = model_file_problem(self.config.model)
         if problem:
             return [("model", problem)]
-        if self.config.labels and os.path.getsize(local_model_file(self.config.model)) < 2**30:
+        from curate.pipeline.io import get_fs
+
+        fs, p = get_fs(self.config.model)
+        if (self.config.labels or self.config.columns) and fs.size(p) <= 256 * 2**20:
+            # label names are checked now for models small enough to load twice; others at setup
+            import fasttext
             try:
-                self._label_columns(load_fasttext(local_model_file(self.config.model), self.name))
+                self._label_columns(fasttext.load_model(local_model_file(self.config.model)))
             except StageError as exc:
                 return [("labels", str(exc))]
         return []
@@ -195,7 +200,7 @@ class FastTextScore(MapStage):
         unknown += [x for x in self.config.columns if x not in wanted and x not in unknown]
         if unknown:
             raise StageError(f"{self.step_name}: label(s) {unknown} are not in the model "
-                             f"{self.model_url()}; its labels: {available}")
+                             f"{self.model_url()}; its labels: {sorted(available)}")
         return [(LABEL_PREFIX + x, self.config.columns.get(x, self.config.column_prefix + x)) for x in wanted]
 
     def setup(self) -> None:

@@ -167,3 +167,27 @@ def test_diverging_training_is_a_clear_error(domain_data):
         k: v for k, v in FAST.items() if k != "lr"})
     with pytest.raises(StageError, match="fastText training failed.*lower `lr`"):
         st([])
+
+
+def test_train_classifier_command(domain_data, tmp_path):
+    import subprocess
+
+    from helpers import curate_bin
+
+    out = str(tmp_path / "m")
+    args = [curate_bin(), "train-classifier", "-p", domain_data["positive"], "-n", domain_data["negative"][0],
+            "-n", domain_data["negative"][1], "-o", out, "--label", "finance", "--dim", "16", "--bucket", "20000",
+            "--epoch", "10", "--lr", "0.5", "--test-fraction", "0.2"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    card = json.load(open(os.path.join(out, "model.json")))
+    assert f"F1 {card['metrics']['f1']:.3f}" in r.stdout and card["metrics"]["f1"] >= 0.9
+    assert card["sha256"] in r.stdout and card["model"] == "model.bin"
+    blank = str(tmp_path / "blank.jsonl")
+    open(blank, "w").write('{"text": "  "}\n')
+    r = subprocess.run(args[:2] + ["-p", blank, "-n", domain_data["negative"][0], "-o", out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "empty training set: no positive documents" in r.stderr
+    r = subprocess.run(args[:2] + ["-p", str(tmp_path / "nope"), "-n", blank, "-o", out],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--positive: not found" in r.stderr
