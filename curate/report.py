@@ -159,7 +159,8 @@ def _samples(step: _Step, column: str, threshold: float, op: str) -> tuple[list[
     for fi, off, t in step.iter_columns(["id", column]):
         if "id" not in t.schema.names or column not in t.schema.names:
             return [], []
-        df = pl.from_arrow(t.select(["id", column])).with_row_index("r")
+        df = pl.from_arrow(t.select(["id", column])).with_row_index("r") \
+            .with_columns(pl.col(column).cast(pl.Float64))
         df = df.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan()) \
             .with_columns(h=pl.col("id").hash(seed=0), above=_op(pl.col(column), op, threshold))
         for above in (True, False):

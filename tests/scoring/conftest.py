@@ -1,4 +1,3 @@
-import json
 import os
 import sys
 
@@ -8,17 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from domain_text import documents  # noqa: E402
+from domain_text import FAST, documents, write_jsonl  # noqa: E402
 
-# small, quick models: fastText's default bucket (2M) x dim (100) would write an 800 MB file
-FAST = {"dim": 32, "bucket": 50_000, "epoch": 20, "lr": 0.5}
-
-
-def write_jsonl(path, texts, ids=None):
-    with open(path, "w") as f:
-        for i, t in enumerate(texts):
-            f.write(json.dumps({"id": ids[i] if ids else None, "text": t} if ids else {"text": t}) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="session")

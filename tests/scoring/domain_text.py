@@ -5,6 +5,7 @@ the domain vocabulary, and a few sentences of the other domain are mixed into so
 
 from __future__ import annotations
 
+import json
 import random
 
 GENERAL = ("people year time day week report place part group number way system area world "
@@ -64,3 +65,14 @@ def document(rng: random.Random, domain: str, sentences: tuple[int, int] = (3, 1
 def documents(domain: str, n: int, seed: int = 0, **kw) -> list[str]:
     rng = random.Random(f"{domain}-{seed}")
     return [document(rng, domain, **kw) for _ in range(n)]
+
+
+# small, quick models for tests: fastText's default bucket (2M) x dim (100) writes an 800 MB file
+FAST = {"dim": 32, "bucket": 50_000, "epoch": 20, "lr": 0.5}
+
+
+def write_jsonl(path, texts) -> str:
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t}) + "\n")
+    return str(path)

@@ -8,8 +8,7 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_jsonl
-from domain_text import documents
+from domain_text import documents, write_jsonl
 
 from curate.pipeline.config import ConfigError, load_pipeline
 from helpers import ROOT, curate_bin

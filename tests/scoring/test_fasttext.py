@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST
+from domain_text import FAST
 from pydantic import ValidationError
 
 from curate.pipeline.stage import StageError
