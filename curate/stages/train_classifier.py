@@ -228,9 +228,15 @@ class TrainClassifier(GlobalStage):
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, dataset, writer, ctx) -> None:
+        folder = self.scratch(ctx, "train")
+        try:
+            self._train(folder, writer, ctx)
+        finally:                                  # copies of the training data: do not keep them
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _train(self, folder: str, writer, ctx) -> None:
         c = self.config
         fasttext = require_training_fasttext()
-        folder = self.scratch(ctx, "train")
         rows = _Rows(os.path.join(folder, "examples.parquet"))
         try:
             data = self._write_examples(folder, rows)
