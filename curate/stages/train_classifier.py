@@ -45,6 +45,8 @@ log = logging.getLogger("curate")
 
 Source = str | StepRef
 N_BUCKETS = 16   # the training file is shuffled bucket by bucket (bounded memory)
+# one example per line: lines end at "\n" only (a "\r" inside a text must not split it)
+_TEXT = {"encoding": "utf-8", "errors": "replace", "newline": "\n"}
 
 
 class TrainClassifierConfig(StageConfig):
@@ -183,9 +185,9 @@ class TrainClassifier(GlobalStage):
     def _write_examples(self, folder: str, writer) -> dict[str, Any]:
         """Write bucketed training lines and the held-out file; emit the example rows."""
         c = self.config
-        buckets = [open(os.path.join(folder, f"bucket-{i:02d}.txt"), "w", encoding="utf-8")
+        buckets = [open(os.path.join(folder, f"bucket-{i:02d}.txt"), "w", **_TEXT)
                    for i in range(N_BUCKETS)]
-        test = open(os.path.join(folder, "test.txt"), "w", encoding="utf-8")
+        test = open(os.path.join(folder, "test.txt"), "w", **_TEXT)
         counts = {"positive": 0, "negative": 0, "train": 0, "test": 0, "empty": 0}
         per_source: dict[str, int] = {}
         try:
@@ -252,9 +254,9 @@ class TrainClassifier(GlobalStage):
             raise StageError(f"{self.step_name}: {data['positive'] + data['negative']} documents are too "
                              f"few to hold out {c.test_fraction:.0%} for testing and train on the rest")
         train_file = os.path.join(folder, "train.txt")
-        with open(train_file, "w", encoding="utf-8") as out:
+        with open(train_file, "w", **_TEXT) as out:
             for i in range(N_BUCKETS):
-                with open(os.path.join(folder, f"bucket-{i:02d}.txt"), encoding="utf-8") as f:
+                with open(os.path.join(folder, f"bucket-{i:02d}.txt"), **_TEXT) as f:
                     lines = sorted(f)
                 out.writelines(line.split("\t", 1)[1] for line in lines)
         t0 = time.monotonic()
@@ -275,7 +277,7 @@ class TrainClassifier(GlobalStage):
             return [min(1.0, float(pr[list(lab).index(key)])) for lab, pr in zip(labs, probs)]
 
         truth, pred = [], []
-        with open(os.path.join(folder, "test.txt"), encoding="utf-8") as f:
+        with open(os.path.join(folder, "test.txt"), **_TEXT) as f:
             pairs = [line.rstrip("\n").split("\t", 1) for line in f]
         for i in range(0, len(pairs), 4096):
             chunk = pairs[i:i + 4096]

@@ -191,3 +191,14 @@ def test_train_classifier_command(domain_data, tmp_path):
     r = subprocess.run(args[:2] + ["-p", str(tmp_path / "nope"), "-n", blank, "-o", out],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--positive: not found" in r.stderr
+
+
+def test_carriage_returns_and_tabs_stay_inside_one_example(tmp_path, domain_data):
+    pos = str(tmp_path / "pos.parquet")
+    texts = [t.replace(". ", ".\r\n", 2).replace(" the ", "\tthe ", 1) for t in
+             pq.read_table(domain_data["positive"]).column("text").to_pylist()]
+    pq.write_table(pa.table({"text": texts}), pos)
+    st = TrainClassifier(positive=pos, negative=domain_data["negative"], output_dir=str(tmp_path / "m"), **FAST)
+    st([])
+    assert st.card["data"]["train"] + st.card["data"]["test"] == 600
+    assert st.card["metrics"]["test_docs"] == st.card["data"]["test"] and st.card["metrics"]["f1"] >= 0.9
