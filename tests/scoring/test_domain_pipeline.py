@@ -101,3 +101,18 @@ def test_step_references_are_validated(env, tmp_path):
     pipe = load_pipeline(spec)
     assert pipe.steps["score"].refs == ["train"] and pipe.steps["train"].refs == ["seeds", "general"]
     assert pipe.steps["score"].stage.config.model.path == os.path.join(str(tmp_path / "o"), "train")
+
+
+def test_a_model_file_changed_in_place_rescores(trained, tmp_path):
+    import shutil
+
+    model = str(tmp_path / "model.bin")
+    shutil.copyfile(trained["model"], model)
+    spec = {"name": "fp", "output": str(tmp_path / "o"),
+            "inputs": {"docs": {"stage": "read_jsonl", "options": {"paths": write_jsonl(tmp_path / "d.jsonl", ["x"])}}},
+            "stages": [{"name": "score", "stage": "fasttext_score", "options": {"model": model}}]}
+    before = load_pipeline(spec).steps["score"].fingerprint
+    assert load_pipeline(spec).steps["score"].fingerprint == before
+    with open(model, "ab") as f:          # a different file at the same path
+        f.write(b"\0")
+    assert load_pipeline(spec).steps["score"].fingerprint != before
