@@ -21,7 +21,6 @@ import os
 import struct
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from curate.pipeline.refs import StepRef
@@ -41,11 +40,11 @@ def strip_label(label: str) -> str:
     return label[len(LABEL_PREFIX):] if label.startswith(LABEL_PREFIX) else label
 
 
-def fasttext_lines(texts: pa.Array | pa.ChunkedArray, max_chars: int | None = None) -> pa.ChunkedArray:
-    """fastText's input rule, vectorised: one line per document (``\\n`` -> space)."""
-    if max_chars:
-        texts = pc.utf8_slice_codeunits(texts, 0, max_chars)
-    return pc.replace_substring(texts, "\n", " ")
+def fasttext_lines(texts: pa.Array | pa.ChunkedArray, max_chars: int | None = None) -> list[str | None]:
+    """fastText's input rule: one line per document (``\\n`` -> space); None for null or blank
+    text. (Python's ``str.replace`` is ~6x faster here than Arrow's ``replace_substring``.)"""
+    return [None if not t or t.isspace() else (t[:max_chars] if max_chars else t).replace("\n", " ")
+            for t in texts.to_pylist()]
 
 
 def require_training_fasttext():
@@ -212,15 +211,12 @@ class FastTextScore(MapStage):
     def scores(self, texts: pa.ChunkedArray | pa.Array) -> list[list[float | None]]:
         """Per chosen label, the probability of each text (None for null/blank text)."""
         lines = fasttext_lines(texts, self.config.max_chars)
-        blank = pc.fill_null(pc.invert(pc.match_substring_regex(lines, r"\S")), True)
-        n_blank = pc.sum(blank).as_py() or 0
-        rows = lines.to_pylist()
-        if n_blank:
-            self.count("fasttext_score/empty_text", n_blank)
-            idx = [i for i, b in enumerate(blank.to_pylist()) if not b]
-            rows = [rows[i] for i in idx]
+        idx: list[int] | None = [i for i, line in enumerate(lines) if line is not None]
+        if len(idx) < len(lines):
+            self.count("fasttext_score/empty_text", len(lines) - len(idx))
+            rows = [lines[i] for i in idx]
         else:
-            idx = None
+            rows, idx = lines, None
         labels, probs = self._model.predict(rows, k=-1) if rows else ([], [])
         out: list[list[float | None]] = []
         for key, _ in self._cols:
@@ -231,7 +227,7 @@ class FastTextScore(MapStage):
                 except ValueError:         # not among the returned labels: probability ~0
                     vals.append(0.0)
             if idx is not None:
-                full: list[float | None] = [None] * len(blank)
+                full: list[float | None] = [None] * len(lines)
                 for i, v in zip(idx, vals):
                     full[i] = v
                 vals = full

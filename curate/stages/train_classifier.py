@@ -32,7 +32,6 @@ import time
 from typing import Any, Iterator, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from curate.pipeline.refs import StepRef
@@ -196,15 +195,14 @@ class TrainClassifier(GlobalStage):
                     n_src = 0
                     for t in self.iter_source(src):
                         lines = fasttext_lines(t.column("text"), c.max_chars)
-                        blank = pc.fill_null(pc.invert(pc.match_substring_regex(lines, r"\S")), True)
-                        n_blank = pc.sum(blank).as_py() or 0
+                        keep = [line is not None for line in lines]
+                        n_blank = len(keep) - sum(keep)
                         if n_blank:
                             counts["empty"] += n_blank
                             self.drop("empty_text", n_blank)
-                            keep = pc.invert(blank)
-                            t, lines = t.filter(keep), lines.filter(keep)
+                            t, lines = t.filter(pa.array(keep)), [x for x in lines if x is not None]
                         splits = []
-                        for doc_id, line in zip(t.column("id").to_pylist(), lines.to_pylist()):
+                        for doc_id, line in zip(t.column("id").to_pylist(), lines):
                             u = unit_hash(doc_id, c.seed)
                             if u < c.test_fraction:
                                 test.write(f"{label}\t{line}\n")
@@ -309,7 +307,7 @@ class TrainClassifier(GlobalStage):
             log.warning("%s: no output_dir: the model was not kept", self.step_name)
         # the example rows, with the model's probability of the positive label
         for t in rows.read():
-            lines = fasttext_lines(t.column("text"), c.max_chars).to_pylist()
+            lines = fasttext_lines(t.column("text"), c.max_chars)
             writer.write(t.append_column("classifier_score", pa.array(p_label(lines), pa.float32())))
             ctx.progress(t.num_rows)
 
