@@ -4,6 +4,8 @@
   curate validate FILE
   curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
+  curate train-classifier --positive P --negative N --output DIR [--label L] [fastText options]
+  curate report OUTPUT
 
 Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
 """
@@ -281,6 +283,78 @@ def inspect(path: str, rows: int) -> None:
     for row in table.slice(0, rows).to_pylist():
         short = {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v) for k, v in row.items()}
         click.echo("  " + json.dumps(short, ensure_ascii=False, default=str))
+
+
+@main.command("train-classifier")
+@click.option("--positive", "-p", multiple=True, required=True,
+              help="Documents of the label: Parquet/JSONL/text files, folders or globs (repeatable).")
+@click.option("--negative", "-n", multiple=True, required=True,
+              help="Documents of the other class, e.g. general web text (repeatable).")
+@click.option("--output", "-o", required=True, help="Folder for model.bin and model.json.")
+@click.option("--label", default="positive", show_default=True, help="Name of the positive label.")
+@click.option("--negative-label", default="negative", show_default=True)
+@click.option("--text-column", default="text", show_default=True, help="Text column of Parquet inputs.")
+@click.option("--test-fraction", type=float, default=0.1, show_default=True, help="Held-out share.")
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--epoch", type=int, default=5, show_default=True)
+@click.option("--dim", type=int, default=100, show_default=True)
+@click.option("--min-count", type=int, default=1, show_default=True)
+@click.option("--word-ngrams", type=int, default=2, show_default=True)
+@click.option("--bucket", type=int, default=2_000_000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="1 is reproducible.")
+def train_classifier(positive, negative, output, label, negative_label, text_column, test_fraction, lr, epoch,
+                     dim, min_count, word_ngrams, bucket, seed, threads) -> None:
+    """Train a fastText classifier (positives vs negatives); print held-out precision/recall/F1."""
+    from pydantic import ValidationError
+
+    from curate.pipeline.stage import StageError
+    from curate.stages.train_classifier import TrainClassifier
+
+    _setup_logging(True)
+    try:
+        st = TrainClassifier(positive=list(positive), negative=list(negative), output_dir=output, label=label,
+                             negative_label=negative_label, text_column=text_column, test_fraction=test_fraction,
+                             lr=lr, epoch=epoch, dim=dim, min_count=min_count, word_ngrams=word_ngrams,
+                             bucket=bucket, seed=seed, threads=threads)
+    except ValidationError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    problems = st.check()
+    if problems:
+        for key, msg in problems:
+            click.echo(f"error: --{key}: {msg}" if key else f"error: {msg}", err=True)
+        sys.exit(2)
+    try:
+        st([])
+    except StageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    card = st.card
+    m = card["metrics"]
+
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    click.echo(f"trained on {card['data']['train']:,} documents ({card['data']['positive']:,} {label}, "
+               f"{card['data']['negative']:,} {negative_label}); held out {m['test_docs']:,}")
+    click.echo(f"precision {f(m['precision'])}  recall {f(m['recall'])}  F1 {f(m['f1'])}  "
+               f"accuracy {f(m['accuracy'])}  (P({label}) >= {m['threshold']})")
+    click.echo(f"model: {os.path.join(output, card['model'])}  sha256 {card['sha256']}")
+
+
+@main.command()
+@click.argument("output")
+def report(output: str) -> None:
+    """Write report.html (funnel, score histograms with thresholds, samples) into a run's output."""
+    from curate.report import ReportError, write_report
+
+    try:
+        path = write_report(output)
+    except ReportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(path)
 
 
 if __name__ == "__main__":

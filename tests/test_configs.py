@@ -36,7 +36,8 @@ def step_table(out, step):
 def test_every_config_is_tested():
     tested = {"quickstart.yaml", "crawl_example.yaml", "warc_example.yaml",
               "domain_adaptation.yaml",   # tests/test_domain_adaptation.py
-              "synthetic_example.yaml"}   # tests/llm/test_synthetic_example.py
+              "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
+              "domain_classifier.yaml"}   # tests/scoring/test_domain_pipeline.py
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
 

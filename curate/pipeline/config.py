@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from curate.pipeline.plugins import import_plugins
+from curate.pipeline.refs import bind_step_refs
 from curate.pipeline.stage import Stage, get_stage
 
 
@@ -81,6 +82,7 @@ class Step:
         self.inputs = inputs
         self.save = save
         self.spec = spec
+        self.refs: list[str] = []      # steps named by `{step: NAME}` options (pipeline/refs.py)
         self.fingerprint = ""
 
     @property
@@ -216,9 +218,17 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
                 problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e)))
             continue
         stage.step_name = name
+        # `{step: NAME}` option values: the output folder of an earlier step (see pipeline/refs.py)
+        refs, ref_problems = bind_step_refs(stage.config, spec.output, seen - {name},
+                                            {e[0] for e in entries})
+        problems.extend((f"{where}: key 'options.{key}'", msg) for key, msg in ref_problems)
         for key, msg in (stage.check() if check else []):
             problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
         steps[name] = Step(name, stage, inputs, s.save, s)
+        steps[name].refs = refs
+        for ref in refs:          # a referenced step is written out, whatever reads it
+            if ref in steps:
+                steps[ref].save = True
 
     if problems:
         raise ConfigError(path, problems)
@@ -292,6 +302,6 @@ def _fingerprint(pipe: Pipeline) -> None:
         h.update(json.dumps({"stage": step.stage.name, "options": step.options(),
                              "fingerprint_extra": step.stage.fingerprint_extra()},
                             sort_keys=True, default=str).encode())
-        for inp in step.inputs:
+        for inp in step.inputs + step.refs:
             h.update(pipe.steps[inp].fingerprint.encode())
         step.fingerprint = h.hexdigest()[:16]

@@ -1,0 +1,381 @@
+"""The run report: one self-contained HTML page (``report.html`` next to ``stats.json``).
+
+``write_report(output)`` reads what a run left in its output folder (``stats.json``,
+``manifest.json``, ``_curate/pipeline.json``, each select step's ``_selection.json`` and each
+classifier's ``_model.json``) and the Parquet shards it needs, and writes:
+
+- the funnel: rows in/out per step, kept share, top drop reasons, errors, time (a table with bars);
+- for every ``select`` step, a histogram of every numeric score column of its input, with the
+  selection's thresholds drawn on it (``min_value``, the lowest selected score, comparisons in
+  ``where``), and sample documents above and below the threshold;
+- for every final step that is not a select step, the histograms of its score columns;
+- the held-out metrics of each trained classifier.
+
+Plots are inline SVG drawn here (no script, no network, no CDN). Histograms are computed in two
+streaming passes over the score columns only; sample texts are read from their row groups only.
+``curate report OUTPUT`` calls it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate.pipeline.io import atomic_write_bytes, get_fs, join
+from curate.stages.fasttext_score import STEP_CARD_FILE
+from curate.stages.select import SELECTION_FILE
+
+REPORT_FILE = "report.html"
+BINS = 30
+SAMPLES = 3
+SAMPLE_CHARS = 600
+
+
+class ReportError(Exception):
+    """The folder is not a curate output (no stats.json)."""
+
+
+def _read_json(fs, path: str) -> Any | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _step_inputs(spec: dict) -> dict[str, list[str]]:
+    """Each step's inputs, with the defaults of pipeline.yaml (the previous stage, or the only input)."""
+    out: dict[str, list[str]] = {name: [] for name in spec.get("inputs") or {}}
+    only = next(iter(out)) if len(out) == 1 else None
+    previous = None
+    for s in spec.get("stages") or []:
+        name = s.get("name") or s["stage"]
+        inp = s.get("input")
+        out[name] = ([inp] if isinstance(inp, str) else list(inp)) if inp is not None else \
+            [x for x in [previous or only] if x]
+        previous = name
+    return out
+
+
+def _is_score(field: pa.Field) -> bool:
+    t = field.type
+    if field.name in ("id",) or field.name.startswith("_"):
+        return False
+    return pa.types.is_floating(t) or (pa.types.is_integer(t) and "score" in field.name)
+
+
+class _Step:
+    def __init__(self, fs, root: str, name: str, shards: list[dict]):
+        self.fs, self.name = fs, name
+        self.files = [join(root, name, s["path"]) for s in shards]
+
+    def schema(self) -> pa.Schema | None:
+        for f in self.files:
+            with self.fs.open(f, "rb") as fh:
+                return pq.ParquetFile(fh).schema_arrow
+        return None
+
+    def iter_columns(self, columns: list[str]):
+        """(file index, row offset in file, table) batches of ``columns``."""
+        for i, f in enumerate(self.files):
+            with self.fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = [c for c in columns if c in pf.schema_arrow.names]
+                off = 0
+                for b in pf.iter_batches(batch_size=65536, columns=cols):
+                    yield i, off, pa.Table.from_batches([b])
+                    off += b.num_rows
+
+    def rows(self, wanted: list[tuple[int, int]], columns: list[str]) -> dict[tuple[int, int], dict]:
+        """Rows by (file, row), reading only the row groups that hold them."""
+        out: dict[tuple[int, int], dict] = {}
+        by_file: dict[int, list[int]] = {}
+        for fi, r in wanted:
+            by_file.setdefault(fi, []).append(r)
+        for fi, rows in by_file.items():
+            with self.fs.open(self.files[fi], "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                cols = [c for c in columns if c in pf.schema_arrow.names]
+                start = 0
+                for g in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(g).num_rows
+                    inside = [r for r in rows if start <= r < start + n]
+                    if inside:
+                        t = pf.read_row_group(g, columns=cols)
+                        for r in inside:
+                            out[(fi, r)] = t.slice(r - start, 1).to_pylist()[0]
+                    start += n
+        return out
+
+
+def _histograms(step: _Step, columns: list[str]) -> dict[str, dict]:
+    """Two streaming passes: range and counts, then the bin counts of each column."""
+    stats = {c: {"n": 0, "nulls": 0, "min": math.inf, "max": -math.inf, "sum": 0.0} for c in columns}
+    for _, _, t in step.iter_columns(columns):
+        for c in columns:
+            if c not in t.schema.names:
+                continue
+            v = t.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
+            finite = v[np.isfinite(v)]
+            s = stats[c]
+            s["nulls"] += len(v) - len(finite)
+            s["n"] += len(finite)
+            if len(finite):
+                s["min"] = min(s["min"], float(finite.min()))
+                s["max"] = max(s["max"], float(finite.max()))
+                s["sum"] += float(finite.sum())
+    edges = {}
+    for c, s in stats.items():
+        if not s["n"]:
+            continue
+        lo, hi = s["min"], s["max"]
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0                         # probabilities: the whole unit interval
+        elif hi == lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        edges[c] = np.linspace(lo, hi, BINS + 1)
+        s["counts"] = np.zeros(BINS, np.int64)
+    for _, _, t in step.iter_columns(list(edges)):
+        for c, e in edges.items():
+            if c in t.schema.names:
+                v = t.column(c).cast(pa.float64()).to_numpy(zero_copy_only=False)
+                stats[c]["counts"] += np.histogram(v[np.isfinite(v)], bins=e)[0]
+    return {c: {**s, "edges": edges[c].tolist(), "counts": s["counts"].tolist(),
+                "mean": s["sum"] / s["n"]} for c, s in stats.items() if c in edges}
+
+
+def _samples(step: _Step, column: str, threshold: float, op: str) -> tuple[list[dict], list[dict]]:
+    """Up to SAMPLES documents on each side of a threshold, chosen by a hash of their id."""
+    import polars as pl
+
+    best: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}
+    for fi, off, t in step.iter_columns(["id", column]):
+        if "id" not in t.schema.names or column not in t.schema.names:
+            return [], []
+        df = pl.from_arrow(t.select(["id", column])).with_row_index("r") \
+            .with_columns(pl.col(column).cast(pl.Float64))
+        df = df.filter(pl.col(column).is_not_null() & pl.col(column).is_not_nan()) \
+            .with_columns(h=pl.col("id").hash(seed=0), above=_op(pl.col(column), op, threshold))
+        for above in (True, False):
+            part = df.filter(pl.col("above") == above).sort("h").head(SAMPLES)
+            best[above] = sorted(best[above] + [(h, fi, off + r) for h, r in
+                                                part.select(["h", "r"]).iter_rows()])[:SAMPLES]
+    wanted = [(fi, r) for side in best.values() for _, fi, r in side]
+    rows = step.rows(wanted, ["id", "text", column])
+    pick = {k: [rows[(fi, r)] for _, fi, r in v if (fi, r) in rows] for k, v in best.items()}
+    return pick[True], pick[False]
+
+
+def _op(e, op: str, v: float):
+    return {">=": e >= v, ">": e > v, "<=": e <= v, "<": e < v, "==": e == v, "!=": e != v}[op]
+
+
+# --------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _fmt(x: float) -> str:
+    if x is None:
+        return "–"
+    a = abs(x)
+    return f"{x:.0f}" if a >= 1000 or float(x).is_integer() else f"{x:.3g}" if a < 0.01 else f"{x:.3f}".rstrip("0").rstrip(".")
+
+
+def _svg_hist(column: str, h: dict, thresholds: list[dict]) -> str:
+    W, H, L, B, T = 560, 190, 48, 30, 14
+    pw, ph = W - L - 10, H - B - T
+    counts, edges = h["counts"], h["edges"]
+    top = max(counts) or 1
+    lo, hi = edges[0], edges[-1]
+    bw = pw / len(counts)
+    parts = [f'<svg class="hist" data-column="{html.escape(column)}" viewBox="0 0 {W} {H}" width="{W}" '
+             f'height="{H}" role="img" aria-label="histogram of {html.escape(column)}">']
+    parts.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" class="axis"/>')
+    for i, c in enumerate(counts):
+        if c:
+            bh = max(1.0, ph * c / top)
+            parts.append(f'<rect class="bar" x="{L + i * bw + 0.5:.1f}" y="{T + ph - bh:.1f}" width="{bw - 1:.1f}" '
+                         f'height="{bh:.1f}"><title>{_fmt(edges[i])} – {_fmt(edges[i + 1])}: {c:,}</title></rect>')
+    for k in range(5):
+        x = lo + (hi - lo) * k / 4
+        px = L + pw * k / 4
+        parts.append(f'<text x="{px:.1f}" y="{H - 10}" text-anchor="middle">{_fmt(x)}</text>')
+    parts.append(f'<text x="{L - 6}" y="{T + 4}" text-anchor="end">{top:,}</text>')
+    parts.append(f'<text x="{L - 6}" y="{T + ph}" text-anchor="end">0</text>')
+    for th in thresholds:
+        v = th["value"]
+        if hi > lo and lo <= v <= hi:
+            px = L + pw * (v - lo) / (hi - lo)
+            label = f'{th["op"]} {_fmt(v)}'
+            parts.append(f'<line class="threshold" x1="{px:.1f}" y1="{T - 4}" x2="{px:.1f}" y2="{T + ph}">'
+                         f'<title>{html.escape(th.get("from", ""))}: {html.escape(label)}</title></line>')
+            right = px > L + 0.8 * pw                # keep the label inside the plot
+            parts.append(f'<text class="threshold-label" x="{px - 3 if right else px + 3:.1f}" y="{T + 6}" '
+                         f'text-anchor="{"end" if right else "start"}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_funnel(steps: dict[str, dict]) -> str:
+    W, row = 560, 22
+    top = max([max(s["in"], s["out"]) for s in steps.values()] + [1])
+    H = row * len(steps) + 6
+    parts = [f'<svg class="funnel" viewBox="0 0 {W} {H}" width="{W}" height="{H}" role="img" '
+             'aria-label="rows out of each step">']
+    for i, (name, s) in enumerate(steps.items()):
+        w = max(1.0, (W - 190) * s["out"] / top) if s["out"] else 0
+        y = 3 + i * row
+        parts.append(f'<text x="150" y="{y + 14}" text-anchor="end">{html.escape(name)}</text>')
+        parts.append(f'<rect class="bar" x="156" y="{y + 2}" width="{w:.1f}" height="{row - 6}">'
+                     f'<title>{html.escape(name)}: {s["out"]:,} rows</title></rect>')
+        parts.append(f'<text x="{160 + w:.1f}" y="{y + 14}">{s["out"]:,}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1180px;
+color:#222;padding:0 1em}h1{font-size:1.5em}h2{margin-top:2em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:3px 9px;border-bottom:1px solid #eee;text-align:left}
+td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}
+svg text{font-size:11px;fill:#444}svg .bar{fill:#4c78a8}svg .axis{stroke:#999}
+svg .threshold{stroke:#d62728;stroke-width:2;stroke-dasharray:5 3}svg .threshold-label{fill:#d62728}
+.plots{display:flex;flex-wrap:wrap;gap:1.2em}.plot{border:1px solid #eee;padding:.5em}
+.doc{white-space:pre-wrap;background:#f7f7f7;border-left:3px solid #4c78a8;padding:.4em .6em;margin:.4em 0;
+font-size:12.5px}.below .doc{border-left-color:#999}
+"""
+
+
+def _funnel_table(steps: dict[str, dict]) -> str:
+    rows = ["<table class='funnel-table'><tr><th>step</th><th>stage</th><th>in</th><th>out</th><th>kept</th>"
+            "<th>dropped (top reasons)</th><th>errors</th><th>time</th></tr>"]
+    for name, s in steps.items():
+        kept = f"{100 * s['out'] / s['in']:.1f}%" if s["in"] else "–"
+        top = sorted(s.get("dropped", {}).items(), key=lambda kv: -kv[1])[:3]
+        dropped = ", ".join(f"{html.escape(k)} {v:,}" for k, v in top) or "–"
+        errs = sum(s.get("errors", {}).values())
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['stage'])}</td><td class=n>{s['in']:,}</td>"
+                    f"<td class=n>{s['out']:,}</td><td class=n>{kept}</td><td>{dropped}</td>"
+                    f"<td class=n>{errs:,}</td><td class=n>{s.get('seconds', 0):.1f}s</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def _doc_html(d: dict, column: str) -> str:
+    text = d.get("text") or ""
+    short = text[:SAMPLE_CHARS] + ("…" if len(text) > SAMPLE_CHARS else "")
+    return (f"<div class='doc'><span class='muted'>{html.escape(str(d.get('id')))} · {html.escape(column)} = "
+            f"{_fmt(d.get(column))}</span>\n{html.escape(short)}</div>")
+
+
+def _plots(step: _Step, thresholds: list[dict]) -> tuple[str, dict]:
+    schema = step.schema()
+    if schema is None:
+        return "<p class='muted'>no rows</p>", {}
+    cols = [f.name for f in schema if _is_score(f)]
+    if not cols:
+        return "<p class='muted'>no numeric score columns</p>", {}
+    hists = _histograms(step, cols)
+    out = ["<div class='plots'>"]
+    for c in cols:
+        h = hists.get(c)
+        if h is None:
+            out.append(f"<div class='plot'><b>{html.escape(c)}</b><p class='muted'>no values</p></div>")
+            continue
+        ths = [t for t in thresholds if t["column"] == c]
+        out.append(f"<div class='plot'><b>{html.escape(c)}</b> <span class='muted'>{h['n']:,} values, mean "
+                   f"{_fmt(h['mean'])}, min {_fmt(h['min'])}, max {_fmt(h['max'])}"
+                   + (f", {h['nulls']:,} null" if h["nulls"] else "") + "</span><br>"
+                   + _svg_hist(c, h, ths) + "</div>")
+    out.append("</div>")
+    return "".join(out), hists
+
+
+def build_report(output: str) -> str:
+    """The HTML of the report of the run in ``output``."""
+    fs, root = get_fs(output)
+    stats = _read_json(fs, join(root, "stats.json"))
+    if not stats:
+        raise ReportError(f"{output}: no stats.json (not the output folder of a finished curate run)")
+    manifest = _read_json(fs, join(root, "manifest.json")) or {"steps": {}}
+    spec = _read_json(fs, join(root, "_curate", "pipeline.json")) or {}
+    steps = stats["steps"]
+    inputs = _step_inputs(spec) if spec else {}
+    shards = {n: s.get("shards", []) for n, s in manifest.get("steps", {}).items()}
+    consumed = {i for v in inputs.values() for i in v}
+
+    body = [f"<h1>curate run report: {html.escape(str(stats.get('pipeline')))}</h1>",
+            f"<p class='muted'>output {html.escape(output)} · {len(steps)} steps · "
+            f"{stats.get('seconds', 0):.1f}s · report written "
+            f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
+            "<h2 id='funnel'>Funnel</h2>", _svg_funnel(steps), _funnel_table(steps)]
+
+    for name, s in steps.items():
+        if s["stage"] != "train_classifier":
+            continue
+        card = _read_json(fs, join(root, name, STEP_CARD_FILE))
+        if card:
+            m = card.get("metrics", {})
+            body.append(f"<h2>classifier {html.escape(name)}</h2><p>label <b>{html.escape(card['labels']['positive'])}"
+                        f"</b> vs {html.escape(card['labels']['negative'])}: held-out precision {_fmt(m.get('precision'))}, "
+                        f"recall {_fmt(m.get('recall'))}, F1 {_fmt(m.get('f1'))} on {m.get('test_docs', 0):,} documents "
+                        f"(threshold {_fmt(m.get('threshold'))}); trained on {card['data']['train']:,} documents; "
+                        f"sha256 <code>{html.escape(card['sha256'][:16])}…</code></p>")
+
+    for name, s in steps.items():
+        if s["stage"] != "select":
+            continue
+        sel = _read_json(fs, join(root, name, SELECTION_FILE)) or {}
+        ths = sel.get("thresholds", [])
+        srcs = inputs.get(name, [])
+        body.append(f"<h2 id='select-{html.escape(name)}'>select step {html.escape(name)}</h2>")
+        opts = sel.get("options", {})
+        body.append(f"<p>{s['out']:,} of {s['in']:,} rows kept; options <code>{html.escape(json.dumps(opts))}</code>"
+                    + (f"; input: {html.escape(', '.join(srcs))}" if srcs else "") + "</p>")
+        for src in srcs:
+            if src not in shards:
+                continue
+            step = _Step(fs, root, src, shards[src])
+            plots, hists = _plots(step, ths)
+            body.append(f"<h3>scores of its input, {html.escape(src)}</h3>{plots}")
+            seen = set()
+            # samples around the threshold that decided: the selection's cutoff first
+            for th in sorted(ths, key=lambda t: "selected" not in t.get("from", "")):
+                if th["column"] not in hists or th["column"] in seen:
+                    continue
+                seen.add(th["column"])
+                above, below = _samples(step, th["column"], th["value"], th["op"])
+                body.append(f"<h3>samples: {html.escape(th['column'])} {html.escape(th['op'])} {_fmt(th['value'])}"
+                            f" ({html.escape(th.get('from', ''))})</h3>"
+                            f"<details open class='above'><summary>{len(above)} passing</summary>"
+                            + "".join(_doc_html(d, th["column"]) for d in above) + "</details>"
+                            f"<details class='below'><summary>{len(below)} not passing</summary>"
+                            + "".join(_doc_html(d, th["column"]) for d in below) + "</details>")
+
+    for name, s in steps.items():
+        if name in consumed or s["stage"] == "select" or name not in shards or not inputs:
+            continue
+        plots, _ = _plots(_Step(fs, root, name, shards[name]), [])
+        body.append(f"<h2 id='final-{html.escape(name)}'>final step {html.escape(name)}</h2>{plots}")
+
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<title>curate report: {html.escape(str(stats.get('pipeline')))}</title>"
+            f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
+
+
+def write_report(output_url: str) -> str:
+    """Write ``report.html`` into the run's output folder; returns its path (or URL)."""
+    from curate.pipeline.io import to_url
+
+    page = build_report(output_url)
+    fs, root = get_fs(output_url)
+    path = join(root, REPORT_FILE)
+    atomic_write_bytes(fs, path, page.encode("utf-8"))
+    return to_url(fs, path)
