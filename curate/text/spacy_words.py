@@ -60,6 +60,7 @@ _P_ALT_FIRST = 8  # first token of such a special case
 
 _HASH_P = 1099511628211
 _CHUNKS = re.compile(r"\S+")
+_WS_RUNS = re.compile(r"(\s+)")
 
 
 def _is_punct(text: str) -> bool:
@@ -357,8 +358,10 @@ class SpacyWords:
     def _char_table(self) -> np.ndarray:
         """Per BMP character: 1 in PUNCTUATION_SET, 2 alphabetic, 4 punctuation category,
         8 a sentencizer punct_char (characters beyond the BMP take the Python path)."""
+        from spacy.lang.lex_attrs import is_punct as spacy_is_punct
+
         table = np.zeros(0x10000, np.uint8)
-        if self._is_punct is not _is_punct:
+        if self._is_punct not in (_is_punct, spacy_is_punct):
             return table[:0]  # a language-specific IS_PUNCT: compute flags in Python
         for i in range(0x10000):
             ch = chr(i)
@@ -550,8 +553,10 @@ class SpacyWords:
         chunks = text.split()
 
         def seps() -> list[str]:
-            spans = [m.span() for m in _CHUNKS.finditer(text)]
-            return [text[a[1]:b[0]] for a, b in zip(spans, spans[1:])]
+            parts = _WS_RUNS.split(text)  # [chunk, sep, chunk, ...], "" before/after end spaces
+            lo = 3 if parts[0] == "" else 1
+            hi = len(parts) - 2 if parts[-1] == "" else len(parts)
+            return parts[lo:hi:2]
 
         eids, _ = self._units(chunks, seps)
         return _expand(eids, self.e_start.a, self.e_count.a, self.flat.a)
