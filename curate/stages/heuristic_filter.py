@@ -155,6 +155,8 @@ class HeuristicFilter(FilterStage):
     resources = Resources(cpus=1.0)
 
     def setup(self) -> None:
+        import pyarrow.compute  # noqa: F401 - used by FilterStage.process; import it before the first batch
+
         from curate.text.heuristics import HeuristicRules
 
         try:

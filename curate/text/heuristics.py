@@ -81,6 +81,15 @@ def word_stats(wid, t_flags, t_len, t_stop, n_stop_words):
 
 
 @njit(cache=True)
+def _same_ids(wid, a, b, n):
+    """Are the n words from a and from b the same?"""
+    for k in range(n):
+        if wid[a + k] != wid[b + k]:
+            return False
+    return True
+
+
+@njit(cache=True)
 def top_ngram_chars(wid, t_len, n):
     """datatrove's ``find_top_duplicate(get_n_grams(words, n))``: length of the most frequent
     n-gram joined with spaces times its count (the first seen among equally frequent ones);
@@ -107,13 +116,7 @@ def top_ngram_chars(wid, t_len, n):
                 e_cnt[ne] = 1
                 ne += 1
                 break
-            j = e_win[e]
-            same = True
-            for k in range(n):
-                if wid[j + k] != wid[i + k]:
-                    same = False
-                    break
-            if same:
+            if _same_ids(wid, e_win[e], i, n):
                 e_cnt[e] += 1
                 break
             s = (s + 1) & mask
@@ -131,12 +134,7 @@ def top_ngram_chars(wid, t_len, n):
 @njit(cache=True)
 def _same_concat(wid, t_len, t_cstart, chars, a, b, n):
     """Do the n words from a and from b make the same string when concatenated?"""
-    same_ids = True
-    for k in range(n):
-        if wid[a + k] != wid[b + k]:
-            same_ids = False
-            break
-    if same_ids:
+    if _same_ids(wid, a, b, n):
         return True
     la = 0
     lb = 0

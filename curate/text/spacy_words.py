@@ -542,7 +542,7 @@ class SpacyWords:
 
     def word_ids(self, text: str) -> np.ndarray:
         """Token ids of datatrove's ``split_into_words(text, language)``."""
-        if len(self._entry) > self.max_entries or self.chars.n > 64 * self.max_entries:
+        if len(self._entry) > self.max_entries or self.chars.n > 16 * self.max_entries:
             self.reset()
         if not self.fast_words or "IS_ALPHA" in text:
             from datatrove.utils.text import split_into_words
