@@ -30,7 +30,6 @@ that raises on a document drops it as ``dropped/<filter>:error`` and counts
 
 from __future__ import annotations
 
-
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -182,6 +181,7 @@ class HeuristicFilter(FilterStage):
         if out != text:
             self.count("heuristic_filter/c4_modified")
         return None, out
+
     def annotate(self, table: pa.Table) -> pa.Table:
         col = self.config.text_column
         t = table.schema.field(col).type

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from curate.text.spacy_words import ALPHA, NONSYM, SpacyWords
+from curate.text.spacy_words import SpacyWords
 
 GOPHER_STOP_WORDS = ["the", "be", "to", "of", "and", "that", "have", "with"]  # datatrove's default
 
@@ -459,7 +459,7 @@ class HeuristicRules:
                 why, new = self.c4(text)
                 if why:
                     return rule, why, text
-                if cfg.c4.modify_text:
+                if cfg.c4.modify_text and new != text:
                     out = new
             rule = "fineweb"
             if cfg.fineweb.enabled:
