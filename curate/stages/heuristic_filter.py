@@ -147,7 +147,8 @@ class HeuristicFilter(FilterStage):
     """Gopher quality/repetition, C4 and FineWeb heuristic rules (datatrove's, with its decisions)."""
 
     name = "heuristic_filter"
-    preload = ("spacy", "datatrove.utils.text", "curate.text.heuristics")
+    # not spacy: importing it imports torch (through thinc)
+    preload = ("datatrove.utils.text", "curate.text.heuristics")
     Config = HeuristicFilterConfig
     reads = ("{text_column}",)
     writes = {"text": pa.string()}
