@@ -11,6 +11,7 @@ from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, G
 from curate.pipeline.stage import StageError
 from curate.stages.extract_html import ExtractHtml
 from curate.stages.heuristic_filter import HeuristicFilter
+from curate.text.heuristics import HeuristicRules
 
 from pages import article_pages, html_table, pydoc_pages
 
@@ -84,7 +85,7 @@ def test_switches_and_tuning(extracted):
     st = HeuristicFilter(**{**ALL_OFF, "c4": {}})
     out = st(arts)
     assert out.num_rows == arts.num_rows
-    assert st.counters.to_dict().get("heuristic/c4_modified", 0) >= 1  # the title line has no period
+    assert st.counters.to_dict().get("heuristic_filter/c4_modified", 0) >= 1  # the title line has no period
     with pytest.raises(Exception):
         HeuristicFilter(gopher_quality={"min_doc_wordz": 3})  # unknown option
 
@@ -95,10 +96,10 @@ def test_bad_input_counted(monkeypatch):
     assert st(t).num_rows == 0
     assert _dropped(st) == {"heuristic_filter:empty_text": 3}
 
-    def boom(self, doc):
+    def boom(self, text, n_words=None):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(FineWebQualityFilter, "filter", boom)
+    monkeypatch.setattr(HeuristicRules, "fineweb", boom)
     st = HeuristicFilter(**{**ALL_OFF, "fineweb": {}})
     assert st(pa.table({"id": ["d"], "text": ["some text here."]})).num_rows == 0
     c = st.counters.to_dict()
