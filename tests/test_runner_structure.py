@@ -156,3 +156,13 @@ def test_local_gpu_stage_runs_one_pinned_worker_per_gpu(tmp_path, monkeypatch):
     assert sorted(next(iter(g)) for g in by_pid.values()) == ["0", "1"]   # each its own device
     assert all(len(g) == 1 for g in by_pid.values())
     assert sorted(os.listdir(markers)) == sorted(f"setup-{p}" for p in by_pid)
+
+
+def test_a_run_writes_its_report(tmp_path, corpus):
+    out = str(tmp_path / "o")
+    run_pipeline(pipeline_dict(corpus, out), progress=False)
+    page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+    assert "<svg" in page and "min_words" in page and "too_short" in page
+    out2 = str(tmp_path / "o2")
+    run_pipeline(pipeline_dict(corpus, out2, report=False), progress=False)
+    assert not os.path.exists(os.path.join(out2, "report.html"))

@@ -10,6 +10,7 @@
     batch_size: 1000               # rows per batch through map stages
     rows_per_shard: 50000          # rows per output Parquet shard
     max_error_fraction: 0.5        # stop the run when more documents than this fail in a step
+    report: true                   # write report.html next to stats.json at the end of a run
     engines:                       # named LLM engines stages refer to with `engine: <name>`
       small: {kind: transformers}
     inputs:                        # named sources
@@ -67,6 +68,7 @@ class PipelineSpec(BaseModel):
     batch_size: int = Field(default=1000, ge=1)
     rows_per_shard: int = Field(default=50_000, ge=1)
     max_error_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    report: bool = True   # write report.html next to stats.json at the end of a run
     plugins: list[str] = Field(default_factory=list)  # modules to import: your own @register stages
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     inputs: dict[str, StepSpec] = Field(default_factory=dict)

@@ -174,7 +174,21 @@ class Runner:
                     "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
                               for s in self.pipe.steps.values() if s.name in self._shards}}
         self.layout.write_json(join(self.layout.root, "manifest.json"), manifest)
+        if self.spec.report:
+            self._write_report()
         return result
+
+    def _write_report(self) -> None:
+        """``report.html`` next to stats.json (the data is already safe: a report that cannot be
+        drawn is a warning, not a failed run)."""
+        from curate.report import write_report
+
+        try:
+            path = write_report(self.layout.url)
+            log.info("report: %s", path)
+        except Exception as exc:  # noqa: BLE001 - reported, and `curate report` can retry it
+            log.warning("the run report could not be written (%s: %s); try `curate report %s`",
+                        type(exc).__name__, exc, self.layout.url)
 
     def _set_output(self, step: Step, shards: list[dict]) -> None:
         self._shards[step.name] = shards

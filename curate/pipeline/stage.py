@@ -466,6 +466,20 @@ class GlobalStage(Stage):
     def run(self, dataset: "Dataset", writer: "Writer", ctx: "RunContext") -> None:
         raise NotImplementedError
 
+    def local_scratch(self, ctx: "RunContext", name: str) -> str:
+        """A fresh, empty folder on this machine's disk (under the step's work folder), for files
+        only this process reads (e.g. a training file a library wants as a local path)."""
+        import os
+        import shutil
+
+        base = getattr(ctx, "workdir", None) or self.workdir
+        if not base:
+            raise StageError(f"{self.name} needs a work folder")
+        path = os.path.join(base, name)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+        return path
+
     def scratch(self, ctx: "RunContext", name: str) -> str:
         """A fresh, empty folder for this run's spill files, under the output location
         (``<output>/_curate/work/<step>/<name>``; a URL when the output is an object store, so

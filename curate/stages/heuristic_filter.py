@@ -149,6 +149,7 @@ class HeuristicFilter(FilterStage):
     name = "heuristic_filter"
     # not spacy: importing it imports torch (through thinc)
     preload = ("datatrove.utils.text", "curate.text.heuristics")
+    requires = ("datatrove.pipeline.filters", "spacy", "numba")
     Config = HeuristicFilterConfig
     reads = ("{text_column}",)
     writes = {"text": pa.string()}

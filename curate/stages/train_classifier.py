@@ -228,7 +228,7 @@ class TrainClassifier(GlobalStage):
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, dataset, writer, ctx) -> None:
-        folder = self.scratch(ctx, "train")
+        folder = self.local_scratch(ctx, "train")  # fastText trains from local files
         try:
             self._train(folder, writer, ctx)
         finally:                                  # copies of the training data: do not keep them

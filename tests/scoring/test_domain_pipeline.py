@@ -63,13 +63,13 @@ def test_domain_classifier_config(env):
     # the same command again: everything resumed
     _run(env, "run", "-q", CONFIG)
     again = json.load(open(os.path.join(out, "stats.json")))["steps"]
-    assert all(s["status"] == "done (resumed)" for s in again.values())
+    assert all(s["status"] == "skipped" for s in again.values())
 
     # retraining (another option) re-runs the training step and the scoring that names its model
     _run({**env, "TRAIN_EPOCHS": "15"}, "run", "-q", CONFIG)
     third = json.load(open(os.path.join(out, "stats.json")))["steps"]
     # (corpus is read again: it is fused into the score step's tasks, not written out)
-    assert {n for n, s in third.items() if s["status"] != "done (resumed)"} == {"train", "corpus", "score", "select"}
+    assert {n for n, s in third.items() if s["status"] != "skipped"} == {"train", "corpus", "score", "select"}
     assert json.load(open(os.path.join(out, "train", "_model.json")))["sha256"] != card["sha256"]
 
     # the report of this run
