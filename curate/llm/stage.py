@@ -417,6 +417,17 @@ class LLMStage(MapStage):
         side = side.append_column("llm_answer", pa.array(raw, pa.string()))
         self.side("failed", side)
 
+    def unscored(self, results: Sequence[JobResult], empty: Sequence[int],
+                 on_error: str = "keep") -> list[tuple[int, dict[str, Any]]]:
+        """Annotation stages (``synthetic = False``): the rows kept without the stage's columns
+        (null) - ``empty`` texts, and rows whose job failed unless ``on_error`` is "drop" (then
+        counted ``dropped/llm_failed``). Deferred rows are not among them (the next run redoes them)."""
+        failed = [r.job.row for r in results if r.status == "failed"]
+        if on_error == "drop" and failed:
+            self.drop("llm_failed", len(failed))
+            failed = []
+        return [(i, {}) for i in [*empty, *failed]]
+
     def defer_rows(self, results: Sequence[JobResult]) -> None:
         rows_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
         rows_transient = {r.job.row for r in results if r.status == "deferred" and r.error != "budget"} - rows_budget
