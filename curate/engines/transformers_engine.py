@@ -332,12 +332,8 @@ class TransformersEngine(Engine):
 
         if params.max_tokens == 1 and params.logprobs is not None and params.greedy and not params.stop:
             return self._next_token(batch, params)
-        width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, ids in enumerate(batch):
-            input_ids[j, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[j, width - len(ids):] = 1
+        input_ids, mask = self._left_padded(batch)
+        width = input_ids.shape[1]
         dev = self.model.device
         n_seq = 1 if params.greedy else params.n  # greedy: n identical copies
         kwargs: dict[str, Any] = {
@@ -374,10 +370,8 @@ class TransformersEngine(Engine):
             completions.append(Completion(choices=choices, prompt_tokens=len(ids)))
         return completions
 
-    def _next_token(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
-        """One greedy token with logprobs (yes/no scoring): one forward pass and the log-softmax of
-        the last position, no ``generate`` loop. Positions are counted from each row's first real
-        token (left padding), as ``generate`` does, so the numbers are the same."""
+    def _left_padded(self, batch: list[list[int]]) -> tuple[Any, Any]:
+        """(input ids, attention mask) of a batch, padded on the left."""
         import torch
 
         width = max(len(x) for x in batch)
@@ -386,6 +380,15 @@ class TransformersEngine(Engine):
         for j, ids in enumerate(batch):
             input_ids[j, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             mask[j, width - len(ids):] = 1
+        return input_ids, mask
+
+    def _next_token(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One greedy token with logprobs (yes/no scoring): one forward pass and the log-softmax of
+        the last position, no ``generate`` loop. Positions are counted from each row's first real
+        token (left padding), as ``generate`` does, so the numbers are the same."""
+        import torch
+
+        input_ids, mask = self._left_padded(batch)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         dev = self.model.device
         with torch.inference_mode():

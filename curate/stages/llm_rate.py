@@ -29,7 +29,7 @@ An answer that does not parse is asked again (``parse_retries``, new seed), then
 ``errors/parse/<reason>`` (``wrong_count``, ``bad_domain``, ``bad_score``, ``missing_criteria``,
 ``conflicting_scores``, ``no_domain``...) and saved with the raw answer in the side output
 ``failed``; its row is kept with null ratings (``on_error: keep``) or dropped (``drop``, counted
-``dropped/llm_failed``). Counters ``llm_rate/cut_docs``, ``llm_rate/rated``.
+``dropped/llm_failed``). Counters ``llm_rate/cut_docs``, ``llm_rate/scored``, ``llm_rate/empty_text``.
 
 Library call::
 
@@ -199,23 +199,7 @@ class LlmRate(LLMStage):
         return [{**dict(zip(self.columns, scores)), self.config.column_prefix + "domain": domain}]
 
     def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
         t = self.template(self.template_id)
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        for batch in self.batches(rows):
-            jobs, empty = [], []
-            for i in batch:
-                text = rows[i].get(cfg.text_column)
-                if text is None or not str(text).strip():
-                    self.count("llm_rate/empty_text")
-                    empty.append(i)
-                    continue
-                jobs.append(Job(i, [self.ask(self.template_id, row=rows[i], text=self.prepare(str(text)))],
-                                self.parse_answer, t))
-            results = self.complete(jobs, ids)
-            outputs.extend(self.finish(table, rows, results))
-            self.count("llm_rate/rated", sum(r.status == "ok" for r in results))
-            outputs.extend(self.unscored(results, empty, cfg.on_error))
-        return self.assemble(table, outputs)
+        return self.score_rows(table, self.config.text_column, lambda i, row, text: Job(
+            i, [self.ask(self.template_id, row=row, text=self.prepare(text))], self.parse_answer, t),
+            self.config.on_error)

@@ -6,7 +6,7 @@
         questions: [lm_yes_no_score/contains, lm_yes_no_score/useful]   # prompt template ids
         column: math_score
 
-For each question (a chat template over ``{{ text }}``, and ``{{ domain }}`` when given), the
+For each question (a chat template over ``{{ text }}`` and ``{{ domain }}``), the
 engine is asked for one token with the ``top_logprobs`` most likely alternatives. From them,
 
     P(YES) = sum of exp(logprob) over tokens that read "yes" after stripping spaces and case
@@ -53,7 +53,7 @@ from curate.pipeline.stage import StageError, register
 class LmYesNoScoreConfig(LLMStageConfig):
     questions: list[str] = Field(["lm_yes_no_score/contains", "lm_yes_no_score/useful"], min_length=1,
                                  description="prompt template ids (or .yaml paths), one per YES/NO question")
-    domain: str | None = Field(None, description="fills {{ domain }} in the question templates")
+    domain: str = Field(..., min_length=1, description="fills {{ domain }} in the question templates, e.g. mathematics")
     text_column: str = "text"
     columns: list[str] = Field(default_factory=list, description="extra row columns the templates may use")
     column: str = Field("lm_score", description="output column (product over questions)")
@@ -112,21 +112,12 @@ class LmYesNoScore(LLMStage):
                                        "return them"))
         elif self.config.top_logprobs > cap:
             problems.append(("top_logprobs", f"the {kind} engine returns at most {cap} alternatives"))
-        if self.config.domain is None:
-            from curate.llm.prompts import TemplateError, load_template
-
-            for tid in self.template_ids():
-                try:
-                    if "domain" in load_template(tid, self.config.prompts_dir).variables():
-                        problems.append(("domain", f"template {tid!r} asks about {{{{ domain }}}}: set `domain`"))
-                except TemplateError:
-                    pass  # reported by the base check
         return problems
 
     def request(self, tid: str, row: dict[str, Any], text: str) -> Request:
         cfg = self.config
         params = self.sampling(max_tokens=1, temperature=0.0, logprobs=cfg.top_logprobs, stop=())
-        variables = {"text": text, **({"domain": cfg.domain} if cfg.domain is not None else {})}
+        variables = {"text": text, "domain": cfg.domain}
         if cfg.chat:
             return self.ask(tid, row=row, params=params, **variables)
         t = self.template(tid)
@@ -149,26 +140,14 @@ class LmYesNoScore(LLMStage):
 
     def process(self, table: pa.Table) -> pa.Table:
         cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
         t = self.template(cfg.questions[0])
-        tok = self.engine.hf_tokenizer() if rows else None
-        for batch in self.batches(rows):
-            jobs, empty = [], []
-            for i in batch:
-                text = rows[i].get(cfg.text_column)
-                if text is None or not str(text).strip():
-                    self.count("lm_yes_no_score/empty_text")
-                    empty.append(i)
-                    continue
-                text, cut = cut_text(str(text), cfg.max_text_tokens, tokenizer=tok,
-                                     count=self.engine.count_tokens, keep="head")
-                if cut:
-                    self.count("lm_yes_no_score/cut_docs")
-                jobs.append(Job(i, [self.request(tid, rows[i], text) for tid in cfg.questions],
-                                self.parse_answer, t))
-            results = self.complete(jobs, ids)
-            outputs.extend(self.finish(table, rows, results))
-            outputs.extend(self.unscored(results, empty, cfg.on_error))
-        return self.assemble(table, outputs)
+        tok = self.engine.hf_tokenizer() if table.num_rows else None
+
+        def job(i: int, row: dict[str, Any], text: str) -> Job:
+            text, cut = cut_text(text, cfg.max_text_tokens, tokenizer=tok, count=self.engine.count_tokens,
+                                 keep="head")
+            if cut:
+                self.count("lm_yes_no_score/cut_docs")
+            return Job(i, [self.request(tid, row, text) for tid in cfg.questions], self.parse_answer, t)
+
+        return self.score_rows(table, cfg.text_column, job, cfg.on_error)

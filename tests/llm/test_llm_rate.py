@@ -154,7 +154,7 @@ def test_failures_are_retried_counted_and_kept(openai_server):
     assert out.schema.field("dataman_accuracy").type == pa.int8()
     c = s.counters.to_dict()
     assert c["errors/parse/wrong_count"] == 1 and c["errors/parse/bad_domain"] == 1
-    assert c["llm/parse_retries"] == 2 and c["llm_rate/rated"] == 2 and c["llm_rate/empty_text"] == 1
+    assert c["llm/parse_retries"] == 2 and c["llm_rate/scored"] == 2 and c["llm_rate/empty_text"] == 1
     side = s.take_side()["failed"].to_pylist()
     assert [r["id"] for r in side] == ["d2", "d3"] and side[0]["llm_error"].startswith("parse/wrong_count")
     assert side[1]["llm_answer"].startswith("X\n")
@@ -172,7 +172,7 @@ def test_smollm2_end_to_end(smol):
     out = s(docs())
     assert out.num_rows == 2 and set(COLS) <= set(out.schema.names)
     c = s.counters.to_dict()
-    rated = c.get("llm_rate/rated", 0)
+    rated = c.get("llm_rate/scored", 0)
     failed = sum(v for k, v in c.items() if k.startswith("errors/parse/"))
     assert rated + failed == 2  # every document is either rated or counted
     for r in out.to_pylist():
@@ -209,6 +209,6 @@ def test_dataman_model_on_vllm(tmp_path):  # pragma: no cover - needs a GPU and 
     s = LlmRate(engine={"kind": "vllm", "model": DATAMAN}, format="dataman", cache_path=str(tmp_path / "c.sqlite"))
     out = s(docs(TEXTS + ["buy cheap pills now!!! click here click here best price"]))
     c = s.counters.to_dict()
-    assert c.get("llm_rate/rated") == 3, c  # the model's own format parses every time
+    assert c.get("llm_rate/scored") == 3, c  # the model's own format parses every time
     assert all(r["dataman_domain"] in DOMAINS for r in out.to_pylist())
     assert out.column("dataman_overall_score")[0].as_py() > out.column("dataman_overall_score")[2].as_py()
