@@ -187,10 +187,13 @@ class LlmRate(LLMStage):
         n = cfg.max_text_chars
         if n and len(text) > n:
             text = text[: n // 2] + text[-(n // 2):]
-        out, cut = cut_text(text, cfg.max_text_tokens, tokenizer=self.engine.hf_tokenizer(),
-                            count=self.engine.count_tokens)
+        tok = self.engine.hf_tokenizer()
+        out, cut = cut_text(text, cfg.max_text_tokens, tokenizer=tok, count=self.engine.count_tokens)
         if cut:
             self.count("llm_rate/cut_docs")
+        elif tok is not None and cfg.format == "dataman":
+            # the reference passes every text through its tokenizer (normalisation) and strips it
+            out = tok.convert_tokens_to_string(tok.tokenize(out)).strip()
         return out
 
     def parse_answer(self, completions: list[Completion]) -> list[dict[str, Any]]:

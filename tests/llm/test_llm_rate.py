@@ -212,3 +212,36 @@ def test_dataman_model_on_vllm(tmp_path):  # pragma: no cover - needs a GPU and 
     assert c.get("llm_rate/scored") == 3, c  # the model's own format parses every time
     assert all(r["dataman_domain"] in DOMAINS for r in out.to_pylist())
     assert out.column("dataman_overall_score")[0].as_py() > out.column("dataman_overall_score")[2].as_py()
+
+
+def test_through_the_runner_with_a_transient_failure(openai_server, tmp_path):
+    """A pipeline step: ratings and unrated rows in the output, the failed answer in _failed/, a
+    request that failed transiently redone by a plain rerun (the rest from the request cache)."""
+    import pyarrow.parquet as pq
+
+    from curate.pipeline.runner import PipelineError, run_pipeline
+
+    st = openai_server.state
+    st.backend = "script"
+    st.responder = lambda body: ("nonsense" if "cheap" in body["messages"][-1]["content"]
+                                 else "J\n" + "\n".join(["4"] * 14))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(docs(TEXTS + ["buy cheap pills"]), inp / "a.parquet")
+    spec = {"name": "rate", "output": str(tmp_path / "out"), "workers": 1,
+            "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(inp)}}},
+            "stages": [{"stage": "llm_rate", "options": {"engine": _engine(openai_server), "format": "dataman",
+                                                         "parse_retries": 0, "max_failure_rate": 1.0}}]}
+    st.fail_next = ["500"]
+    with pytest.raises(PipelineError, match=r"1 row\(s\).*llm_request"):
+        run_pipeline(spec, progress=False)
+    st.hits = 0
+    res = run_pipeline(spec, progress=False)
+    assert st.hits == 1  # only the row whose request failed
+    out = res.dataset("llm_rate").to_table().sort_by("id").to_pylist()
+    assert [r["dataman_domain"] for r in out] == ["Culture", "Culture", None]
+    assert [r["dataman_overall_score"] for r in out] == [4, 4, None]
+    c = res.stats["llm_rate"]["counters"]
+    assert res.stats["llm_rate"]["errors"] == {"parse/wrong_count": 1} and c["llm_rate/scored"] == 2
+    failed = pq.read_table(str(tmp_path / "out" / "llm_rate" / "_failed")).to_pylist()
+    assert [r["id"] for r in failed] == ["d2"] and failed[0]["llm_answer"] == "nonsense"
