@@ -110,6 +110,7 @@ class RcLlm(LLMStage):
 
     def setup(self) -> None:
         super().setup()
+        self.rc.workdir, self.rc.step_name = self.workdir, self.step_name  # a trained keyword model goes there
         self.rc.ensure_setup()
         self.qa = self.qa_templates()[0]
 
