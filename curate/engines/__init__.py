@@ -26,24 +26,26 @@ from curate.engines.config import (EngineConfig, OpenAIConfig, TransformersConfi
 __all__ = [
     "Choice", "Completion", "Engine", "EngineConfig", "OpenAIConfig", "Request",
     "RequestCache", "SamplingParams", "TokenLogprob", "TransformersConfig", "VLLMConfig",
-    "apply_chat_template", "cache_key", "make_engine", "parse_engine_config", "truncate_at_stop",
+    "apply_chat_template", "cache_key", "engine_class", "make_engine", "parse_engine_config", "truncate_at_stop",
 ]
+
+
+def engine_class(kind: str) -> type[Engine]:
+    """The engine class of a kind (importing it does not import its backend library)."""
+    if kind == "transformers":
+        from curate.engines.transformers_engine import TransformersEngine
+        return TransformersEngine
+    if kind == "openai":
+        from curate.engines.openai_engine import OpenAIEngine
+        return OpenAIEngine
+    if kind == "vllm":
+        from curate.engines.vllm_engine import VLLMEngine
+        return VLLMEngine
+    raise ValueError(f"unknown engine kind {kind!r}")
 
 
 def make_engine(config: Any, cache: "RequestCache | str | None" = None) -> Engine:
     """Build the engine a config names. ``cache``: a RequestCache, a SQLite path, or None."""
     cfg = parse_engine_config(config)
     rc = RequestCache(cache) if isinstance(cache, (str, os.PathLike)) else cache
-    if cfg.kind == "transformers":
-        from curate.engines.transformers_engine import TransformersEngine
-
-        return TransformersEngine(cfg, cache=rc)
-    if cfg.kind == "openai":
-        from curate.engines.openai_engine import OpenAIEngine
-
-        return OpenAIEngine(cfg, cache=rc)
-    if cfg.kind == "vllm":
-        from curate.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg, cache=rc)
-    raise ValueError(f"unknown engine kind {cfg.kind!r}")
+    return engine_class(cfg.kind)(cfg, cache=rc)

@@ -217,6 +217,9 @@ class Engine(ABC):
     one Completion each, never raising for a single bad request) and set ``kind``/``model_id``."""
 
     kind: str = ""
+    # the most alternatives per position the backend returns with ``SamplingParams.logprobs``
+    # (0: the backend returns no logprobs); stages that score from logprobs check it at validate time
+    max_logprobs: int = 0
 
     def __init__(self, cache: "RequestCache | None" = None):
         self.cache = cache
@@ -236,6 +239,11 @@ class Engine(ABC):
         """Tokens of ``text`` for chunking and budgets. Backends with a tokenizer count exactly; the
         default is an estimate (UTF-8 bytes / 4, rounded up)."""
         return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4
+
+    def hf_tokenizer(self) -> Any:
+        """The backend's Hugging Face tokenizer (``tokenize``/``convert_tokens_to_string``), or None
+        when the engine has none (an HTTP server): exact token cuts use it, else ``count_tokens``."""
+        return None
 
     def cached(self, requests: Sequence[Request], cache: "RequestCache | None" = None) -> list[Completion | None]:
         """The cached completion of each request, or None (no cache: all None). Does not generate."""

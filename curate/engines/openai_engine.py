@@ -117,6 +117,7 @@ def _completion_logprobs(lp: Any) -> list[TokenLogprob] | None:
 
 class OpenAIEngine(Engine):
     kind = "openai"
+    max_logprobs = 20  # top_logprobs of the chat API (the legacy completions API allows 5)
 
     def __init__(self, config: OpenAIConfig | dict, cache: RequestCache | None = None,
                  transport: Any = None):

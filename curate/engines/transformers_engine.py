@@ -214,6 +214,7 @@ def _in_pool_worker() -> bool:
 
 class TransformersEngine(Engine):
     kind = "transformers"
+    max_logprobs = 20
 
     def __init__(self, config: TransformersConfig | dict | None = None, cache: RequestCache | None = None):
         super().__init__(cache)
@@ -283,6 +284,9 @@ class TransformersEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def hf_tokenizer(self) -> Any:
+        return self.tokenizer
+
     # -- generation --------------------------------------------------------------------------------
     def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         self.load()
@@ -326,12 +330,10 @@ class TransformersEngine(Engine):
     def _run_batch(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
         import torch
 
-        width = max(len(x) for x in batch)
-        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, ids in enumerate(batch):
-            input_ids[j, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            mask[j, width - len(ids):] = 1
+        if params.max_tokens == 1 and params.logprobs is not None and params.greedy and not params.stop:
+            return self._next_token(batch, params)
+        input_ids, mask = self._left_padded(batch)
+        width = input_ids.shape[1]
         dev = self.model.device
         n_seq = 1 if params.greedy else params.n  # greedy: n identical copies
         kwargs: dict[str, Any] = {
@@ -367,6 +369,45 @@ class TransformersEngine(Engine):
                            for c in choices for _ in range(params.n)]
             completions.append(Completion(choices=choices, prompt_tokens=len(ids)))
         return completions
+
+    def _left_padded(self, batch: list[list[int]]) -> tuple[Any, Any]:
+        """(input ids, attention mask) of a batch, padded on the left."""
+        import torch
+
+        width = max(len(x) for x in batch)
+        input_ids = torch.full((len(batch), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, ids in enumerate(batch):
+            input_ids[j, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[j, width - len(ids):] = 1
+        return input_ids, mask
+
+    def _next_token(self, batch: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One greedy token with logprobs (yes/no scoring): one forward pass and the log-softmax of
+        the last position, no ``generate`` loop. Positions are counted from each row's first real
+        token (left padding), as ``generate`` does, so the numbers are the same."""
+        import torch
+
+        input_ids, mask = self._left_padded(batch)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        dev = self.model.device
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(dev), attention_mask=mask.to(dev),
+                                position_ids=pos.to(dev)).logits[:, -1, :]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for j, ids in enumerate(batch):
+            tid = int(torch.argmax(lp[j]))
+            top: dict[str, float] = {}
+            if params.logprobs:
+                vals, idx = torch.topk(lp[j], params.logprobs)
+                top = {self.tokenizer.decode([int(i)]): float(v) for v, i in zip(vals, idx)}
+            eos = tid in self._eos_ids or tid == self._pad_id
+            text = "" if eos else self.tokenizer.decode([tid], skip_special_tokens=True)
+            choice = Choice(text=text, finish_reason="stop" if eos else "length", completion_tokens=1,
+                            logprobs=[TokenLogprob(self.tokenizer.decode([tid]), float(lp[j][tid]), top)])
+            out.append(Completion(choices=[choice] * params.n, prompt_tokens=len(ids)))
+        return out
 
     def _choice(self, gen: list[int], params: SamplingParams, logits: Any, row: int) -> Choice:
         end = next((t for t, tid in enumerate(gen) if tid in self._eos_ids or tid == self._pad_id), None)

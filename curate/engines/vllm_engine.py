@@ -110,6 +110,7 @@ def llm_kwargs(cfg: VLLMConfig) -> dict[str, Any]:
 
 class VLLMEngine(Engine):
     kind = "vllm"
+    max_logprobs = 20  # vLLM's default ``max_logprobs``
 
     def __init__(self, config: VLLMConfig | dict, cache: RequestCache | None = None, llm: Any = None):
         super().__init__(cache)
@@ -156,6 +157,9 @@ class VLLMEngine(Engine):
 
     def count_tokens(self, text: str) -> int:
         return len(self.llm.get_tokenizer().encode(text, add_special_tokens=False))
+
+    def hf_tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
 
     def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         self.load()  # a failing start (no GPU memory...) is an error of the run, not of the requests

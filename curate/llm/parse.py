@@ -232,3 +232,45 @@ def parse_bullets(text: str, *, min_items: int = 1, dedupe: bool = True) -> list
     if len(items) < min_items:
         raise ParseError("no_items", f"{len(items)} list item(s), need {min_items}")
     return items
+
+
+# -- question/answer lines -----------------------------------------------------------------------------
+
+_QA_TAG = re.compile(r"^\s*(?:[-*•]\s*|\d+[.)]\s*)?(?:\*\*)?(?:(?P<long>Question|Answer)\s*\d*\s*[:.]|"
+                     r"(?P<short>Q|A)\s*\d*\s*:)(?:\*\*)?\s*(?P<rest>.*)$", re.I)
+
+
+def parse_qa_pairs(text: str, *, min_pairs: int = 1, dedupe: bool = True) -> list[tuple[str, str]]:
+    """Pairs written as ``Question: ...`` / ``Answer: ...`` lines (also ``Q1:``/``A1:``, numbered,
+    bulleted or bold tags); lines without a tag continue the question or answer above them. A
+    question without an answer is dropped; with ``dedupe`` repeated questions (case-insensitive)
+    are dropped. ``no_qa_pairs`` when fewer than ``min_pairs`` remain."""
+    text = strip_fences(_check_text(text))
+    pairs: list[tuple[str, str]] = []
+    q: str | None = None
+    a: str | None = None
+    for line in text.splitlines():
+        m = _QA_TAG.match(line)
+        if m:
+            tag = (m.group("long") or m.group("short"))[0].lower()
+            rest = m.group("rest").strip()
+            if tag == "q":
+                if q and a:
+                    pairs.append((q, a))
+                q, a = rest, None
+            elif q is not None:
+                a = f"{a} {rest}".strip() if a else rest
+            continue
+        if line.strip() and q is not None:
+            if a is None:
+                q = f"{q} {line.strip()}".strip()
+            else:
+                a = f"{a} {line.strip()}"
+    if q and a:
+        pairs.append((q, a))
+    if dedupe:
+        seen: set[str] = set()
+        pairs = [p for p in pairs if not (p[0].lower() in seen or seen.add(p[0].lower()))]
+    if len(pairs) < min_pairs:
+        raise ParseError("no_qa_pairs", f"{len(pairs)} question-answer pair(s), need {min_pairs}")
+    return pairs

@@ -417,6 +417,35 @@ class LLMStage(MapStage):
         side = side.append_column("llm_answer", pa.array(raw, pa.string()))
         self.side("failed", side)
 
+    def score_rows(self, table: pa.Table, column: str, make_job: Callable[[int, dict[str, Any], str], Job],
+                   on_error: str = "keep") -> pa.Table:
+        """The loop of annotation stages (``synthetic = False``; one job per row, its parse result
+        as new columns): ``make_job(i, row, text)`` for each row with text in ``column``. Rows with
+        an empty text (counted ``<stage>/empty_text``) and rows whose job failed are kept with null
+        columns, or failed rows are dropped with ``on_error: drop`` (``dropped/llm_failed``);
+        deferred rows are left for the next run. Counted: ``<stage>/scored``."""
+        rows = self.rows(table)
+        ids = [r.get("id") for r in rows]
+        outputs: list[tuple[int, dict[str, Any]]] = []
+        for batch in self.batches(rows):
+            jobs, empty = [], []
+            for i in batch:
+                text = rows[i].get(column)
+                if text is None or not str(text).strip():
+                    self.count(f"{self.name}/empty_text")
+                    empty.append(i)
+                    continue
+                jobs.append(make_job(i, rows[i], str(text)))
+            results = self.complete(jobs, ids)
+            outputs.extend(self.finish(table, rows, results))
+            self.count(f"{self.name}/scored", sum(r.status == "ok" for r in results))
+            failed = [r.job.row for r in results if r.status == "failed"]
+            if on_error == "drop" and failed:
+                self.drop("llm_failed", len(failed))
+                failed = []
+            outputs.extend((i, {}) for i in [*empty, *failed])
+        return self.assemble(table, outputs)
+
     def defer_rows(self, results: Sequence[JobResult]) -> None:
         rows_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
         rows_transient = {r.job.row for r in results if r.status == "deferred" and r.error != "budget"} - rows_budget

@@ -661,12 +661,27 @@ class ReadingComprehension(MapStage):
     def mine(self, body: str) -> dict[str, list]:
         return self.miner.mine(body)
 
+    def prepare(self, text: str, title: str | None = None) -> tuple[str | None, str]:
+        """(title, body cut to ``max_body_tokens``): what the tasks are mined from and wrapped around."""
+        title, body = self.split(text, title)
+        return title, self.cutter.truncate(body, self.cut_n)
+
     def render(self, doc_id: str, text: str, title: str | None = None) -> tuple[str, dict[str, int], dict[str, int], str]:
         """(assembled text, raw counts per sub-type, used counts per sub-type, wrap choice)."""
+        rng = self.rng(doc_id)
+        title, body = self.prepare(text, title)
+        blocks, raw, used, sents = self.mined_blocks(body, rng)
+        out, wrap = self.assemble(title, body, blocks, rng, sents)
+        return out, raw, used, wrap
+
+    def rng(self, doc_id: str) -> random.Random:
+        """The document's random source: every choice for it comes from here, in a fixed order."""
+        return random.Random(f"{self.config.seed}|{doc_id}")
+
+    def mined_blocks(self, body: str, rng: random.Random) -> tuple[list[str], dict[str, int], dict[str, int],
+                                                                    list[str] | None]:
+        """(task blocks, raw counts per sub-type, used counts, sentences when they were split)."""
         c = self.config
-        rng = random.Random(f"{c.seed}|{doc_id}")
-        title, body = self.split(text, title)
-        body = self.cutter.truncate(body, self.cut_n)
         mined: dict[str, list] = self.miner.mine(body)
         sents = None  # split only when needed (keywords, a completion cut)
         if self.keywords is not None:
@@ -676,7 +691,6 @@ class ReadingComprehension(MapStage):
             mined["keywords"] = []
         raw = {k: len(v) for k, v in mined.items()}
         used = {}
-        domain = c.domain
         blocks = []
         for family, subs in FAMILIES.items():
             examples = []
@@ -689,6 +703,15 @@ class ReadingComprehension(MapStage):
                 examples.extend(self._example(family, sub, item, rng) for item in chosen)
             if examples:
                 blocks.append("\n\n".join(examples))
+        return blocks, raw, used, sents
+
+    def assemble(self, title: str | None, body: str, blocks: list[str], rng: random.Random,
+                 sents: list[str] | None = None) -> tuple[str, str]:
+        """The output text from the task blocks (shuffled, after an intro line) and the wrapping
+        (title summarisation / text completion / plain); returns (text, wrap choice). Used by the
+        regex miner and by ``rc_llm`` (question-answer pairs from an LLM)."""
+        domain = self.config.domain
+        blocks = list(blocks)
         rng.shuffle(blocks)
         doc_t = self.t["document"]
         if blocks:
@@ -719,7 +742,7 @@ class ReadingComprehension(MapStage):
         else:
             head = title + "\n" if title is not None else ""
             out = template.format(text=head + body.strip(), domain=domain, tasks=tasks)
-        return _one_space(out), raw, used, wrap
+        return _one_space(out), wrap
 
     def _example(self, family: str, sub: str, item, rng: random.Random) -> str:
         t = self.t[family]

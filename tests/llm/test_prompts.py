@@ -8,7 +8,7 @@ from curate.llm.prompts import TemplateError, load_template, shipped_templates
 from curate.pipeline.stage import list_stages
 
 SAMPLE = {"text": "Ada Lovelace wrote about the Analytical Engine.", "entities": ["Ada Lovelace", "Analytical Engine"],
-          "summary": "A note on Lovelace."}
+          "summary": "A note on Lovelace.", "domain": "computing", "title": "Lovelace", "max_pairs": 3}
 
 
 def test_every_shipped_template_renders():
