@@ -95,7 +95,8 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
         click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
         sys.exit(130)
     click.echo(funnel_table(result.stats))
-    click.echo(f"\noutput: {result.output}  (stats.json, manifest.json; {result.seconds:.1f}s)")
+    files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
+    click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
 
 
 @main.command()
