@@ -76,7 +76,7 @@ def bench_runner(engine_cfg: dict, table: pa.Table, max_tokens: int) -> float:
     try:
         def spec(name: str, t: pa.Table) -> dict:
             pq.write_table(t, os.path.join(tmp, f"{name}.parquet"))
-            return {"name": "bench-engine", "output": os.path.join(tmp, f"out-{name}"), "workers": 1,
+            return {"name": "bench-engine", "output": os.path.join(tmp, f"out-{name}"), "workers": 1, "report": False,
                     "batch_size": 64,
                     "inputs": {"prompts": {"stage": "read_parquet",
                                            "options": {"paths": os.path.join(tmp, f"{name}.parquet")}}},

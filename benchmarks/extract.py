@@ -149,7 +149,7 @@ def time_runner(path: str, workers: int) -> Timing:
     folder = _split(path, 16)
     out = tempfile.mkdtemp(prefix="curate-bench-extract-")
     try:
-        spec = {"name": "bench-extract", "output": out, "workers": workers, "batch_size": 64,
+        spec = {"name": "bench-extract", "output": out, "report": False, "workers": workers, "batch_size": 64,
                 "inputs": {"pages": {"stage": "read_parquet", "options": {"paths": folder}}},
                 "stages": [{"stage": "extract_html", "options": {"with_metadata": False}}]}
         holder = {}

@@ -106,7 +106,7 @@ def curate(inp: str, model_path: str, out: str, workers: int) -> tuple[int, floa
     from curate.pipeline.runner import run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline({"name": "bench", "output": out, "workers": workers, "batch_size": 2000,
+    res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 2000,
                         "rows_per_shard": 1_000_000,
                         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": inp}}},
                         "stages": [{"stage": "fasttext_score", "options": {"model": model_path}}]}, progress=False)

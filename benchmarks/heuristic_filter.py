@@ -82,7 +82,7 @@ def runner_run(folder: str, out: str, workers: int) -> tuple[float, int]:
     from curate.pipeline.runner import run_pipeline
 
     t0 = time.perf_counter()
-    res = run_pipeline({"name": "bench", "output": out, "workers": workers, "batch_size": 1000,
+    res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 1000,
                         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": folder}}},
                         "stages": [{"stage": "heuristic_filter"}]}, progress=False)
     return time.perf_counter() - t0, res.stats["heuristic_filter"]["in"]

@@ -94,7 +94,7 @@ def run_ours(path: str, options: dict, workdir: str) -> tuple[float, float, dict
 
     out = os.path.join(workdir, "out-" + str(abs(hash(json.dumps(options, sort_keys=True))) % 10**8))
     t = time.perf_counter()
-    run_pipeline({"name": "bench-rc", "output": out, "workers": 1, "batch_size": 256,
+    run_pipeline({"name": "bench-rc", "output": out, "report": False, "workers": 1, "batch_size": 256,
                   "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": path}}},
                   "stages": [{"stage": "reading_comprehension", "options": options}]},
                  progress=False, force=True)
