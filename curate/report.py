@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.pipeline.io import atomic_write_bytes, get_fs, join
+from curate.pipeline.stats import step_time
 from curate.stages.fasttext_score import STEP_CARD_FILE
 from curate.stages.select import SELECTION_FILE
 
@@ -263,7 +264,7 @@ def _funnel_table(steps: dict[str, dict]) -> str:
         errs = sum(s.get("errors", {}).values())
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(s['stage'])}</td><td class=n>{s['in']:,}</td>"
                     f"<td class=n>{s['out']:,}</td><td class=n>{kept}</td><td>{dropped}</td>"
-                    f"<td class=n>{errs:,}</td><td class=n>{s.get('seconds', 0):.1f}s</td></tr>")
+                    f"<td class=n>{errs:,}</td><td class=n>{step_time(s)}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -311,9 +312,11 @@ def build_report(output: str) -> str:
     shards = {n: s.get("shards", []) for n, s in manifest.get("steps", {}).items()}
     consumed = {i for v in inputs.values() for i in v}
 
+    skipped = sum(x.get("status") == "skipped" for x in steps.values())
+    earlier = f" ({skipped} steps finished by an earlier run)" if skipped else ""
     body = [f"<h1>curate run report: {html.escape(str(stats.get('pipeline')))}</h1>",
             f"<p class='muted'>output {html.escape(output)} · {len(steps)} steps · "
-            f"{stats.get('seconds', 0):.1f}s · report written "
+            f"this run {stats.get('seconds', 0):.1f}s{earlier} · report written "
             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
             "<h2 id='funnel'>Funnel</h2>", _svg_funnel(steps), _funnel_table(steps)]
 

@@ -77,6 +77,15 @@ def _short(reason: str, width: int = 26) -> str:
     return reason if len(reason) <= width else reason[: width - 1] + "…"
 
 
+def step_time(s: dict[str, Any]) -> str:
+    """A step's time for people: this run's seconds, ``skipped`` for a step an earlier run
+    finished, ``(resumed)`` when an earlier run finished part of it."""
+    status = s.get("status")
+    if status == "skipped":
+        return "skipped"
+    return f"{s.get('seconds', 0):.1f}s" + (" (resumed)" if status == "resumed" else "")
+
+
 def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: step, stage, in, out, kept %, dropped (top reasons), errors, time (this
     run's; ``skipped`` for a step finished by an earlier run, ``(resumed)`` when partly)."""
@@ -88,9 +97,7 @@ def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
         if len(top) > 2:
             dropped += f", +{len(top) - 2} more"
         errs = sum(s["errors"].values())
-        status = s.get("status")
-        time_ = ("skipped" if status == "skipped" else
-                 f"{s['seconds']:.1f}s" + (" (resumed)" if status == "resumed" else ""))
+        time_ = step_time(s)
         rows.append((name, s["stage"], f"{s['in']:,}", f"{s['out']:,}", kept, dropped,
                      f"{errs:,}" if errs else "-", time_))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
