@@ -131,7 +131,7 @@ def iter_parquet(path: str, columns: Sequence[str] | None = None, batch_size: in
             lo, hi = max(start - pos, 0), b.num_rows if stop is None else min(stop - pos, b.num_rows)
             pos += b.num_rows
             if hi > lo:
-                yield pa.Table.from_batches([b.slice(lo, hi - lo) if (lo, hi) != (0, b.num_rows) else b])
+                yield pa.Table.from_batches([b.slice(lo, hi - lo)])
             if stop is not None and pos >= stop:
                 return
 

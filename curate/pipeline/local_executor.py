@@ -8,6 +8,7 @@ Executors share one small interface with the Ray executor (``ray_runner.py``):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from concurrent.futures import Future
@@ -132,16 +133,22 @@ def visible_gpu_ids() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    return list(_nvidia_smi_gpus())
+
+
+@functools.lru_cache(maxsize=1)
+def _nvidia_smi_gpus() -> tuple[str, ...]:
+    """The devices ``nvidia-smi -L`` lists, asked once per process (not once per task)."""
     import shutil
     import subprocess
     exe = shutil.which("nvidia-smi")
     if not exe:
-        return []
+        return ()
     try:
         out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+        return ()
+    return tuple(str(i) for i, _ in enumerate(l for l in out.splitlines() if l.startswith("GPU ")))
 
 
 def gpu_count() -> int:

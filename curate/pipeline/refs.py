@@ -49,10 +49,10 @@ def iter_refs(value: Any) -> Iterator[tuple[str, StepRef]]:
 
 def step_output_url(output: str, step: str) -> str:
     """The output folder of ``step`` under the pipeline ``output`` (as the runner's layout names it)."""
-    from curate.pipeline.io import get_fs, join, to_url
+    from curate.pipeline.state import Layout
 
-    fs, root = get_fs(output)
-    return to_url(fs, join(root, step))
+    layout = Layout(output)
+    return layout.url_of(layout.step_dir(step))
 
 
 def bind_step_refs(config: BaseModel, output: str, earlier: set[str], known: set[str]

@@ -469,25 +469,19 @@ class GlobalStage(Stage):
     def local_scratch(self, ctx: "RunContext", name: str) -> str:
         """A fresh, empty folder on this machine's disk (under the step's work folder), for files
         only this process reads (e.g. a training file a library wants as a local path)."""
-        import os
-        import shutil
-
-        base = getattr(ctx, "workdir", None) or self.workdir
-        if not base:
-            raise StageError(f"{self.name} needs a work folder")
-        path = os.path.join(base, name)
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
-        return path
+        return self._fresh_folder(getattr(ctx, "workdir", None) or self.workdir, name)
 
     def scratch(self, ctx: "RunContext", name: str) -> str:
         """A fresh, empty folder for this run's spill files, under the output location
         (``<output>/_curate/work/<step>/<name>``; a URL when the output is an object store, so
         workers on other nodes can read what each wrote). Read and write it with
         ``curate.pipeline.scratch`` (``spill_join``, ``spill_writer``, ``spill_read``...)."""
+        base = getattr(ctx, "scratch_root", None) or getattr(ctx, "workdir", None) or self.workdir
+        return self._fresh_folder(base, name)
+
+    def _fresh_folder(self, base: str | None, name: str) -> str:
         from curate.pipeline.scratch import spill_join, spill_makedirs, spill_rmtree
 
-        base = getattr(ctx, "scratch_root", None) or getattr(ctx, "workdir", None) or self.workdir
         if not base:
             raise StageError(f"{self.name} needs a work folder")
         path = spill_join(base, name)

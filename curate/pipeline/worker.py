@@ -135,12 +135,15 @@ def set_progress_sink(queue: Any) -> None:
     _WORKER["queue"] = queue
 
 
+def _teardown_stages() -> None:
+    for st in _WORKER.get("stages") or []:
+        st.teardown()
+    _WORKER.update({"key": None, "stages": None})
+
+
 def reset_worker() -> None:
-    old = _WORKER.get("stages")
-    if old:
-        for st in old:
-            st.teardown()
-    _WORKER.update({"key": None, "stages": None, "queue": None})
+    _teardown_stages()
+    _WORKER["queue"] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,8 +152,7 @@ def reset_worker() -> None:
 
 def _build(job: Job) -> list[Stage]:
     if _WORKER["key"] != job.key:
-        for st in _WORKER.get("stages") or []:
-            st.teardown()
+        _teardown_stages()
         if job.plugins:
             import sys
             sys.path.extend(d for d in job.plugin_dirs if d not in sys.path)

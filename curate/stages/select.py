@@ -11,8 +11,9 @@ Candidates, then a ranking, then limits:
    broken by ``id``; without ``by``, input order.
 3. Limits, the longest prefix of the ranking that satisfies all of: ``top`` rows, ``top_fraction``
    of the candidates (rounded), ``max_tokens`` tokens (``tokenizer``: whitespace words, ``chars``,
-   or a Hugging Face tokenizer name/folder; or counts from ``token_column``). A document that does
-   not fit in the budget ends the selection (a budget smaller than the first document keeps none).
+   or a local tokenizer.json / SentencePiece model / model folder, as ``curate.text.tokens``
+   loads them; or counts from ``token_column``). A document that does not fit in the budget ends
+   the selection (a budget smaller than the first document keeps none).
    With ``stratify: <column>`` the limits apply within each value of the column, and ``quotas``
    give per-value limits (in the unit of the limit given; unlisted values get the global limit,
    or nothing when there is none).
@@ -153,7 +154,8 @@ class SelectConfig(StageConfig):
     max_tokens: int | None = Field(None, ge=0, description="keep rows in ranking order up to this "
                                                            "many tokens")
     tokenizer: str = Field("whitespace", description="token counting for max_tokens: whitespace, chars, "
-                                                     "or a Hugging Face tokenizer name or folder")
+                                                     "or a local tokenizer.json, SentencePiece model or "
+                                                     "model folder")
     token_column: str | None = Field(None, description="integer column with each row's tokens "
                                                        "(instead of counting)")
     text_column: str = Field("text", description="text counted for max_tokens")
@@ -215,10 +217,10 @@ class Select(GlobalStage):
         self._tok = None
         c = self.config
         if c.max_tokens is not None and c.token_column is None and c.tokenizer not in ("whitespace", "chars"):
+            from curate.text.tokens import TokenizerError, load_tokenizer
             try:
-                from transformers import AutoTokenizer
-                self._tok = AutoTokenizer.from_pretrained(c.tokenizer)
-            except (OSError, ValueError) as exc:
+                self._tok = load_tokenizer(c.tokenizer)
+            except (TokenizerError, OSError, RuntimeError) as exc:
                 raise StageError(f"{self.step_name}: cannot load tokenizer {c.tokenizer!r}: {exc}") from None
 
     # -- per batch ---------------------------------------------------------------------------------
@@ -281,9 +283,7 @@ class Select(GlobalStage):
             return pc.count_substring_regex(text, r"\S+").fill_null(0).to_numpy(zero_copy_only=False)
         if c.tokenizer == "chars":
             return pc.utf8_length(text).fill_null(0).to_numpy(zero_copy_only=False)
-        texts = [x or "" for x in text.to_pylist()]
-        ids = self._tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-        return np.array([len(x) for x in ids], np.int64)
+        return np.array(self._tok.count([x or "" for x in text.to_pylist()]), np.int64)
 
     def _check(self, t: pa.Table) -> None:
         missing = [x for x in self._columns() if x not in t.schema.names]
