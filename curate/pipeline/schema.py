@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -119,3 +120,10 @@ def ensure_doc_columns(table: pa.Table, source: str = "", id_prefix: str = "",
         vals = [dumps_meta(v) if not isinstance(v, str) else v for v in table.column("metadata").to_pylist()]
         table = table.set_column(i, "metadata", pa.array(vals, pa.string()))
     return table
+
+
+def seeded_rng(*parts: Any) -> random.Random:
+    """A ``random.Random`` seeded by ``parts`` joined with ``|`` (through sha256): the same seed,
+    document id and chunk give the same draws in any process, on any sharding."""
+    h = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))

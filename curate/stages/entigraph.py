@@ -31,9 +31,7 @@ document id and ``seed``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import random
 from typing import Any
 
 import pyarrow as pa
@@ -42,6 +40,7 @@ from pydantic import Field, model_validator
 from curate.engines import Completion
 from curate.llm.parse import ParseError, parse_json_object, salvage_string, salvage_string_list, string_list
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig
+from curate.pipeline.schema import seeded_rng
 from curate.pipeline.stage import register
 
 
@@ -113,8 +112,7 @@ class EntiGraph(LLMStage):
     # -- step 2 --------------------------------------------------------------------------------------
     def relation_sets(self, entities: list[str], doc_id: Any, chunk: int) -> list[tuple[str, ...]]:
         """Pairs (seeded order) then triples (seeded order): every candidate, in the order asked."""
-        h = hashlib.sha256(f"{self.config.relation_seed}|{doc_id}|{chunk}".encode()).digest()
-        rng = random.Random(int.from_bytes(h[:8], "big"))
+        rng = seeded_rng(self.config.relation_seed, doc_id, chunk)
         pairs = list(itertools.combinations(entities, 2))
         rng.shuffle(pairs)
         triples: list[tuple[str, ...]] = []

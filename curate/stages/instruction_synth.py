@@ -30,7 +30,6 @@ chosen by a seed derived from the document id.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Literal
 
@@ -40,6 +39,7 @@ from pydantic import Field
 from curate.engines import Completion, Request
 from curate.llm.parse import format_tagged_pairs, parse_tagged_pairs
 from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.pipeline.schema import seeded_rng
 from curate.pipeline.stage import register
 
 QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
@@ -134,8 +134,7 @@ class InstructionSynth(LLMStage):
 
     # -- parsing and rendering ---------------------------------------------------------------------
     def _rng(self, doc_id: Any, chunk: int) -> random.Random:
-        h = hashlib.sha256(f"{self.config.render_seed}|{doc_id}|{chunk}".encode()).digest()
-        return random.Random(int.from_bytes(h[:8], "big"))
+        return seeded_rng(self.config.render_seed, doc_id, chunk)
 
     def render(self, text: str, pairs: list[tuple[str, str]], doc_id: Any, chunk: int) -> str:
         """The training text: raw text and pairs in a format chosen by the document id."""
