@@ -191,7 +191,7 @@ def _fused_into(path: str) -> tuple[str, str] | None:
     for item in plan(pipe):
         if not isinstance(item, Segment) or item.target.name == step:
             continue
-        names = ([item.source.name] if item.source else []) + [s.name for s in item.chain]
+        names = item.step_names
         if step in names:
             target = path.rstrip("/")[: -len(step)] + item.target.name
             later = names[names.index(step) + 1:]

@@ -5,7 +5,7 @@ materialised step's shard) streams Arrow batches through every stage of the chai
 ``<output>/<step>/part-<task>-<n>.parquet`` for the segment's last step only. A step is
 materialised (gets a folder of its own) when it is a global stage, a source or step read by more
 than one step or by a global stage, a leaf, or marked ``save: true``. A fused step's rows live in
-the folder of the step that ends its chain (``chain_target`` finds it).
+the folder of the step that ends its chain (``Segment.target``).
 """
 
 from __future__ import annotations
@@ -66,10 +66,3 @@ def plan(pipe: Pipeline) -> list[Segment | Step]:
             order.append(Segment(target=s, source=None, head=first_in, chain=chain))
     return order
 
-
-def chain_target(pipe: Pipeline, step: str) -> str:
-    """The materialised step whose folder holds ``step``'s rows (itself when materialised)."""
-    for item in plan(pipe):
-        if isinstance(item, Segment) and step in item.step_names:
-            return item.target.name
-    return step
