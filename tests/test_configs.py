@@ -37,6 +37,7 @@ def test_every_config_is_tested():
     tested = {"quickstart.yaml", "crawl_example.yaml", "warc_example.yaml",
               "domain_adaptation.yaml",   # tests/test_domain_adaptation.py
               "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
+              "prox_example.yaml",        # tests/llm/test_prox_example.py
               "domain_classifier.yaml"}   # tests/scoring/test_domain_pipeline.py
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
