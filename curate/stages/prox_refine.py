@@ -39,7 +39,9 @@ provenance columns of every LLM stage (``source_id`` = the input id; the row's i
 ``<id>#prox-0``).
 
 Counters: ``prox_refine/ops/<kind>`` (``keep_doc``, ``drop_doc``, ``other``; ``remove_lines``,
-``remove_all``, ``normalize``, ``keep_chunk``, ``unknown``), ``prox_refine/error_ops``,
+``remove_all``, ``normalize``, ``keep_chunk``, ``unknown``; ``too_long``: a normalisation not
+applied because the text would outgrow :func:`curate.text.prox.growth_limit`, also an error
+operation), ``prox_refine/error_ops``,
 ``prox_refine/docs_with_error_ops``, ``prox_refine/refined``, ``prox_refine/unchanged``,
 ``prox_refine/program_ignored``, ``prox_refine/removed_lines``, ``prox_refine/removed_chars``
 (characters of the removed lines, with their newlines, in refined documents),

@@ -43,7 +43,8 @@ One difference: the reference divides by the document's word count and fails on 
 without words; here such a document gets the decision ``empty`` (and an empty text).
 
 Only the ranges are kept in memory (never one entry per line number), so a program naming line
-10**12 costs nothing.
+10**12 costs nothing; and a normalisation that would make the text grow past 16 times its size
+plus 1 MiB is not applied (one error operation), where the reference would exhaust memory.
 """
 
 from __future__ import annotations
@@ -172,9 +173,20 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def execute(text: str, program: str) -> ProgramResult:
+def growth_limit(text: str) -> int:
+    """The longest text normalisations may make of ``text`` (see :func:`execute`)."""
+    return 16 * len(text) + (1 << 20)
+
+
+def execute(text: str, program: str, max_chars: int | None = None) -> ProgramResult:
     """Run a chunk-level ``program`` on ``text`` (no rules): the processed text and what the
-    program did. ``decision`` is left empty; :func:`refine` applies the rules."""
+    program did. ``decision`` is left empty; :func:`refine` applies the rules.
+
+    Memory stays bounded: a normalisation that would make the text longer than ``max_chars``
+    (default :func:`growth_limit`: 16 times the document plus 1 MiB; a looping model can write
+    ``normalize(source_str="e", target_str="ee")`` many times) is not applied and counts as an error
+    operation (counted in ``ops["too_long"]``). The reference has no such limit."""
+    limit = growth_limit(text) if max_chars is None else max_chars
     ops = program.strip(" ").split("\n")
     ranges: list[tuple[int, int]] = []
     remove_all = False
@@ -211,6 +223,11 @@ def execute(text: str, program: str) -> ProgramResult:
                 errors += 1
                 continue
             if len(args) == 1 or source not in (" ", ""):
+                if source and len(target) > len(source) and \
+                        len(text) + text.count(source) * (len(target) - len(source)) > limit:
+                    errors += 1
+                    kinds["too_long"] += 1
+                    continue
                 text = text.replace(source, target)
             pairs.append((source, target))
         elif kind == "remove_all":
@@ -240,11 +257,11 @@ def execute(text: str, program: str) -> ProgramResult:
 
 
 def refine(text: str, program: str, threshold_1: float = 0.0, threshold_2: float = 0.95,
-           error_op: int = 2) -> ProgramResult:
+           error_op: int = 2, max_chars: int | None = None) -> ProgramResult:
     """Execute a chunk-level ``program`` on ``text`` and apply the reference's rules (see the module
     docstring): ``result.text`` is the refined document, the unchanged document (the program was
     ignored) or "" (dropped); ``result.decision`` says which."""
-    res = execute(text, program)
+    res = execute(text, program, max_chars)
     words_out = len(res.processed.split())
     words_in = len(text.split())
     if words_in == 0:
