@@ -3,7 +3,7 @@ and :mod:`curate.text.prox` runs it.
 
     - prox_refine:                      # 1. keep or drop whole documents
         level: doc
-        engine: {kind: vllm, model: /models/web-doc-refining-lm, chat_template: "<Llama-2 chat template>"}
+        engine: {kind: vllm, model: /models/web-doc-refining-lm}
     - prox_refine:                      # 2. remove noisy lines, fix strings
         level: chunk
         engine: {kind: vllm, model: /models/web-chunk-refining-lm}
@@ -20,11 +20,14 @@ and :mod:`curate.text.prox` runs it.
 
 ``format: prox`` sends the refining models' own request (prompt files ``prox/doc``,
 ``prox/chunk``: the reference's system prompt, the raw document / ``[doc]\\n<chunk>\\n[/doc]``;
-greedy, top_p 0.9, 2,000 / 256 new tokens as the reference). The reference renders the document
-model's request with the Llama-2 chat template (``meta-llama/Llama-2-7b-chat-hf``): give it as the
-engine's ``chat_template``; documents longer than ``doc_prompt_tokens`` (2,000, as the reference's
-truncation) are cut to their head in the request (counted ``prox_refine/cut_docs``), the decision
-applies to the whole document. ``format: instruct`` asks any instruct model with our few-shot
+greedy, top_p 0.9, 2,000 / 256 new tokens as the reference). The chunk request goes as chat
+messages (the engine applies the model's chat template, as the reference). The document request
+is one prompt string in the Llama-2 chat format the reference renders it with
+(``meta-llama/Llama-2-7b-chat-hf``'s template, BOS included, sent without another BOS: the
+template file's ``raw_prompt``, ``chat: auto``); documents longer than ``doc_prompt_tokens``
+(2,000, the reference's truncation) are cut to their head in the request (counted
+``prox_refine/cut_docs``; the reference cuts the rendered request, ``[/INST]`` included), and the
+decision applies to the whole document. ``format: instruct`` asks any instruct model with our few-shot
 prompts (``prox/doc_instruct``, ``prox/chunk_instruct``); ``template`` names another file.
 
 A malformed program never fails a row: the executor counts its error operations (too many and the
@@ -64,8 +67,9 @@ from pydantic import Field, model_validator
 from curate.engines import Completion, Request
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
+from curate.llm.prompts import TemplateError, load_template
 from curate.llm.stage import PROVENANCE, LLMStage, LLMStageConfig
-from curate.pipeline.stage import register
+from curate.pipeline.stage import StageError, register
 from curate.text import prox
 
 _CHUNK_OPS = ("remove_lines", "remove_all", "normalize", "keep_chunk")
@@ -89,6 +93,11 @@ class ProxRefineConfig(LLMStageConfig):
         0.95, ge=0.0, le=1.0, description="drop the document when the program removes at least this share of the words")
     error_op: int = Field(
         2, ge=1, description="this many error operations (unparseable, out-of-range) make the program ignored")
+    chat: Literal["auto", "messages", "raw"] = Field(
+        "auto", description="raw: one prompt string from the template's raw_prompt (prox/doc: the Llama-2 chat "
+                            "format of the reference, BOS included); messages: chat messages, the engine applies "
+                            "its chat template; auto: raw when the template has a raw_prompt")
+    bos: str = Field("<s>", description="the BOS string a raw_prompt starts with (Llama-2: <s>)")
     strict: bool = Field(
         False, description="an answer without any operation is a parse error (retried, then saved in 'failed')")
     batch_size: int = Field(64, ge=1, description="documents whose requests go to the engine in one call")
@@ -139,6 +148,41 @@ class ProxRefine(LLMStage):
         return [self.template_id]
 
     # -- requests ----------------------------------------------------------------------------------
+    def check(self) -> list[tuple[str, str]]:
+        problems = super().check()
+        if self.config.chat == "raw":
+            try:
+                t = load_template(self.template_id, self.config.prompts_dir)
+            except TemplateError:
+                return problems  # reported by the base class
+            if not t.extra.get("raw_prompt"):
+                problems.append(("chat", f"template {t.id!r} ({t.path}) has no raw_prompt for chat: raw"))
+        return problems
+
+    def _raw(self) -> str | None:
+        """The template's ``raw_prompt`` when requests are one prompt string (``chat``)."""
+        t = self.template(self.template_id)
+        raw = t.extra.get("raw_prompt")
+        if self.config.chat == "messages":
+            return None
+        if self.config.chat == "raw" and not raw:
+            raise StageError(f"stage {self.step_name!r}: template {t.id!r} has no raw_prompt (chat: raw)")
+        return str(raw) if raw else None
+
+    def _request(self, row: dict[str, Any], text: str) -> Request:
+        raw = self._raw()
+        if raw is None:
+            return self.ask(self.template_id, row=row, text=text)
+        from jinja2 import Environment, StrictUndefined
+
+        t = self.template(self.template_id)
+        env = Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
+        variables = {"text": text, **{c: row.get(c) for c in self.extra_columns()}}
+        system = env.from_string(t.system).render(**variables).strip() if t.system else ""
+        user = env.from_string(t.user).render(**variables)  # unstripped: the raw_prompt says what is cut
+        prompt = env.from_string(raw).render(bos=self.config.bos, system=system, user=user)
+        return Request(prompt=prompt, params=self.sampling(), id=row.get("id"), add_special_tokens=False)
+
     def _token_counter(self) -> Any:
         tok = self.engine.hf_tokenizer()
         if tok is not None:
@@ -147,8 +191,11 @@ class ProxRefine(LLMStage):
 
     def _doc_text(self, text: str) -> str:
         """The document as the document model sees it: its head when the request would be too long."""
-        t = self.template(self.template_id)
-        overhead = sum(self.engine.count_tokens(m["content"]) + 4 for m in t.messages(text=""))
+        empty = self._request({}, "")
+        if empty.prompt is not None:
+            overhead = self.engine.count_tokens(empty.prompt)
+        else:
+            overhead = sum(self.engine.count_tokens(m["content"]) + 4 for m in empty.messages or ())
         budget = max(16, self.config.doc_prompt_tokens - overhead)
         out, cut = cut_text(text, budget, tokenizer=self.engine.hf_tokenizer(), count=self.engine.count_tokens,
                             keep="head", marker="")
@@ -164,12 +211,12 @@ class ProxRefine(LLMStage):
             return []
         text = str(text)
         if cfg.level == "doc":
-            return [self.ask(self.template_id, row=row, text=self._doc_text(text))]
+            return [self._request(row, self._doc_text(text))]
         chunks = prox.chunk_lines(text, self._token_counter(), cfg.chunk_tokens, cfg.line_digits)
         self.count(f"{self.name}/chunks", len(chunks))
         if len(chunks) > 1:
             self.count(f"{self.name}/chunked_docs")
-        return [self.ask(self.template_id, row=row, text=c) for c in chunks]
+        return [self._request(row, c) for c in chunks]
 
     # -- answers -----------------------------------------------------------------------------------
     def parse(self, row: dict[str, Any], completions: list[Completion]) -> list[dict[str, Any]]:

@@ -85,14 +85,22 @@ def test_long_document_chunks_keep_global_line_numbers(openai_server):
 
 
 def test_doc_level_keeps_and_drops(openai_server):
-    script(openai_server, lambda body: "drop_doc()" if "BUY" in body["messages"][-1]["content"] else "keep_doc()")
+    script(openai_server, lambda body: "drop_doc()" if "BUY" in body["prompt"] else "keep_doc()")
     s = ProxRefine(engine=engine(openai_server), level="doc")
-    out = s(docs(ARTICLE, "BUY NOW cheap watches", "   ")).to_pylist()
-    assert [r["source_id"] for r in out] == ["d0"] and out[0]["text"] == ARTICLE
+    out = s(docs(ARTICLE + "  \n", "BUY NOW cheap watches", "   ")).to_pylist()
+    assert [r["source_id"] for r in out] == ["d0"] and out[0]["text"] == ARTICLE + "  \n"
     assert out[0]["prox_doc_program"] == "keep_doc()" and out[0]["prox_doc_decision"] == "keep"
     assert "prox_chunk_program" not in out[0]
-    assert openai_server.state.bodies[0]["messages"][-1]["content"] == ARTICLE
-    assert openai_server.state.bodies[0]["max_tokens"] == 2000
+    # the reference's request: Llama-2 chat format (trailing whitespace stripped), its own BOS
+    body = next(b for b in openai_server.state.bodies if "Copper" in b["prompt"])
+    assert body["prompt"] == f"<s>[INST] <<SYS>>\n{SYSTEM}\n<</SYS>>\n\n{ARTICLE} [/INST]"
+    assert body["add_special_tokens"] is False and body["max_tokens"] == 2000
+    # as chat messages instead (chat: messages), the engine applies the model's chat template
+    m = ProxRefine(engine=engine(openai_server), level="doc", chat="messages")
+    openai_server.state.responder = lambda body: "keep_doc()"
+    m(docs(ARTICLE))
+    assert openai_server.state.bodies[-1]["messages"] == [{"role": "system", "content": SYSTEM},
+                                                          {"role": "user", "content": ARTICLE}]
     c = s.counters.to_dict()
     assert c["dropped/prox_drop_doc"] == 1 and c["dropped/empty_text"] == 1
     assert c["prox_refine/ops/keep_doc"] == 1 and c["prox_refine/ops/drop_doc"] == 1 and c["llm/requests"] == 2
@@ -103,8 +111,10 @@ def test_long_document_request_keeps_the_head(openai_server):
     text = " ".join(f"word{i}" for i in range(3000))
     s = ProxRefine(engine=engine(openai_server), level="doc", doc_prompt_tokens=200)
     [row] = s(docs(text)).to_pylist()
-    sent = openai_server.state.bodies[0]["messages"][-1]["content"]
-    assert text.startswith(sent) and s.engine.count_tokens(sent) < 200
+    sent = openai_server.state.bodies[0]["prompt"]
+    assert sent.endswith(" [/INST]") and s.engine.count_tokens(sent) <= 200
+    head = sent.split("<</SYS>>\n\n")[1][:-len(" [/INST]")]
+    assert text.startswith(head) and len(head) > 100
     assert row["text"] == text and s.counters.to_dict()["prox_refine/cut_docs"] == 1
 
 
@@ -172,3 +182,9 @@ def test_instruct_prompts_are_few_shot(openai_server):
     assert openai_server.state.bodies[0]["top_p"] == 1.0
     d = ProxRefine(engine=engine(openai_server), format="instruct", level="doc")
     assert d.config.max_tokens == 16 and d.template_ids() == ["prox/doc_instruct"]
+
+
+def test_raw_prompt_needs_a_template_that_has_one():
+    s = ProxRefine(level="chunk", format="instruct", chat="raw")
+    assert any(key == "chat" and "no raw_prompt" in msg for key, msg in s.check())
+    assert not [p for p in ProxRefine(level="doc").check() if p[0] != "engine.model"]
