@@ -35,6 +35,9 @@ program is ignored, the document kept as it was), unknown lines are ignored. Wit
 an answer with no operation at all is a parse error (``errors/parse/no_operation``): asked again
 (``parse_retries``), then saved in the side output ``failed``.
 
+With ``save_dropped: true`` the dropped documents go to the side output ``dropped`` (``id``, the
+text, ``drop_reason``, the program).
+
 Output rows: the refined text in ``text_column``, the program in ``prox_<level>_program`` (the
 joined chunk programs), ``prox_<level>_decision`` (doc: ``keep``; chunk: ``refined``, ``unchanged``
 or ``ignored``), for chunks ``prox_chunk_error_ops`` and ``prox_chunk_removed_lines``, and the
@@ -98,6 +101,7 @@ class ProxRefineConfig(LLMStageConfig):
                             "format of the reference, BOS included); messages: chat messages, the engine applies "
                             "its chat template; auto: raw when the template has a raw_prompt")
     bos: str = Field("<s>", description="the BOS string a raw_prompt starts with (Llama-2: <s>)")
+    save_dropped: bool = Field(False, description="side output 'dropped': dropped documents with drop_reason and program")
     strict: bool = Field(
         False, description="an answer without any operation is a parse error (retried, then saved in 'failed')")
     batch_size: int = Field(64, ge=1, description="documents whose requests go to the engine in one call")
@@ -224,27 +228,38 @@ class ProxRefine(LLMStage):
         text = str(row[cfg.text_column])
         answers = [c.text or "" for c in completions]
         if cfg.level == "doc":
-            return self._parse_doc(text, answers[0].strip(" "), completions)
-        return self._parse_chunks(text, answers, completions)
+            return self._parse_doc(row, text, answers[0].strip(" "), completions)
+        return self._parse_chunks(row, text, answers, completions)
+
+    def _dropped(self, row: dict[str, Any], reason: str, program: str) -> list[dict[str, Any]]:
+        self.drop(reason)
+        if self.config.save_dropped:
+            self.side("dropped", pa.table({
+                "id": pa.array([row.get("id")], pa.string()),
+                self.config.text_column: pa.array([str(row[self.config.text_column])], pa.string()),
+                "drop_reason": pa.array([reason], pa.string()),
+                self.columns["program"]: pa.array([program], pa.string())}))
+        return []
 
     def _common(self, text: str, completions: list[Completion]) -> None:
         self.count(f"{self.name}/chars_in", len(text))
         self.count(f"{self.name}/truncated_programs", sum(c.finish_reason == "length" for c in completions))
 
-    def _parse_doc(self, text: str, program: str, completions: list[Completion]) -> list[dict[str, Any]]:
+    def _parse_doc(self, row: dict[str, Any], text: str, program: str,
+                   completions: list[Completion]) -> list[dict[str, Any]]:
         kind = prox.doc_op_kind(program)
         if self.config.strict and kind == "other":
             raise ParseError("no_operation", "the answer is neither keep_doc() nor drop_doc()")
         self._common(text, completions)
         self.count(f"{self.name}/ops/{kind}")
         if not prox.doc_keeps(program):
-            self.drop("prox_drop_doc")
-            return []
+            return self._dropped(row, "prox_drop_doc", program)
         self.count(f"{self.name}/chars_out", len(text))
         c = self.columns
         return [{self.config.text_column: text, c["program"]: program, c["decision"]: "keep"}]
 
-    def _parse_chunks(self, text: str, answers: list[str], completions: list[Completion]) -> list[dict[str, Any]]:
+    def _parse_chunks(self, row: dict[str, Any], text: str, answers: list[str],
+                      completions: list[Completion]) -> list[dict[str, Any]]:
         cfg = self.config
         if cfg.strict:
             for k, a in enumerate(answers):
@@ -260,8 +275,7 @@ class ProxRefine(LLMStage):
         if res.error_ops:
             self.count(f"{self.name}/docs_with_error_ops")
         if res.dropped:
-            self.drop(f"prox_{res.decision}")
-            return []
+            return self._dropped(row, f"prox_{res.decision}", program)
         decision = res.decision
         removed = 0
         if decision == "refined":

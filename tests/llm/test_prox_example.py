@@ -47,6 +47,11 @@ def test_prox_example(tmp_path):
     assert cd["llm/requests"] == 4
     assert sum(cd.get(f"prox_refine/ops/{k}", 0) for k in ("keep_doc", "drop_doc", "other")) == 4
     assert doc["out"] + doc["dropped"].get("prox_drop_doc", 0) == 4
+    dropped = table(os.path.join(out, "prox_doc"), "_dropped")
+    assert (dropped.num_rows if dropped is not None else 0) == doc["dropped"].get("prox_drop_doc", 0)
+    if dropped is not None:
+        assert set(dropped.column("drop_reason").to_pylist()) == {"prox_drop_doc"}
+        assert all("drop" in p for p in dropped.column("prox_doc_program").to_pylist())
     # chunk level: one request per chunk; the longest kept page is cut (chunk_tokens: 128)
     assert cc.get("prox_refine/chunks", 0) == cc.get("llm/requests", 0) >= chunk["in"]
     assert chunk["out"] + sum(chunk["dropped"].values()) == chunk["in"] and not chunk["errors"]

@@ -86,8 +86,10 @@ def test_long_document_chunks_keep_global_line_numbers(openai_server):
 
 def test_doc_level_keeps_and_drops(openai_server):
     script(openai_server, lambda body: "drop_doc()" if "BUY" in body["prompt"] else "keep_doc()")
-    s = ProxRefine(engine=engine(openai_server), level="doc")
+    s = ProxRefine(engine=engine(openai_server), level="doc", save_dropped=True)
     out = s(docs(ARTICLE + "  \n", "BUY NOW cheap watches", "   ")).to_pylist()
+    assert s.take_side()["dropped"].to_pylist() == [{"id": "d1", "text": "BUY NOW cheap watches",
+                                                     "drop_reason": "prox_drop_doc", "prox_doc_program": "drop_doc()"}]
     assert [r["source_id"] for r in out] == ["d0"] and out[0]["text"] == ARTICLE + "  \n"
     assert out[0]["prox_doc_program"] == "keep_doc()" and out[0]["prox_doc_decision"] == "keep"
     assert "prox_chunk_program" not in out[0]
