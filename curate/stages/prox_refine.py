@@ -12,7 +12,8 @@ and :mod:`curate.text.prox` runs it.
   answer containing "drop" drops the document, as the reference). Dropped: ``dropped/prox_drop_doc``.
 - ``level: chunk``: the document's lines are numbered ``[000]...`` and cut into chunks of at most
   ``chunk_tokens`` (1,500) tokens on line boundaries (tokens as the reference counts them: the
-  engine tokenizer's ``encode`` of each numbered line); one request per chunk; the answers
+  engine tokenizer's ``encode`` of each numbered line; an engine without a tokenizer, ``openai``,
+  uses its estimate); one request per chunk; the answers
   (``remove_lines(line_start=.., line_end=..)``, ``normalize(source_str="..", target_str="..")``,
   ``keep_chunk()`` lines) are joined into one program and executed on the whole document with the
   reference's rules (``threshold_1``, ``threshold_2``, ``error_op``, the 10-word rule; see
@@ -51,7 +52,7 @@ operation), ``prox_refine/error_ops``,
 ``prox_refine/docs_with_error_ops``, ``prox_refine/refined``, ``prox_refine/unchanged``,
 ``prox_refine/program_ignored``, ``prox_refine/removed_lines``, ``prox_refine/removed_chars``
 (characters of the removed lines, with their newlines, in refined documents),
-``prox_refine/normalizations`` (applied), ``prox_refine/chars_in`` / ``chars_out`` (documents
+``prox_refine/normalizations`` (normalize operations run in refined documents), ``prox_refine/chars_in`` / ``chars_out`` (documents
 answered / kept), ``prox_refine/chunks``, ``prox_refine/chunked_docs``,
 ``prox_refine/truncated_programs`` (an answer that hit ``max_tokens``), ``dropped/empty_text``.
 
