@@ -13,6 +13,14 @@ Reference functions used: ``utils/chunk_utils.py`` (``execute_operations``,
 ``data_gen/tasks/apply_chunk_refining.py``, ``trunc_text`` and ``merge_chunks`` (taken out of the
 file with ``ast``, because the file imports vLLM and datatrove at the top).
 
+To check curate's executor against the reference on other seeds without writing a file (prints
+each mismatch, exits 1 when there is one)::
+
+    PYTHONPATH=. python tests/tools/prox_fixture.py /tmp/prox_ref --seed 7 --compare
+
+A fixture of other cases in the same format runs through the parity test with
+``CURATE_PROX_FIXTURE=/path/to/cases.json pytest tests/llm/test_prox_parity.py``.
+
 Case kinds (all seeded, so the same seed gives the same file):
 
 - ``chunk``: a document and a chunk-level program (or several chunk answers, joined as the
@@ -272,6 +280,37 @@ def build(ref: dict, seed: int, n_chunk: int, n_doc: int, n_split: int) -> dict:
             "seed": seed, "cases": cases}
 
 
+def compare(cases: list[dict]) -> list[str]:
+    """Mismatches between curate's executor and the expected outputs of ``cases``."""
+    from curate.text.prox import chunk_lines, doc_keeps, execute, join_programs, refine
+
+    counts = {"words+1": lambda s: len(s.split()) + 1, "chars/4": lambda s: (len(s) + 3) // 4}
+    bad = []
+    for c in cases:
+        exp = c["expected"]
+        if c["kind"] == "chunk":
+            if "answers" in c and join_programs(c["answers"]) != c["program"]:
+                bad.append(f"{c['id']}: joined program differs")
+            r = execute(c["text"], c["program"])
+            got = {"processed": r.processed, "normalizations": [list(p) for p in r.normalizations],
+                   "removed_lines": r.removed_lines, "remove_ranges": [list(x) for x in r.remove_ranges],
+                   "error_ops": r.error_ops}
+            if got != exp["execute"]:
+                bad.append(f"{c['id']}: execute {got!r} != {exp['execute']!r}")
+            out = refine(c["text"], c["program"], **c["options"])
+            if "exception" in exp["refine"]:
+                if out.decision != "empty":
+                    bad.append(f"{c['id']}: reference raised {exp['refine']['exception']}, got {out.decision}")
+            elif out.text != exp["refine"]["text"]:
+                bad.append(f"{c['id']}: text {out.text!r} != {exp['refine']['text']!r}")
+        elif c["kind"] == "doc":
+            if doc_keeps(c["program"]) != (exp["text"] == c["text"]) and c["text"]:
+                bad.append(f"{c['id']}: doc decision differs for {c['program']!r}")
+        elif chunk_lines(c["text"], counts[c["tokenizer"]], c["max_tokens"], c["digits"]) != exp["chunks"]:
+            bad.append(f"{c['id']}: chunks differ")
+    return bad
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("prox_dir", help="a checkout of github.com/GAIR-NLP/ProX (utils/ and data_gen/ are read)")
@@ -280,9 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-cases", type=int, default=700)
     ap.add_argument("--doc-cases", type=int, default=60)
     ap.add_argument("--split-cases", type=int, default=120)
+    ap.add_argument("--compare", action="store_true", help="compare curate's executor with the reference, write nothing")
     args = ap.parse_args(argv)
     ref = load_reference(args.prox_dir)
     data = build(ref, args.seed, args.chunk_cases, args.doc_cases, args.split_cases)
+    if args.compare:
+        bad = compare(data["cases"])
+        for line in bad:
+            print(line)
+        print(f"{len(data['cases'])} cases, {len(bad)} mismatches", file=sys.stderr)
+        return 1 if bad else 0
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
