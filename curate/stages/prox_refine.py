@@ -63,6 +63,7 @@ Library call::
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -77,6 +78,14 @@ from curate.pipeline.stage import StageError, register
 from curate.text import prox
 
 _CHUNK_OPS = ("remove_lines", "remove_all", "normalize", "keep_chunk")
+
+
+@lru_cache(maxsize=32)
+def _jinja(source: str) -> Any:
+    """A compiled Jinja template that keeps its text as written (no stripping, no escaping)."""
+    from jinja2 import Environment, StrictUndefined
+
+    return Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False).from_string(source)
 
 
 class ProxRefineConfig(LLMStageConfig):
@@ -178,14 +187,11 @@ class ProxRefine(LLMStage):
         raw = self._raw()
         if raw is None:
             return self.ask(self.template_id, row=row, text=text)
-        from jinja2 import Environment, StrictUndefined
-
         t = self.template(self.template_id)
-        env = Environment(undefined=StrictUndefined, keep_trailing_newline=True, autoescape=False)
         variables = {"text": text, **{c: row.get(c) for c in self.extra_columns()}}
-        system = env.from_string(t.system).render(**variables).strip() if t.system else ""
-        user = env.from_string(t.user).render(**variables)  # unstripped: the raw_prompt says what is cut
-        prompt = env.from_string(raw).render(bos=self.config.bos, system=system, user=user)
+        system = _jinja(t.system).render(**variables).strip() if t.system else ""
+        user = _jinja(t.user).render(**variables)  # unstripped: the raw_prompt says what is cut
+        prompt = _jinja(raw).render(bos=self.config.bos, system=system, user=user)
         return Request(prompt=prompt, params=self.sampling(), id=row.get("id"), add_special_tokens=False)
 
     def _token_counter(self) -> Any:
