@@ -208,8 +208,8 @@ class Check:
         folder = os.path.join(self.tmp, "lm")
         dtype = torch.float32 if self.dry else torch.bfloat16
         t = time.time()
-        tiny_causal_lm(folder, texts=prompts, dtype=dtype, device=self.device, max_positions=4096, **sh["lm"])
-        self._unreachable_eos(folder, dtype)
+        tiny_causal_lm(folder, texts=prompts, dtype=dtype, device=self.device, max_positions=4096,
+                       never_stop=True, **sh["lm"])
         build_s = time.time() - t
         engine_cfg = {"kind": "transformers", "model": folder, "device": self.device,
                       "dtype": "float32" if self.dry else "bfloat16", "batch_size": bs}
@@ -281,21 +281,6 @@ class Check:
         del engine, model
         self._free()
         return res
-
-    def _unreachable_eos(self, folder: str, dtype: Any) -> None:
-        """Zero the (tied) embedding rows of EOS and pad: their logit is 0, below the argmax."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kw(dtype))
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight
-            for tid in {tok.eos_token_id, tok.pad_token_id}:
-                emb[tid].zero_()
-        model.save_pretrained(folder)
-        del model
-        self._free()
 
     def _free(self) -> None:
         import gc

@@ -127,9 +127,6 @@ class HfClassify(MapStage):
             return [("model", f"{folder} has no tokenizer files (tokenizer.json / tokenizer_config.json)")]
         if not any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
             return [("model", f"{folder} has no weights (*.safetensors / *.bin)")]
-        if self.config.device.startswith("cuda") and not _gpu_visible():
-            return [("device", f"device {self.config.device!r} but no GPU is visible "
-                               "(CUDA_VISIBLE_DEVICES / nvidia-smi); use device: auto or cpu")]
         return []
 
     def fingerprint_extra(self) -> str:
@@ -151,6 +148,13 @@ class HfClassify(MapStage):
         if problems:
             raise StageError(f"{self.step_name}: key 'options.{problems[0][0]}': {problems[0][1]}")
         c = self.config
+        if c.device.startswith("cuda"):
+            # checked here, in the worker, not at validate time: under Ray the driver may have no GPU
+            import torch
+
+            if not torch.cuda.is_available():
+                raise StageError(f"{self.step_name}: key 'options.device': {c.device!r} but torch sees no "
+                                 "CUDA GPU in this worker; use device: auto or cpu")
         self._clf = hfc.SequenceClassifier(c.model, device=c.device, dtype=c.dtype, max_length=c.max_length,
                                            batch_tokens=c.batch_tokens, max_batch_size=c.max_batch_size,
                                            activation=c.activation).load()

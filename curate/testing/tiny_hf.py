@@ -116,10 +116,14 @@ def tiny_classifier(folder: str, arch: str = "bert", num_labels: int = 1, proble
 def tiny_causal_lm(folder: str, texts: Iterable[str] | None = None, seed: int = 0, hidden: int = 64,
                    layers: int = 2, heads: int = 4, kv_heads: int | None = None, intermediate: int = 128,
                    vocab_size: int = 1000, max_positions: int = 2048, dtype: Any = None,
-                   device: str = "cpu") -> str:
+                   device: str = "cpu", never_stop: bool = False) -> str:
     """A random-weight Llama-architecture causal LM and a tokenizer in ``folder``. With
     ``vocab_size`` larger than the trained vocabulary the embedding is simply bigger (model shape
-    as asked; the extra ids are never produced by the tokenizer but may be generated)."""
+    as asked; the extra ids are never produced by the tokenizer but may be generated).
+
+    ``never_stop``: the (tied) embedding rows of EOS and pad are zero, so their logit is exactly 0
+    while the largest of the other random logits is positive: greedy decoding never stops early
+    and every sequence gets ``max_new_tokens`` tokens (fixed work for speed comparisons)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -132,6 +136,10 @@ def tiny_causal_lm(folder: str, texts: Iterable[str] | None = None, seed: int = 
     torch.manual_seed(seed)
     with torch.device(device):          # a 1.7B model is built on the GPU in seconds
         model = LlamaForCausalLM(cfg)
+    if never_stop:
+        with torch.no_grad():
+            for tid in {tok.eos_token_id, tok.pad_token_id}:
+                model.get_input_embeddings().weight[tid].zero_()
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
