@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 import zipfile
 
 import pytest
@@ -113,3 +114,17 @@ def _real_wheels() -> list[str]:
 def test_downloaded_vllm_releases_keep_the_contract(wheel):
     rep = check_source(Source(wheel=wheel))
     assert rep.ok, rep.problems
+
+
+def test_the_gpu_extra_pins_the_supported_range():
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+    from curate.engines.vllm_contract import CHECKED_VERSIONS
+    from curate.engines.vllm_engine import SUPPORTED_VLLM
+    from packaging.specifiers import SpecifierSet
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        gpu = tomllib.load(f)["project"]["optional-dependencies"]["gpu"]
+    assert [d for d in gpu if d.startswith("vllm")] == [f"vllm{SUPPORTED_VLLM}"]
+    assert all(v in SpecifierSet(SUPPORTED_VLLM) for v in CHECKED_VERSIONS)
