@@ -40,3 +40,11 @@ airflow-test: $(STAMP) $(AIRFLOW_VENV)/bin/airflow
 	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/shipping -m airflow
 
 .PHONY: container-test airflow-venv airflow-test
+
+# vLLM contract (see README, GPU section): downloads the vllm wheels of the supported range's ends
+# (pip download --no-deps, ~400 MB each, into $CURATE_VLLM_CONTRACT_DIR or /tmp/curate-vllm-contract)
+# and checks every vLLM name and signature curate's vllm engine uses against their source; no GPU.
+vllm-contract: $(STAMP)
+	$(BIN)/python -m curate.engines.vllm_contract
+
+.PHONY: vllm-contract

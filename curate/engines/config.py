@@ -90,6 +90,14 @@ class VLLMConfig(_EngineConfigBase):
     chat_mode: Literal["tokenizer", "vllm"] = Field(
         "tokenizer", description="tokenizer: we render chat messages with the tokenizer's template and "
                                  "call LLM.generate; vllm: LLM.chat applies the template")
+    # throughput settings (what datatrove's inference benchmarks sweep); None = vLLM's default
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV cache of a shared prompt head (template, instructions, few-shot examples)")
+    max_num_seqs: int | None = Field(None, ge=1, description="sequences scheduled per step at most")
+    max_num_batched_tokens: int | None = Field(None, ge=16, description="tokens per scheduler step at most")
+    speculative_config: dict[str, Any] | None = Field(
+        None, description="vLLM speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, "
+                          "prompt_lookup_max: 4} or {model: /models/draft, num_speculative_tokens: 4}")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) arguments")
 
 

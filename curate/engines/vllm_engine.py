@@ -8,21 +8,73 @@ Chat messages are rendered with the tokenizer's chat template by us (``chat_mode
 default: the prompt string is explicit and mixed chat/raw batches go through one ``LLM.generate``
 call), or by vLLM (``chat_mode: vllm``: ``LLM.chat``). Under the Ray runner the stage asks for
 ``tensor_parallel_size`` GPUs, so each engine lives in a worker holding its GPUs.
+
+Streaming (``submit`` / ``stream``): a background thread owns vLLM's ``LLMEngine`` (``llm.llm_engine``)
+and keeps stepping it while the caller parses or writes earlier answers; new requests join the
+running batch at the next step (vLLM schedules continuously), so the GPU is never idle while work
+is queued. Each finished request comes back as soon as it finishes.
+
+Supported vLLM releases: :data:`SUPPORTED_VLLM` (the ``gpu`` extra's range). Every vLLM name and
+argument this module uses is listed in :mod:`curate.engines.vllm_contract` and checked against
+the real packages by ``make vllm-contract``; an engine started on another release fails at once.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
+import itertools
 import logging
 import os
-from typing import Any
+import queue
+import sys
+import threading
+from typing import Any, Iterator, Sequence
 
 from curate.engines.base import Choice, Completion, Engine, Request, SamplingParams, TokenLogprob
-from curate.engines.base import apply_chat_template
+from curate.engines.base import apply_chat_template, cache_key
 from curate.engines.cache import RequestCache
 from curate.engines.config import VLLMConfig
 
 log = logging.getLogger("curate.engines")
+
+# vLLM releases this adapter is checked against (`make vllm-contract`); the `gpu` extra pins the same
+SUPPORTED_VLLM = ">=0.11,<0.34"
+
+
+class UnsupportedVLLM(RuntimeError):
+    """The installed vLLM is outside :data:`SUPPORTED_VLLM`."""
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM version without importing it (an already imported module's
+    ``__version__`` wins); None when vLLM is not installed."""
+    mod = sys.modules.get("vllm")
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_vllm_version(version: str | None) -> str:
+    """``version`` when it is a supported vLLM release; ImportError (not installed) or
+    :class:`UnsupportedVLLM` with what to install."""
+    if version is None:
+        raise ImportError("the vllm engine needs vLLM: pip install 'curate[gpu]'")
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        ok = SpecifierSet(SUPPORTED_VLLM).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise UnsupportedVLLM(
+            f"vLLM {version} is not supported by curate's vllm engine (supported: vllm{SUPPORTED_VLLM}, "
+            f"the releases its adapter is checked against by `make vllm-contract`); "
+            f"install one with: pip install 'vllm{SUPPORTED_VLLM}'")
+    return version
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
@@ -104,8 +156,139 @@ def llm_kwargs(cfg: VLLMConfig) -> dict[str, Any]:
         kw["max_model_len"] = cfg.max_model_len
     if cfg.quantization:
         kw["quantization"] = cfg.quantization
+    kw["enable_prefix_caching"] = cfg.enable_prefix_caching
+    for key in ("max_num_seqs", "max_num_batched_tokens", "speculative_config"):
+        value = getattr(cfg, key)
+        if value is not None:
+            kw[key] = dict(value) if isinstance(value, dict) else value
     kw.update(cfg.engine_kwargs)
     return kw
+
+
+_STOP = object()
+
+
+class VLLMStream:
+    """Requests submitted to a running engine (:meth:`VLLMEngine.submit`). Iterating yields
+    ``(index, Completion)`` as each request finishes (cached ones first); answers are written to
+    the request cache as they are yielded. :meth:`results` waits for all, in request order."""
+
+    def __init__(self, engine: "VLLMEngine", requests: list[Request], cache: RequestCache | None):
+        self.engine = engine
+        self.requests = requests
+        self.cache = cache
+        self._q: queue.Queue = queue.Queue()
+        self._left = len(requests)
+
+    def _deliver(self, index: int, completion: Completion) -> None:   # called by the feeder thread
+        self._q.put((index, completion))
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self) -> Iterator[tuple[int, Completion]]:
+        extra = self.engine.cache_extra()
+        while self._left:
+            item = self._q.get()
+            if isinstance(item, BaseException):
+                self._left = 0
+                raise item
+            self._left -= 1
+            i, c = item
+            c.request_id = self.requests[i].id
+            if not c.cached:
+                if not c.ok:
+                    self.engine.stats["failed"] += 1
+                elif self.cache is not None:
+                    self.cache.put(cache_key(self.engine.kind, self.engine.model_id, self.requests[i], extra),
+                                   c.to_dict())
+                    c.stored = True
+            yield i, c
+
+    def results(self) -> list[Completion]:
+        out: list[Completion | None] = [None] * len(self.requests)
+        for i, c in self:
+            out[i] = c
+        return out  # type: ignore[return-value]
+
+
+class _Feeder:
+    """The thread that owns ``LLMEngine``: adds submitted requests and steps the engine while any
+    request is unfinished; waits (blocking, no polling) only when the engine has nothing to do."""
+
+    def __init__(self, core: Any):
+        self.core = core
+        self.inbox: queue.Queue = queue.Queue()
+        self.pending: dict[str, tuple[VLLMStream, int, SamplingParams]] = {}
+        self.ids = itertools.count()
+        # steps taken, and steps taken while requests were waiting in the inbox (0: never idle)
+        self.steps = 0
+        self.thread = threading.Thread(target=self._loop, name="curate-vllm-feeder", daemon=True)
+        self.thread.start()
+
+    def put(self, stream: VLLMStream, items: list[tuple[int, Any, Any, SamplingParams]]) -> None:
+        self.inbox.put((stream, items))
+
+    def stop(self) -> None:
+        self.inbox.put(_STOP)
+        self.thread.join(timeout=60)
+
+    def _add(self, stream: VLLMStream, items: list[tuple[int, Any, Any, SamplingParams]]) -> None:
+        for index, prompt, vsp, params in items:
+            rid = f"curate-{next(self.ids)}"
+            try:
+                self.core.add_request(rid, prompt, vsp)
+            except Exception as exc:  # noqa: BLE001  (a prompt vLLM refuses: too long, bad ids)
+                stream._deliver(index, Completion.failed(f"{type(exc).__name__}: {exc}"[:500]))
+                continue
+            self.pending[rid] = (stream, index, params)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                item = self.inbox.get(block=not self.pending)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item is _STOP:
+                    self._fail_pending(RuntimeError("vllm engine closed"))
+                    return
+                self._add(*item)
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    item = None
+            if not self.pending:
+                continue
+            try:
+                outputs = self.core.step()
+            except Exception as exc:  # noqa: BLE001  (the engine died: every waiting request fails)
+                log.error("vllm: engine step failed: %s", exc)
+                self._fail_pending(exc)
+                continue
+            self.steps += 1
+            for ro in outputs:
+                if not getattr(ro, "finished", True):
+                    continue
+                entry = self.pending.pop(ro.request_id, None)
+                if entry is None:
+                    continue
+                stream, index, params = entry
+                try:
+                    c = completion_from_output(ro, params)
+                except Exception as exc:  # noqa: BLE001
+                    c = Completion.failed(f"{type(exc).__name__}: {exc}"[:500])
+                stream._deliver(index, c)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self.pending = self.pending, {}
+        if pending:
+            try:
+                self.core.abort_request(list(pending))
+            except Exception as abort_exc:  # noqa: BLE001
+                log.warning("vllm: aborting requests failed: %s", abort_exc)
+        for stream, index, _ in pending.values():
+            stream._deliver(index, Completion.failed(f"{type(exc).__name__}: {exc}"[:500]))
 
 
 class VLLMEngine(Engine):
@@ -118,9 +301,12 @@ class VLLMEngine(Engine):
         self.model_id = os.path.basename(self.config.model.rstrip("/")) or self.config.model
         # vllm.LLM starts on first use: a run answered from the cache never touches the GPU
         self._llm = llm
-        if llm is None and importlib.util.find_spec("vllm") is None:
-            raise ImportError("the vllm engine needs vLLM: pip install 'curate[gpu]'")
+        if llm is None:
+            self.vllm_version = check_vllm_version(vllm_version())
         self._sampling_cls: Any = None
+        self._final_only: Any = None
+        self._feeder: _Feeder | None = None
+        self._feeder_lock = threading.Lock()
 
     @property
     def llm(self) -> Any:
@@ -143,12 +329,66 @@ class VLLMEngine(Engine):
     def cache_extra(self) -> str:
         return f"{self.config.chat_mode}|{self.config.chat_template or ''}"
 
-    def _sampling(self, params: SamplingParams) -> Any:
+    def _sampling(self, params: SamplingParams, final_only: bool = False) -> Any:
         if self._sampling_cls is None:
             from vllm import SamplingParams as VSP
 
             self._sampling_cls = VSP
-        return self._sampling_cls(**sampling_kwargs(params))
+        kw = sampling_kwargs(params)
+        if final_only:   # LLMEngine.step returns a request once, when it finishes
+            if self._final_only is None:
+                from vllm.sampling_params import RequestOutputKind
+
+                self._final_only = RequestOutputKind.FINAL_ONLY
+            kw["output_kind"] = self._final_only
+        return self._sampling_cls(**kw)
+
+    def _prompt(self, request: Request) -> Any:
+        """What ``LLM.generate`` / ``LLMEngine.add_request`` take for a request: the rendered text,
+        or token ids when a raw prompt carries its own BOS."""
+        if request.is_chat or request.add_special_tokens:
+            return self.render(request)
+        tok = self.llm.get_tokenizer()
+        return {"prompt_token_ids": tok.encode(request.prompt or "", add_special_tokens=False)}
+
+    # -- streaming -------------------------------------------------------------------------------
+    def submit(self, requests: Sequence[Request | dict], cache: RequestCache | None = None) -> VLLMStream:
+        """Queue ``requests`` on the running engine and return at once. The engine works on them
+        (together with everything submitted before) while the caller does other work; iterate the
+        returned :class:`VLLMStream` for ``(index, Completion)`` as each finishes. Cached requests
+        are answered without the engine. Chat requests are rendered with the tokenizer's template
+        (``chat_mode`` does not apply here)."""
+        reqs = [r if isinstance(r, Request) else Request.model_validate(r) for r in requests]
+        cache = cache if cache is not None else self.cache
+        stream = VLLMStream(self, reqs, cache)
+        hits = self.cached(reqs, cache)
+        self.stats["requests"] += len(reqs)
+        items = []
+        for i, (r, hit) in enumerate(zip(reqs, hits)):
+            if hit is not None:
+                self.stats["cached"] += 1
+                stream._deliver(i, hit)
+                continue
+            try:
+                items.append((i, self._prompt(r), self._sampling(r.params, final_only=True), r.params))
+            except Exception as exc:  # noqa: BLE001  (a broken template/message: this request fails)
+                stream._deliver(i, Completion.failed(f"prompt: {type(exc).__name__}: {exc}"[:500]))
+        self.stats["generated"] += len(reqs) - sum(h is not None for h in hits)
+        if items:
+            self.feeder.put(stream, items)
+        return stream
+
+    def stream(self, requests: Sequence[Request | dict], cache: RequestCache | None = None
+               ) -> Iterator[tuple[int, Completion]]:
+        """``(index, Completion)`` for each request as it finishes (see :meth:`submit`)."""
+        return iter(self.submit(requests, cache))
+
+    @property
+    def feeder(self) -> _Feeder:
+        with self._feeder_lock:
+            if self._feeder is None or not self._feeder.thread.is_alive():
+                self._feeder = _Feeder(self.llm.llm_engine)
+            return self._feeder
 
     def render(self, request: Request) -> str:
         if request.messages is not None:
@@ -184,14 +424,7 @@ class VLLMEngine(Engine):
                     kw["chat_template"] = self.config.chat_template
                 convs = [[dict(m) for m in requests[i].messages] for i in ids]  # type: ignore[union-attr]
                 return self.llm.chat(convs, sampling_params=sps, **kw)
-            prompts: list[Any] = []
-            for i in ids:
-                r = requests[i]
-                if r.is_chat or r.add_special_tokens:
-                    prompts.append(self.render(r))
-                else:  # the prompt carries its own BOS: tokenize without adding another
-                    tok = self.llm.get_tokenizer()
-                    prompts.append({"prompt_token_ids": tok.encode(r.prompt or "", add_special_tokens=False)})
+            prompts = [self._prompt(requests[i]) for i in ids]
             return self.llm.generate(prompts, sampling_params=sps, use_tqdm=False)
 
         try:
@@ -209,5 +442,8 @@ class VLLMEngine(Engine):
                 self._call(requests, [i], out, chat)
 
     def close(self) -> None:
+        if self._feeder is not None:
+            self._feeder.stop()
+            self._feeder = None
         super().close()
         self._llm = None

@@ -215,3 +215,10 @@ def test_vllm_on_gpu(tmp_path):  # pragma: no cover - needs a GPU
     assert all(c.ok and c.text and c.completion_tokens <= 16 for c in a)
     b = eng.generate(reqs)
     assert all(c.cached for c in b) and [x.text for x in a] == [x.text for x in b]
+    # the streaming path (background feeder on LLMEngine) gives the same greedy answers
+    more = [Request(messages=[{"role": "user", "content": f"Name {i} colours."}], params=SamplingParams(max_tokens=16))
+            for i in range(1, 9)]
+    eng.cache = None
+    streamed = eng.submit(more).results()
+    assert all(c.ok for c in streamed)
+    assert [c.text for c in streamed] == [c.text for c in eng.generate(more)]
