@@ -1,0 +1,344 @@
+"""The n-gram index of eval sets, built once per run as files and memory-mapped by every worker.
+
+Normalisation (the same for eval items and documents): words are runs of ``\\w`` characters
+(Python's Unicode definition); they are lowercased; everything else (punctuation, whitespace,
+line breaks) only separates words. So case changes, punctuation and line re-wrapping do not
+change the token sequence.
+
+Hashing: each token gets a 64-bit xxh3 hash (cached per process); the hash of the ``k`` tokens
+starting at position ``i`` is ``sum_j T[i+j] * K[j] + k * K_LEN`` (mod 2**64), with fixed odd
+64-bit constants ``K``. It is computed for a whole batch of documents at once with ``k`` numpy
+multiply-adds, and n-grams that would span two documents are masked out.
+
+Index files (in a folder, named by a fingerprint of the eval files and options):
+
+``<fp>.hashes.npy``  sorted uint64 hashes (one entry per (n-gram, item); duplicates kept)
+``<fp>.meta.npy``    uint64 ``set_index << 32 | item_index``, in the order of the hashes
+``<fp>.bits.npy``    a bitmap over the top 27 bits of the hashes: most document n-grams are
+                     rejected by one memory read before the binary search
+``<fp>.items.parquet`` set, item index, item id, a preview of the item's text, token count
+``<fp>.json``        counts per set, the short-item lengths, the options
+
+An item with at least ``n`` tokens contributes all its ``n``-grams (an n-gram spanning its question
+and answer included, as the item's text is question + answer + choices). An item with fewer tokens
+(but at least ``min_item_tokens``) contributes one hash of its whole token sequence, of its own
+length ``k``: a document matches it when the same ``k`` tokens occur contiguously. A fragment of a
+long item shorter than ``n`` tokens never matches.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+WORD_RE = re.compile(r"\w+")
+INDEX_VERSION = 1
+BITS = 27                       # bitmap over the top 27 bits: 2**27 bits = 16 MiB
+PREVIEW_CHARS = 300
+_MAX_N = 64
+
+
+def _constants(k: int) -> np.ndarray:
+    return np.array([xxhash.xxh3_64_intdigest(f"curate-decont-{i}".encode()) | 1 for i in range(k)], np.uint64)
+
+
+K = _constants(_MAX_N)
+K_LEN = np.uint64(xxhash.xxh3_64_intdigest(b"curate-decont-length") | 1)
+
+
+def tokens(text: str) -> list[str]:
+    """Normalised tokens of ``text``."""
+    words = WORD_RE.findall(text)
+    return " ".join(words).lower().split() if words else []
+
+
+def token_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the tokens of ``text`` (same tokens as :func:`tokens`)."""
+    return [m.span() for m in WORD_RE.finditer(text)]
+
+
+class TokenHasher:
+    """xxh3 hashes of tokens with a bounded per-process cache."""
+
+    def __init__(self, max_cache: int = 2_000_000):
+        self.cache: dict[str, int] = {}
+        self.max_cache = max_cache
+
+    def __call__(self, toks: Sequence[str]) -> np.ndarray:
+        cache = self.cache
+        if len(cache) > self.max_cache:
+            cache.clear()
+        get = cache.get
+        out = []
+        h = xxhash.xxh3_64_intdigest
+        for t in toks:
+            v = get(t)
+            if v is None:
+                v = cache[t] = h(t.encode())
+            out.append(v)
+        return np.array(out, np.uint64)
+
+
+def gram_hashes(T: np.ndarray, k: int) -> np.ndarray:
+    """Hashes of the ``len(T) - k + 1`` windows of ``k`` tokens of the token hashes ``T``."""
+    m = len(T) - k + 1
+    if m <= 0:
+        return np.empty(0, np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.full(m, K_LEN * np.uint64(k), np.uint64)
+        for j in range(k):
+            h += T[j:j + m] * K[j]
+    return h
+
+
+# --------------------------------------------------------------------------------------------------
+# eval items
+
+
+class EvalSetError(ValueError):
+    """An eval file cannot be read or lacks a configured field (a clear, user-facing error)."""
+
+
+@dataclass
+class EvalSpec:
+    name: str
+    files: list[str]
+    question: str
+    answer: str | None
+    choices: str | None
+    id_field: str | None
+
+
+def _read_records(path: str, fields: list[str]) -> Iterator[tuple[int, dict]]:
+    """(record number, {field: value}) of a JSONL or Parquet file; 1-based line numbers for JSONL."""
+    from curate.pipeline.io import get_fs
+
+    fs, p = get_fs(path)
+    if p.endswith(".parquet"):
+        with fs.open(p, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            missing = [f for f in fields if f not in pf.schema_arrow.names]
+            if missing:
+                raise EvalSetError(f"{path}: no column(s) {missing}; columns: {pf.schema_arrow.names}")
+            n = 0
+            for b in pf.iter_batches(batch_size=8192, columns=fields):
+                for row in b.to_pylist():
+                    n += 1
+                    yield n, row
+        return
+    compression = "infer"
+    with fs.open(p, "rt", encoding="utf-8", compression=compression) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalSetError(f"{path}: line {lineno}: not JSON: {exc.msg}") from None
+            if not isinstance(rec, dict):
+                raise EvalSetError(f"{path}: line {lineno}: expected a JSON object")
+            yield lineno, rec
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_as_text(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(_as_text(v) for v in value.values())
+    return str(value)
+
+
+def iter_items(spec: EvalSpec) -> Iterator[tuple[str, str]]:
+    """(item id, item text = question + answer + choices) of one eval set."""
+    fields = [f for f in (spec.question, spec.answer, spec.choices, spec.id_field) if f]
+    for path in spec.files:
+        base = os.path.basename(path)
+        for n, rec in _read_records(path, fields):
+            if spec.question not in rec:
+                raise EvalSetError(f"{path}: record {n}: no field {spec.question!r} (the question)")
+            parts = [_as_text(rec.get(spec.question))]
+            if spec.answer:
+                parts.append(_as_text(rec.get(spec.answer)))
+            if spec.choices:
+                parts.append(_as_text(rec.get(spec.choices)))
+            item_id = str(rec.get(spec.id_field)) if spec.id_field and rec.get(spec.id_field) is not None \
+                else f"{base}:{n}"
+            yield item_id, "\n".join(p for p in parts if p)
+
+
+def fingerprint(specs: Sequence[EvalSpec], n: int, min_item_tokens: int) -> str:
+    from curate.pipeline.io import get_fs
+
+    h = hashlib.blake2b(digest_size=10)
+    h.update(f"v{INDEX_VERSION}|{n}|{min_item_tokens}".encode())
+    for s in specs:
+        h.update(f"|{s.name}|{s.question}|{s.answer}|{s.choices}|{s.id_field}".encode())
+        for f in s.files:
+            fs, p = get_fs(f)
+            info = fs.info(p)
+            h.update(f"|{f}:{info.get('size')}:{info.get('mtime', info.get('LastModified', ''))}".encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# the index
+
+
+def build_index(specs: Sequence[EvalSpec], n: int, min_item_tokens: int, prefix: str) -> dict:
+    """Build the index files at ``prefix`` (written to temporary names, then renamed)."""
+    hasher = TokenHasher()
+    hashes: list[np.ndarray] = []
+    metas: list[np.ndarray] = []
+    item_rows: dict[str, list] = {"set": [], "item": [], "item_id": [], "preview": [], "tokens": []}
+    counts: dict[str, dict[str, int]] = {}
+    short_lengths: set[int] = set()
+    for si, spec in enumerate(specs):
+        c = counts[spec.name] = {"items": 0, "ngrams": 0, "short_items": 0, "skipped_items": 0}
+        for ii, (item_id, text) in enumerate(iter_items(spec)):
+            toks = tokens(text)
+            item_rows["set"].append(spec.name)
+            item_rows["item"].append(ii)
+            item_rows["item_id"].append(item_id)
+            item_rows["preview"].append(text[:PREVIEW_CHARS])
+            item_rows["tokens"].append(len(toks))
+            c["items"] += 1
+            if len(toks) < min_item_tokens:
+                c["skipped_items"] += 1
+                continue
+            k = min(n, len(toks))
+            g = np.unique(gram_hashes(hasher(toks), k))
+            if k < n:
+                c["short_items"] += 1
+                short_lengths.add(k)
+            c["ngrams"] += len(g)
+            hashes.append(g)
+            metas.append(np.full(len(g), (si << 32) | ii, np.uint64))
+    H = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+    M = np.concatenate(metas) if metas else np.empty(0, np.uint64)
+    order = np.argsort(H, kind="stable")
+    H, M = H[order], M[order]
+    bits = np.zeros(1 << (BITS - 3), np.uint8)
+    top = (H >> np.uint64(64 - BITS)).astype(np.int64)
+    np.bitwise_or.at(bits, top >> 3, (1 << (top & 7)).astype(np.uint8))
+    meta = {"version": INDEX_VERSION, "n": n, "min_item_tokens": min_item_tokens,
+            "sets": [s.name for s in specs], "counts": counts, "short_lengths": sorted(short_lengths),
+            "entries": int(len(H))}
+    tmp = f"{prefix}.tmp-{os.getpid()}"
+    for name, arr in (("hashes", H), ("meta", M), ("bits", bits)):
+        np.save(f"{tmp}.{name}.npy", arr)
+    pq.write_table(pa.table(item_rows, schema=pa.schema([
+        ("set", pa.string()), ("item", pa.int64()), ("item_id", pa.string()), ("preview", pa.string()),
+        ("tokens", pa.int64())])), f"{tmp}.items.parquet")
+    for name in ("hashes.npy", "meta.npy", "bits.npy", "items.parquet"):
+        os.replace(f"{tmp}.{name}", f"{prefix}.{name}")
+    with open(f"{tmp}.json", "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(f"{tmp}.json", f"{prefix}.json")      # last: its presence marks a complete index
+    return meta
+
+
+class NgramIndex:
+    """A built index, memory-mapped (read-only, shared by the OS page cache across workers)."""
+
+    def __init__(self, prefix: str):
+        with open(prefix + ".json") as f:
+            self.meta = json.load(f)
+        self.prefix = prefix
+        self.n = int(self.meta["n"])
+        self.sets: list[str] = list(self.meta["sets"])
+        self.short_lengths: list[int] = list(self.meta["short_lengths"])
+        self.hashes = np.load(prefix + ".hashes.npy", mmap_mode="r")
+        self.meta_arr = np.load(prefix + ".meta.npy", mmap_mode="r")
+        self.bits = np.load(prefix + ".bits.npy", mmap_mode="r")
+        self._items: dict[tuple[int, int], tuple[str, str]] | None = None
+
+    @classmethod
+    def open_or_build(cls, specs: Sequence[EvalSpec], n: int, min_item_tokens: int, folder: str) -> "NgramIndex":
+        """The index for these eval sets in ``folder``: built by the first worker (under a file
+        lock), then opened by all."""
+        os.makedirs(folder, exist_ok=True)
+        prefix = os.path.join(folder, "index-" + fingerprint(specs, n, min_item_tokens))
+        if not os.path.exists(prefix + ".json"):
+            with open(prefix + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not os.path.exists(prefix + ".json"):
+                    build_index(specs, n, min_item_tokens, prefix)
+        return cls(prefix)
+
+    def lookup(self, q: np.ndarray) -> np.ndarray:
+        """A bool mask: which hashes of ``q`` are in the index."""
+        if len(self.hashes) == 0 or len(q) == 0:
+            return np.zeros(len(q), bool)
+        top = (q >> np.uint64(64 - BITS)).astype(np.int64)
+        maybe = (self.bits[top >> 3] >> (top & 7).astype(np.uint8)) & 1 == 1
+        out = np.zeros(len(q), bool)
+        idx = np.flatnonzero(maybe)
+        if len(idx):
+            cand = q[idx]
+            pos = np.searchsorted(self.hashes, cand)
+            pos[pos == len(self.hashes)] = 0
+            out[idx] = self.hashes[pos] == cand
+        return out
+
+    def owners(self, h: int) -> list[tuple[int, int]]:
+        """(set index, item index) of every item holding hash ``h``."""
+        h = np.uint64(h)
+        lo = int(np.searchsorted(self.hashes, h, "left"))
+        hi = int(np.searchsorted(self.hashes, h, "right"))
+        return [(int(m >> np.uint64(32)), int(m & np.uint64(0xFFFFFFFF))) for m in self.meta_arr[lo:hi]]
+
+    def item(self, set_index: int, item_index: int) -> tuple[str, str]:
+        """(item id, preview) of an item (the items table is read on first use)."""
+        if self._items is None:
+            t = pq.read_table(self.prefix + ".items.parquet")
+            names = {s: i for i, s in enumerate(self.sets)}
+            self._items = {(names[s], i): (iid, p) for s, i, iid, p in zip(
+                t["set"].to_pylist(), t["item"].to_pylist(), t["item_id"].to_pylist(), t["preview"].to_pylist())}
+        return self._items.get((set_index, item_index), ("?", ""))
+
+
+@dataclass
+class DocMatches:
+    """The matches of one document: the matched windows (token start, length, hash)."""
+
+    windows: list[tuple[int, int, int]]
+
+
+def match_batch(index: NgramIndex, hasher: TokenHasher, token_lists: Iterable[list[str]]) -> list[DocMatches | None]:
+    """For each document's tokens, its matched windows (None when nothing matched). All windows of
+    the whole batch are hashed and looked up at once."""
+    token_lists = list(token_lists)
+    lens = np.array([len(t) for t in token_lists], np.int64)
+    out: list[DocMatches | None] = [None] * len(token_lists)
+    if lens.sum() == 0:
+        return out
+    T = hasher([t for toks in token_lists for t in toks])
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    ends = starts + lens
+    doc_of = np.repeat(np.arange(len(lens)), lens)
+    found: dict[int, list[tuple[int, int, int]]] = {}
+    for k in [index.n] + [k for k in index.short_lengths if k < index.n]:
+        h = gram_hashes(T, k)
+        if not len(h):
+            continue
+        pos = np.arange(len(h))
+        valid = pos + k <= ends[doc_of[: len(h)]]
+        hit = index.lookup(h) & valid
+        for p in np.flatnonzero(hit):
+            d = int(doc_of[p])
+            found.setdefault(d, []).append((int(p - starts[d]), k, int(h[p])))
+    for d, w in found.items():
+        out[d] = DocMatches(sorted(w))
+    return out
