@@ -251,3 +251,13 @@ class Decontaminate(MapStage):
 MATCHES_SCHEMA = pa.schema([
     ("id", pa.string()), ("eval_set", pa.string()), ("item_id", pa.string()), ("matched_ngrams", pa.int32()),
     ("doc_snippet", pa.string()), ("item_text", pa.string()), ("mode", pa.string())])
+
+
+def report_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{eval set: {docs, ngrams}} from a step's counters (stats.json)."""
+    out: dict[str, dict[str, int]] = {}
+    for key, v in counters.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "decontaminate" and parts[2] in ("docs", "ngrams"):
+            out.setdefault(parts[1], {"docs": 0, "ngrams": 0})[parts[2]] = v
+    return dict(sorted(out.items()))
