@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -37,15 +38,18 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-WORD_RE = re.compile(r"\w+")
-INDEX_VERSION = 1
+WORD_PATTERN = r"\w+"
+WORD_RE = re.compile(WORD_PATTERN)
+INDEX_VERSION = 2
 BITS = 27                       # bitmap over the top 27 bits: 2**27 bits = 16 MiB
 PREVIEW_CHARS = 300
 _MAX_N = 64
+_SEED = 0x5EEDC0FFEE
 
 
 def _constants(k: int) -> np.ndarray:
@@ -56,48 +60,55 @@ K = _constants(_MAX_N)
 K_LEN = np.uint64(xxhash.xxh3_64_intdigest(b"curate-decont-length") | 1)
 
 
+def hash_version() -> str:
+    """What the token hashes depend on besides the text (part of the index fingerprint)."""
+    return f"polars-{pl.__version__}"
+
+
+def batch_tokens(texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, "pl.Series"]:
+    """(token hashes of all texts concatenated, tokens per text, the tokens as written) -- one
+    vectorised pass (polars: Unicode ``\\w+`` runs, lowercased, 64-bit hashed)."""
+    toks = pl.Series(list(texts), dtype=pl.String).str.extract_all(WORD_PATTERN)
+    lens = toks.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = toks.explode().drop_nulls()
+    T = flat.str.to_lowercase().hash(_SEED).to_numpy().astype(np.uint64, copy=False)
+    return T, lens, toks
+
+
 def tokens(text: str) -> list[str]:
-    """Normalised tokens of ``text``."""
-    words = WORD_RE.findall(text)
-    return " ".join(words).lower().split() if words else []
+    """Normalised tokens of ``text`` (lowercased ``\\w+`` runs)."""
+    out = pl.Series([text], dtype=pl.String).str.extract_all(WORD_PATTERN).explode().drop_nulls()
+    return out.str.to_lowercase().to_list()
 
 
-def token_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the tokens of ``text`` (same tokens as :func:`tokens`)."""
-    return [m.span() for m in WORD_RE.finditer(text)]
+def token_spans(text: str, words: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans in ``text`` of its tokens ``words`` (as :func:`batch_tokens` found them, in order)."""
+    spans, pos = [], 0
+    for w in words:
+        a = text.find(w, pos)
+        if a < 0:
+            raise ValueError(f"token {w!r} not found after position {pos}")
+        pos = a + len(w)
+        spans.append((a, pos))
+    return spans
 
 
-class TokenHasher:
-    """xxh3 hashes of tokens with a bounded per-process cache."""
-
-    def __init__(self, max_cache: int = 2_000_000):
-        self.cache: dict[str, int] = {}
-        self.max_cache = max_cache
-
-    def __call__(self, toks: Sequence[str]) -> np.ndarray:
-        cache = self.cache
-        if len(cache) > self.max_cache:
-            cache.clear()
-        get = cache.get
-        out = []
-        h = xxhash.xxh3_64_intdigest
-        for t in toks:
-            v = get(t)
-            if v is None:
-                v = cache[t] = h(t.encode())
-            out.append(v)
-        return np.array(out, np.uint64)
-
-
-def gram_hashes(T: np.ndarray, k: int) -> np.ndarray:
-    """Hashes of the ``len(T) - k + 1`` windows of ``k`` tokens of the token hashes ``T``."""
-    m = len(T) - k + 1
-    if m <= 0:
-        return np.empty(0, np.uint64)
+def gram_hashes(T: np.ndarray, k: int, starts: np.ndarray | None = None) -> np.ndarray:
+    """Hashes of the windows of ``k`` token hashes of ``T``: all ``len(T) - k + 1`` of them, or
+    those starting at ``starts``."""
+    if starts is None:
+        m = len(T) - k + 1
+        if m <= 0:
+            return np.empty(0, np.uint64)
+        with np.errstate(over="ignore"):
+            h = np.full(m, K_LEN * np.uint64(k), np.uint64)
+            for j in range(k):
+                h += T[j:j + m] * K[j]
+        return h
     with np.errstate(over="ignore"):
-        h = np.full(m, K_LEN * np.uint64(k), np.uint64)
+        h = np.full(len(starts), K_LEN * np.uint64(k), np.uint64)
         for j in range(k):
-            h += T[j:j + m] * K[j]
+            h += T[starts + j] * K[j]
     return h
 
 
@@ -182,7 +193,7 @@ def fingerprint(specs: Sequence[EvalSpec], n: int, min_item_tokens: int) -> str:
     from curate.pipeline.io import get_fs
 
     h = hashlib.blake2b(digest_size=10)
-    h.update(f"v{INDEX_VERSION}|{n}|{min_item_tokens}".encode())
+    h.update(f"v{INDEX_VERSION}|{hash_version()}|{n}|{min_item_tokens}".encode())
     for s in specs:
         h.update(f"|{s.name}|{s.question}|{s.answer}|{s.choices}|{s.id_field}".encode())
         for f in s.files:
@@ -196,35 +207,66 @@ def fingerprint(specs: Sequence[EvalSpec], n: int, min_item_tokens: int) -> str:
 # the index
 
 
-def build_index(specs: Sequence[EvalSpec], n: int, min_item_tokens: int, prefix: str) -> dict:
+def chunk_hashes(texts: Sequence[str], n: int, min_item_tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct (hash, item) pairs of a chunk of eval items: hashes, item positions in the chunk;
+    the token count of each item). An item of at least ``n`` tokens gives its ``n``-grams, a
+    shorter one (of at least ``min_item_tokens``) one hash of all its tokens."""
+    T, lens, _ = batch_tokens(texts)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+    hs, owners = [], []
+    h = gram_hashes(T, n)
+    if len(h):
+        doc_of = np.repeat(np.arange(len(lens)), lens)[: len(h)]
+        ok = np.arange(len(h)) + n <= (starts + lens)[doc_of]
+        hs.append(h[ok])
+        owners.append(doc_of[ok])
+    short = np.flatnonzero((lens < n) & (lens >= min_item_tokens))
+    for k in np.unique(lens[short]):
+        items = short[lens[short] == k]
+        hs.append(gram_hashes(T, int(k), starts[items]))
+        owners.append(items)
+    if not hs:
+        return np.empty(0, np.uint64), np.empty(0, np.int64), lens
+    H, O = np.concatenate(hs), np.concatenate(owners).astype(np.int64)
+    order = np.lexsort((O, H))
+    H, O = H[order], O[order]
+    keep = np.ones(len(H), bool)
+    keep[1:] = (H[1:] != H[:-1]) | (O[1:] != O[:-1])
+    return H[keep], O[keep], lens
+
+
+def build_index(specs: Sequence[EvalSpec], n: int, min_item_tokens: int, prefix: str,
+                chunk: int = 20000) -> dict:
     """Build the index files at ``prefix`` (written to temporary names, then renamed)."""
-    hasher = TokenHasher()
     hashes: list[np.ndarray] = []
     metas: list[np.ndarray] = []
     item_rows: dict[str, list] = {"set": [], "item": [], "item_id": [], "preview": [], "tokens": []}
     counts: dict[str, dict[str, int]] = {}
     short_lengths: set[int] = set()
+
     for si, spec in enumerate(specs):
         c = counts[spec.name] = {"items": 0, "ngrams": 0, "short_items": 0, "skipped_items": 0}
-        for ii, (item_id, text) in enumerate(iter_items(spec)):
-            toks = tokens(text)
-            item_rows["set"].append(spec.name)
-            item_rows["item"].append(ii)
-            item_rows["item_id"].append(item_id)
-            item_rows["preview"].append(text[:PREVIEW_CHARS])
-            item_rows["tokens"].append(len(toks))
-            c["items"] += 1
-            if len(toks) < min_item_tokens:
-                c["skipped_items"] += 1
-                continue
-            k = min(n, len(toks))
-            g = np.unique(gram_hashes(hasher(toks), k))
-            if k < n:
-                c["short_items"] += 1
-                short_lengths.add(k)
-            c["ngrams"] += len(g)
-            hashes.append(g)
-            metas.append(np.full(len(g), (si << 32) | ii, np.uint64))
+        it = iter_items(spec)
+        while True:
+            part = list(itertools.islice(it, chunk))
+            if not part:
+                break
+            base = c["items"]
+            texts = [t for _, t in part]
+            H, O, lens = chunk_hashes(texts, n, min_item_tokens)
+            item_rows["set"] += [spec.name] * len(part)
+            item_rows["item"] += list(range(base, base + len(part)))
+            item_rows["item_id"] += [i for i, _ in part]
+            item_rows["preview"] += [t[:PREVIEW_CHARS] for t in texts]
+            item_rows["tokens"] += lens.tolist()
+            c["items"] += len(part)
+            c["skipped_items"] += int((lens < min_item_tokens).sum())
+            is_short = (lens < n) & (lens >= min_item_tokens)
+            c["short_items"] += int(is_short.sum())
+            short_lengths.update(int(k) for k in np.unique(lens[is_short]))
+            c["ngrams"] += len(H)
+            hashes.append(H)
+            metas.append((np.uint64(si) << np.uint64(32)) | (O + base).astype(np.uint64))
     H = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
     M = np.concatenate(metas) if metas else np.empty(0, np.uint64)
     order = np.argsort(H, kind="stable")
@@ -259,9 +301,10 @@ class NgramIndex:
         self.n = int(self.meta["n"])
         self.sets: list[str] = list(self.meta["sets"])
         self.short_lengths: list[int] = list(self.meta["short_lengths"])
-        self.hashes = np.load(prefix + ".hashes.npy", mmap_mode="r")
-        self.meta_arr = np.load(prefix + ".meta.npy", mmap_mode="r")
-        self.bits = np.load(prefix + ".bits.npy", mmap_mode="r")
+        # memory-mapped (plain ndarray views of the maps: cheaper to index than np.memmap)
+        self.hashes = np.asarray(np.load(prefix + ".hashes.npy", mmap_mode="r"))
+        self.meta_arr = np.asarray(np.load(prefix + ".meta.npy", mmap_mode="r"))
+        self.bits = np.asarray(np.load(prefix + ".bits.npy", mmap_mode="r"))
         self._items: dict[tuple[int, int], tuple[str, str]] | None = None
 
     @classmethod
@@ -292,12 +335,24 @@ class NgramIndex:
             out[idx] = self.hashes[pos] == cand
         return out
 
-    def owners(self, h: int) -> list[tuple[int, int]]:
-        """(set index, item index) of every item holding hash ``h``."""
-        h = np.uint64(h)
-        lo = int(np.searchsorted(self.hashes, h, "left"))
-        hi = int(np.searchsorted(self.hashes, h, "right"))
-        return [(int(m >> np.uint64(32)), int(m & np.uint64(0xFFFFFFFF))) for m in self.meta_arr[lo:hi]]
+    def owners(self, q: np.ndarray) -> list[list[tuple[int, int]]]:
+        """For each hash of ``q`` (all in the index), the (set index, item index) of every item
+        holding it."""
+        if not len(q):
+            return []
+        lo = np.searchsorted(self.hashes, q, "left")
+        hi = np.searchsorted(self.hashes, q, "right")
+        n = hi - lo
+        idx = np.repeat(lo - np.concatenate([[0], np.cumsum(n)[:-1]]), n) + np.arange(n.sum())
+        m = self.meta_arr[idx]
+        sets = (m >> np.uint64(32)).astype(np.int64).tolist()
+        items = (m & np.uint64(0xFFFFFFFF)).astype(np.int64).tolist()
+        pairs = list(zip(sets, items))
+        out, a = [], 0
+        for c in n.tolist():
+            out.append(pairs[a:a + c])
+            a += c
+        return out
 
     def item(self, set_index: int, item_index: int) -> tuple[str, str]:
         """(item id, preview) of an item (the items table is read on first use)."""
@@ -316,15 +371,13 @@ class DocMatches:
     windows: list[tuple[int, int, int]]
 
 
-def match_batch(index: NgramIndex, hasher: TokenHasher, token_lists: Iterable[list[str]]) -> list[DocMatches | None]:
-    """For each document's tokens, its matched windows (None when nothing matched). All windows of
-    the whole batch are hashed and looked up at once."""
-    token_lists = list(token_lists)
-    lens = np.array([len(t) for t in token_lists], np.int64)
-    out: list[DocMatches | None] = [None] * len(token_lists)
-    if lens.sum() == 0:
-        return out
-    T = hasher([t for toks in token_lists for t in toks])
+def match_batch(index: NgramIndex, texts: Sequence[str | None]) -> tuple[list[DocMatches | None], "pl.Series"]:
+    """For each text, its matched windows (None when nothing matched), and the texts' tokens as
+    written (for cutting). All windows of the batch are hashed and looked up at once."""
+    T, lens, toks = batch_tokens(texts)
+    out: list[DocMatches | None] = [None] * len(lens)
+    if not len(T):
+        return out, toks
     starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
     ends = starts + lens
     doc_of = np.repeat(np.arange(len(lens)), lens)
@@ -333,12 +386,10 @@ def match_batch(index: NgramIndex, hasher: TokenHasher, token_lists: Iterable[li
         h = gram_hashes(T, k)
         if not len(h):
             continue
-        pos = np.arange(len(h))
-        valid = pos + k <= ends[doc_of[: len(h)]]
-        hit = index.lookup(h) & valid
-        for p in np.flatnonzero(hit):
-            d = int(doc_of[p])
-            found.setdefault(d, []).append((int(p - starts[d]), k, int(h[p])))
+        valid = np.arange(len(h)) + k <= ends[doc_of[: len(h)]]
+        hit = np.flatnonzero(index.lookup(h) & valid)
+        for p, d in zip(hit.tolist(), doc_of[hit].tolist()):
+            found.setdefault(d, []).append((p - int(starts[d]), k, int(h[p])))
     for d, w in found.items():
         out[d] = DocMatches(sorted(w))
-    return out
+    return out, toks

@@ -45,11 +45,11 @@ import os
 import tempfile
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.decont.index import (EvalSetError, EvalSpec, NgramIndex, TokenHasher, match_batch,
-                                 token_spans, tokens)
+from curate.decont.index import EvalSetError, EvalSpec, NgramIndex, match_batch, token_spans
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
 from curate.pipeline.tables import require_text
 
@@ -111,7 +111,6 @@ class Decontaminate(MapStage):
         if self.config.mode != "flag":
             self.writes = {}
         self.index: NgramIndex | None = None
-        self.hasher = TokenHasher()
 
     # -- checks and set-up ---------------------------------------------------------------------------
     def _specs(self) -> tuple[list[EvalSpec], list[tuple[str, str]]]:
@@ -154,8 +153,7 @@ class Decontaminate(MapStage):
         c = self.config
         require_text(table.schema, c.text_column, self.step_name)
         texts = table.column(c.text_column).to_pylist() if table.num_rows else []
-        toks = [tokens(t) if t else [] for t in texts]
-        found = match_batch(self.index, self.hasher, toks)
+        found, words = match_batch(self.index, texts)
         ids = table.column("id").to_pylist() if "id" in table.schema.names else [None] * table.num_rows
         keep = [True] * table.num_rows
         reasons: list[str | None] = [None] * table.num_rows
@@ -171,8 +169,8 @@ class Decontaminate(MapStage):
                 continue
             per_set: dict[int, int] = {}
             per_item: dict[tuple[int, int], list[int]] = {}
-            for w, (start, _k, h) in enumerate(m.windows):
-                owners = self.index.owners(h)
+            owned = self.index.owners(np.array([h for _, _, h in m.windows], np.uint64))
+            for w, owners in enumerate(owned):
                 for si in {o[0] for o in owners}:
                     per_set[si] = per_set.get(si, 0) + 1
                 for o in owners:
@@ -185,7 +183,7 @@ class Decontaminate(MapStage):
             flags.append(True)
             flag_sets.append(sorted(sets[si] for si in per_set))
             flag_counts.append(len(m.windows))
-            spans = token_spans(texts[d]) if (c.mode == "remove" or c.save_matches) else None
+            spans = token_spans(texts[d], words[d].to_list()) if (c.mode == "remove" or c.save_matches) else None
             if c.save_matches:
                 for (si, ii), ws in sorted(per_item.items()):
                     start, k, _ = m.windows[ws[0]]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.decont.index import NgramIndex, tokens
+from curate.decont.index import tokens
 from curate.pipeline.stage import StageError
 from curate.stages.decontaminate import Decontaminate
 from curate.testing.decont_corpus import PlainNgramSet, item_text, planted_corpus
@@ -112,7 +112,7 @@ def test_index_built_once_in_the_work_folder_and_rebuilt_when_evals_change(evals
     b = stage(evals, tmp_path)                     # another worker: opens the same files
     b.ensure_setup()
     assert b.index.prefix == a.index.prefix and os.path.getmtime(files[0]) == mtime
-    assert isinstance(b.index.hashes, __import__("numpy").memmap)
+    assert isinstance(b.index.hashes.base, __import__("numpy").memmap)         # mapped, not read
     with open(evals, "a") as f:
         f.write(json.dumps({"question": "A brand new question that was added to the eval set later on today",
                             "answer": "yes"}) + "\n")
@@ -197,7 +197,6 @@ def test_recall_and_false_positives_on_planted_corpus(tmp_path):
     assert tokens(item_text(items[0]))[:3] == [w.lower() for w in items[0]["question"].split()[:3]]
 
 
-@pytest.mark.slow
 def test_example_pipeline(tmp_path):
     out = str(tmp_path / "out")
     cfg = os.path.join(ROOT, "configs", "decontaminate_example.yaml")
