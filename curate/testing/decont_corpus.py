@@ -8,7 +8,8 @@ must not match:
 ``verbatim``  the item's text as written;
 ``rewrap``    the same words re-wrapped: newlines and doubled spaces between words;
 ``case``      upper-cased or title-cased;
-``fragment``  ``n - 1`` consecutive normalised tokens of a (long) item's question: too short to be leakage;
+``fragment``  ``n - 1`` consecutive normalised tokens of a (long) item's question, between two
+              words found nowhere else: too short to be leakage;
 ``clean``     nothing planted.
 
 ``plain_matches`` is an independent plain-Python reference (a set of normalised n-gram tuples):
@@ -25,6 +26,7 @@ import re
 import sysconfig
 
 WORD_RE = re.compile(r"\w+")
+SENTINEL = "qqzxfragmentqq"
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,16 +82,20 @@ def rewrap(text: str, rng: random.Random) -> str:
 
 def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
                    planted_fraction: float = 0.1, fragment_fraction: float = 0.1,
-                   doc_words: tuple[int, int] = (150, 400)) -> tuple[list[dict], list[dict]]:
+                   doc_words: tuple[int, int] = (150, 400),
+                   background_share: float = 0.4) -> tuple[list[dict], list[dict]]:
     """(eval items, documents). A document is {id, text, kind, item} (``item`` the planted item's
-    index, or -1)."""
+    index, or -1). The docstring sentences are split in two: ``background_share`` of them for the
+    documents, the rest for the items."""
     rng = random.Random(seed)
-    pool = sentence_pool()
-    items = make_eval_items(n_items, rng, pool)
-    used = {s for it in items for s in re.split(r"(?<=[.!?])\s+", it["question"])}
+    pool = list(sentence_pool())
+    rng.shuffle(pool)
+    cut = int(len(pool) * background_share)
+    items = make_eval_items(n_items, rng, tuple(pool[cut:]))
     plain = PlainNgramSet(items, n=ngram)
-    # background sentences share no n-gram with any item (docstrings repeat themselves)
-    background = [s for s in pool if s not in used and not plain.matches(s)]
+    # documents are made of the other sentences, and of those only the ones sharing no n-gram
+    # with any item (docstrings repeat themselves)
+    background = [s for s in pool[:cut] if not plain.matches(s)]
     docs = []
     for d in range(n_docs):
         sents, words = [], 0
@@ -117,7 +123,8 @@ def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
             k = min(ngram - 1, len(spans))
             a = rng.randrange(len(spans) - k + 1)
             kind = "fragment"
-            sents.insert(rng.randrange(len(sents) + 1), q[spans[a][0]:spans[a + k - 1][1]])
+            # between two words found in no item, so that no window reaches out of the fragment
+            sents.insert(rng.randrange(len(sents) + 1), f"{SENTINEL} {q[spans[a][0]:spans[a + k - 1][1]]} {SENTINEL}")
         docs.append({"id": f"doc{d}", "text": " ".join(sents), "kind": kind, "item": item})
     return items, docs
 

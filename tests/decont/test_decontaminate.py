@@ -13,7 +13,7 @@ import pytest
 from curate.decont.index import tokens
 from curate.pipeline.stage import StageError
 from curate.stages.decontaminate import Decontaminate
-from curate.testing.decont_corpus import PlainNgramSet, item_text, planted_corpus
+from curate.testing.decont_corpus import PlainNgramSet, planted_corpus
 from helpers import ROOT, curate_bin
 
 Q = ("A bond pays a fixed coupon of five percent per year and trades below its face value. "
@@ -187,14 +187,13 @@ def test_recall_and_false_positives_on_planted_corpus(tmp_path):
     plain = PlainNgramSet(items, n=13)
     for d in docs:
         assert counts[d["id"]] == plain.matches(d["text"]), d["id"]
-    # the matches name the planted item; a fragment never matches its item (at most a few documents
-    # match another item across a sentence boundary, as the plain set also says)
+    assert not any(flagged[d["id"]] for d in fragments)
+    # the matches name the planted item (at most a few clean documents match an item across a
+    # sentence boundary, as the plain set also says)
     m = st.take_side()["matches"].to_pylist()
     named = {(r["id"], r["item_id"]) for r in m}
     assert all((d["id"], f"q{d['item']}") in named for d in planted)
-    assert not any((d["id"], f"q{d['item']}") in named for d in fragments)
-    assert sum(flagged[d["id"]] for d in docs if d["kind"] in ("fragment", "clean")) <= 3
-    assert tokens(item_text(items[0]))[:3] == [w.lower() for w in items[0]["question"].split()[:3]]
+    assert sum(flagged[d["id"]] for d in docs if d["kind"] == "clean") <= 3
 
 
 def test_example_pipeline(tmp_path):
