@@ -50,7 +50,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curate.decont.index import EvalSetError, EvalSpec, NgramIndex, match_batch, token_spans
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
+from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, log, register
 from curate.pipeline.tables import require_text
 
 SNIPPET_CHARS = 160
@@ -73,7 +73,8 @@ class DecontaminateConfig(StageConfig):
     text_column: str = Field("text", description="column to decontaminate")
     ngram: int = Field(13, ge=1, le=64, description="n-gram length in normalised tokens")
     min_item_tokens: int = Field(3, ge=1, description="eval items with fewer tokens are ignored "
-                                 "(counted); items shorter than `ngram` are matched whole")
+                                 "(counted in the log and the index's .json in the work folder); items "
+                                 "shorter than `ngram` are matched whole")
     mode: Literal["drop", "remove", "flag"] = Field(
         "drop", description="drop the document, remove the matched spans, or only flag it")
     remove_window: int = Field(200, ge=0, description="remove mode: characters cut on each side of a match")
@@ -102,7 +103,7 @@ class Decontaminate(MapStage):
     Config = DecontaminateConfig
     reads = ("{text_column}",)
     writes = {"contaminated": pa.bool_(), "contamination_sets": pa.list_(pa.string()),
-              "contamination_matches": pa.int32()}
+              "contamination_matches": pa.int32()}          # flag mode; drop and remove add no column
     resources = Resources(cpus=1.0)
     isolate_errors = True
 
@@ -147,6 +148,10 @@ class Decontaminate(MapStage):
             self.index = NgramIndex.open_or_build(specs, self.config.ngram, self.config.min_item_tokens, folder)
         except EvalSetError as exc:
             raise StageError(f"{self.step_name}: eval set: {exc}") from None
+        for name, c in self.index.meta["counts"].items():
+            log.info("%s: eval set %s: %d items, %d n-grams, %d matched whole (shorter than %d tokens), "
+                     "%d ignored (under %d tokens)", self.step_name, name, c["items"], c["ngrams"],
+                     c["short_items"], self.config.ngram, c["skipped_items"], self.config.min_item_tokens)
 
     # -- work ----------------------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:

@@ -78,8 +78,8 @@ def test_normalisation_and_what_matches(evals, tmp_path):
 
 def test_drop_mode_counts_and_saves(evals, tmp_path):
     st = stage(evals, tmp_path, save_dropped=True)
-    out = st(table([FILLER + Q + " " + A, FILLER, FILLER + "name the reactive gas in air, oxygen"]))
-    assert out.column("id").to_pylist() == ["d1"] and "contaminated" not in out.schema.names
+    out = st(table([FILLER + Q + " " + A, FILLER, FILLER + "name the reactive gas in air, oxygen", None, ""]))
+    assert out.column("id").to_pylist() == ["d1", "d3", "d4"] and "contaminated" not in out.schema.names
     assert st.counters.to_dict()["dropped/contaminated"] == 2
     side = st.take_side()
     assert side["dropped"].column("drop_reason").to_pylist() == ["contaminated"] * 2
