@@ -130,8 +130,8 @@ class EvalSpec:
     id_field: str | None
 
 
-def _read_records(path: str, fields: list[str]) -> Iterator[tuple[int, dict]]:
-    """(record number, {field: value}) of a JSONL or Parquet file; 1-based line numbers for JSONL."""
+def _read_records(path: str, fields: list[str]) -> Iterator[tuple[str, dict]]:
+    """(where, {field: value}) of a JSONL or Parquet file: ``line N`` (JSONL) or ``row N`` (Parquet)."""
     from curate.pipeline.io import get_fs
 
     fs, p = get_fs(path)
@@ -145,7 +145,7 @@ def _read_records(path: str, fields: list[str]) -> Iterator[tuple[int, dict]]:
             for b in pf.iter_batches(batch_size=8192, columns=fields):
                 for row in b.to_pylist():
                     n += 1
-                    yield n, row
+                    yield f"row {n}", row
         return
     compression = "infer"
     with fs.open(p, "rt", encoding="utf-8", compression=compression) as fh:
@@ -158,7 +158,7 @@ def _read_records(path: str, fields: list[str]) -> Iterator[tuple[int, dict]]:
                 raise EvalSetError(f"{path}: line {lineno}: not JSON: {exc.msg}") from None
             if not isinstance(rec, dict):
                 raise EvalSetError(f"{path}: line {lineno}: expected a JSON object")
-            yield lineno, rec
+            yield f"line {lineno}", rec
 
 
 def _as_text(value: Any) -> str:
@@ -171,21 +171,51 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def spec_fields(spec: EvalSpec) -> dict[str, str]:
+    """{role: field} of the fields an eval set's records must have."""
+    roles = {"question": spec.question, "answer": spec.answer, "choices": spec.choices, "id_field": spec.id_field}
+    return {k: v for k, v in roles.items() if v}
+
+
+def first_record_problems(spec: EvalSpec) -> list[tuple[str, str]]:
+    """(role, message) for each configured field missing from the first record of each file
+    (what ``curate validate`` can check without reading whole files)."""
+    out = []
+    roles = spec_fields(spec)
+    for path in spec.files:
+        try:
+            rec = next((r for _, r in _read_records(path, list(roles.values()))), None)
+        except EvalSetError as exc:
+            out.append(("paths", str(exc)))
+            continue
+        except OSError as exc:
+            out.append(("paths", f"{path}: cannot read: {exc}"))
+            continue
+        for role, f in roles.items():
+            if rec is not None and f not in rec:
+                out.append((role, f"{path}: first record: no field {f!r}; fields: {sorted(rec)}"))
+    return out
+
+
 def iter_items(spec: EvalSpec) -> Iterator[tuple[str, str]]:
     """(item id, item text = question + answer + choices) of one eval set."""
-    fields = [f for f in (spec.question, spec.answer, spec.choices, spec.id_field) if f]
+    roles = spec_fields(spec)
+    fields = list(roles.values())
     for path in spec.files:
         base = os.path.basename(path)
         for n, rec in _read_records(path, fields):
-            if spec.question not in rec:
-                raise EvalSetError(f"{path}: record {n}: no field {spec.question!r} (the question)")
+            for role, f in roles.items():
+                if f not in rec:
+                    raise EvalSetError(f"{path}: {n}: no field {f!r} (the {role}; set it to null "
+                                       "if the eval set has none)" if role != "question" else
+                                       f"{path}: {n}: no field {f!r} (the question)")
             parts = [_as_text(rec.get(spec.question))]
             if spec.answer:
                 parts.append(_as_text(rec.get(spec.answer)))
             if spec.choices:
                 parts.append(_as_text(rec.get(spec.choices)))
             item_id = str(rec.get(spec.id_field)) if spec.id_field and rec.get(spec.id_field) is not None \
-                else f"{base}:{n}"
+                else f"{base}:{n.split()[-1]}"
             yield item_id, "\n".join(p for p in parts if p)
 
 

@@ -49,7 +49,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.decont.index import EvalSetError, EvalSpec, NgramIndex, match_batch, token_spans
+from curate.decont.index import (EvalSetError, EvalSpec, NgramIndex, first_record_problems, match_batch,
+                                 token_spans)
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, log, register
 from curate.pipeline.tables import require_text
 
@@ -131,7 +132,10 @@ class Decontaminate(MapStage):
         return specs, problems
 
     def check(self) -> list[tuple[str, str]]:
-        return self._specs()[1]
+        specs, problems = self._specs()
+        for spec in specs:
+            problems += [(f"eval_sets.{spec.name}.{role}", msg) for role, msg in first_record_problems(spec)]
+        return problems
 
     def fingerprint_extra(self) -> str:
         from curate.decont.index import fingerprint

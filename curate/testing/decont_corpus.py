@@ -84,8 +84,8 @@ def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
                    planted_fraction: float = 0.1, fragment_fraction: float = 0.1,
                    doc_words: tuple[int, int] = (150, 400),
                    background_share: float = 0.4) -> tuple[list[dict], list[dict]]:
-    """(eval items, documents). A document is {id, text, kind, item} (``item`` the planted item's
-    index, or -1). The docstring sentences are split in two: ``background_share`` of them for the
+    """(eval items, documents). A document is {id, text, kind, item, planted} (``item`` the planted
+    item's index, or -1; ``planted`` the text inserted). The docstring sentences are split in two: ``background_share`` of them for the
     documents, the rest for the items."""
     rng = random.Random(seed)
     pool = list(sentence_pool())
@@ -105,7 +105,7 @@ def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
             sents.append(s)
             words += len(s.split())
         r = rng.random()
-        kind, item = "clean", -1
+        kind, item, planted = "clean", -1, ""
         if r < planted_fraction:
             item = rng.randrange(n_items)
             it = items[item]
@@ -116,6 +116,7 @@ def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
             elif kind == "case":
                 text = text.upper() if rng.random() < 0.5 else text.title()
             sents.insert(rng.randrange(len(sents) + 1), text)
+            planted = text
         elif r < planted_fraction + fragment_fraction:
             item = rng.randrange(n_items)
             q = items[item]["question"]
@@ -124,8 +125,9 @@ def planted_corpus(n_docs: int, n_items: int, seed: int = 0, ngram: int = 13,
             a = rng.randrange(len(spans) - k + 1)
             kind = "fragment"
             # between two words found in no item, so that no window reaches out of the fragment
-            sents.insert(rng.randrange(len(sents) + 1), f"{SENTINEL} {q[spans[a][0]:spans[a + k - 1][1]]} {SENTINEL}")
-        docs.append({"id": f"doc{d}", "text": " ".join(sents), "kind": kind, "item": item})
+            planted = f"{SENTINEL} {q[spans[a][0]:spans[a + k - 1][1]]} {SENTINEL}"
+            sents.insert(rng.randrange(len(sents) + 1), planted)
+        docs.append({"id": f"doc{d}", "text": " ".join(sents), "kind": kind, "item": item, "planted": planted})
     return items, docs
 
 

@@ -144,10 +144,10 @@ def test_bad_eval_input_is_a_clear_error(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x"}])
     st = Decontaminate(eval_sets={"qa": {"paths": bad}})
     st.workdir = str(tmp_path / "w")
-    with pytest.raises(StageError, match=r"bad.jsonl: record 1: no field 'question'"):
+    with pytest.raises(StageError, match=r"bad.jsonl: line 1: no field 'question'"):
         st.ensure_setup()
     with open(tmp_path / "broken.jsonl", "w") as f:
-        f.write('{"question": "ok"}\n{not json\n')
+        f.write('{"question": "ok", "answer": "a"}\n{not json\n')
     st = Decontaminate(eval_sets={"qa": {"paths": str(tmp_path / "broken.jsonl")}})
     st.workdir = str(tmp_path / "w2")
     with pytest.raises(StageError, match=r"broken.jsonl: line 2: not JSON"):
@@ -166,6 +166,15 @@ stages:
     r = subprocess.run([curate_bin(), "validate", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "p.yaml" in r.stderr and "decont" in r.stderr and "mode" in r.stderr
+    # a field the eval file does not have, and a missing file: both, before any work
+    noanswer = write_jsonl(tmp_path / "qa.jsonl", [{"question": Q, "solution": A}])
+    p.write_text(p.read_text().replace(f"{tmp_path}/nope.jsonl", noanswer).replace(
+        "mode: cut", f"mode: drop, text_column: text}}}}\n  - {{name: two, stage: decontaminate, options: "
+        f"{{eval_sets: {{x: {{paths: {tmp_path}/nope.jsonl}}}}"))
+    r = subprocess.run([curate_bin(), "validate", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stdout
+    assert "eval_sets.qa.answer" in r.stderr and "no field 'answer'" in r.stderr and "decont" in r.stderr
+    assert "eval_sets.x.paths" in r.stderr and "two" in r.stderr
 
 
 def test_recall_and_false_positives_on_planted_corpus(tmp_path):
@@ -194,6 +203,9 @@ def test_recall_and_false_positives_on_planted_corpus(tmp_path):
     named = {(r["id"], r["item_id"]) for r in m}
     assert all((d["id"], f"q{d['item']}") in named for d in planted)
     assert sum(flagged[d["id"]] for d in docs if d["kind"] == "clean") <= 3
+    # the fragments on their own
+    alone = st(pa.table({"id": [d["id"] for d in fragments], "text": [d["planted"] for d in fragments]}))
+    assert not any(alone.column("contaminated").to_pylist())
 
 
 def test_example_pipeline(tmp_path):
