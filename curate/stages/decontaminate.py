@@ -199,8 +199,8 @@ class Decontaminate(MapStage):
                     a, b = spans[start][0], spans[start + k - 1][1]
                     item_id, preview = self.index.item(si, ii)
                     matches_rows.append({
-                        "id": None if ids[d] is None else str(ids[d]), "eval_set": sets[si], "item_id": item_id, "matched_ngrams": len(ws),
-                        "doc_snippet": texts[d][max(0, a - 40):b + 40][:SNIPPET_CHARS + 80],
+                        "id": None if ids[d] is None else str(ids[d]), "eval_set": sets[si], "item_id": item_id,
+                        "matched_ngrams": len(ws), "doc_snippet": texts[d][max(0, a - 40):b + 40][:SNIPPET_CHARS + 80],
                         "item_text": preview, "mode": c.mode})
             if c.mode == "drop":
                 keep[d], reasons[d] = False, "contaminated"
