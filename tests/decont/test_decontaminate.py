@@ -235,3 +235,27 @@ def test_example_pipeline(tmp_path):
     page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
     assert "decontamination decontaminate" in page and "<td>qa</td><td class=n>3</td>" in page
     assert page.count("<div class='doc'>") >= 5
+
+
+@pytest.mark.slow
+def test_runner_with_two_workers_shares_one_index(tmp_path):
+    """Four input files on two worker processes: one index in the step's work folder, and the same
+    flags as a library call."""
+    from curate.pipeline.runner import run_pipeline
+
+    items, docs = planted_corpus(n_docs=200, n_items=100, seed=5, planted_fraction=0.2, fragment_fraction=0.2)
+    ev = write_jsonl(tmp_path / "ev.jsonl", items)
+    files = [write_jsonl(tmp_path / f"docs{i}.jsonl", [{"id": d["id"], "text": d["text"]} for d in docs[i::4]])
+             for i in range(4)]
+    out = str(tmp_path / "out")
+    options = {"eval_sets": {"bench": {"paths": ev, "choices": "choices", "id_field": "id"}}, "mode": "flag"}
+    run_pipeline({"name": "t", "output": out, "workers": 2, "report": False,
+                  "inputs": {"docs": {"stage": "read_jsonl", "options": {"paths": files}}},
+                  "stages": [{"stage": "decontaminate", "options": options}]}, progress=False)
+    work = os.path.join(out, "_curate", "work", "decontaminate")
+    assert len(glob.glob(os.path.join(work, "index-*.json"))) == 1
+    got = pq.read_table(os.path.join(out, "decontaminate")).to_pylist()
+    expected = {d["id"]: d["kind"] in ("verbatim", "rewrap", "case") for d in docs}
+    assert {r["id"]: r["contaminated"] for r in got} == expected
+    stats = json.load(open(os.path.join(out, "stats.json")))["steps"]["decontaminate"]["counters"]
+    assert stats["decontaminate/bench/docs"] == sum(expected.values())
