@@ -297,6 +297,9 @@ def build_index(specs: Sequence[EvalSpec], n: int, min_item_tokens: int, prefix:
             c["ngrams"] += len(H)
             hashes.append(H)
             metas.append((np.uint64(si) << np.uint64(32)) | (O + base).astype(np.uint64))
+        if c["items"] == c["skipped_items"]:
+            raise EvalSetError(f"eval set {spec.name!r}: no item with at least {min_item_tokens} tokens in "
+                               f"{', '.join(spec.files)} ({c['items']} records)")
     H = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
     M = np.concatenate(metas) if metas else np.empty(0, np.uint64)
     order = np.argsort(H, kind="stable")

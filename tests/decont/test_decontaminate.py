@@ -146,6 +146,11 @@ def test_bad_eval_input_is_a_clear_error(tmp_path):
     st.workdir = str(tmp_path / "w")
     with pytest.raises(StageError, match=r"bad.jsonl: line 1: no field 'question'"):
         st.ensure_setup()
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"question": "Yes?", "answer": ""}])
+    st = Decontaminate(eval_sets={"qa": {"paths": empty}})
+    st.workdir = str(tmp_path / "w1")
+    with pytest.raises(StageError, match=r"eval set 'qa': no item with at least 3 tokens in .*empty.jsonl"):
+        st.ensure_setup()
     with open(tmp_path / "broken.jsonl", "w") as f:
         f.write('{"question": "ok", "answer": "a"}\n{not json\n')
     st = Decontaminate(eval_sets={"qa": {"paths": str(tmp_path / "broken.jsonl")}})
