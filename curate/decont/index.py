@@ -65,10 +65,15 @@ def hash_version() -> str:
     return f"polars-{pl.__version__}"
 
 
-def batch_tokens(texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, "pl.Series"]:
+def batch_tokens(texts: "Sequence[str | None] | pa.Array | pa.ChunkedArray") -> tuple[np.ndarray, np.ndarray, "pl.Series"]:
     """(token hashes of all texts concatenated, tokens per text, the tokens as written) -- one
-    vectorised pass (polars: Unicode ``\\w+`` runs, lowercased, 64-bit hashed)."""
-    toks = pl.Series(list(texts), dtype=pl.String).str.extract_all(WORD_PATTERN)
+    vectorised pass (polars: Unicode ``\\w+`` runs, lowercased, 64-bit hashed). ``texts`` may be an
+    Arrow string array (no Python strings are made)."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        series = pl.Series(pl.from_arrow(texts)).cast(pl.String)
+    else:
+        series = pl.Series(list(texts), dtype=pl.String)
+    toks = series.str.extract_all(WORD_PATTERN)
     lens = toks.list.len().fill_null(0).to_numpy().astype(np.int64)
     flat = toks.explode().drop_nulls()
     T = flat.str.to_lowercase().hash(_SEED).to_numpy().astype(np.uint64, copy=False)
@@ -404,7 +409,8 @@ class DocMatches:
     windows: list[tuple[int, int, int]]
 
 
-def match_batch(index: NgramIndex, texts: Sequence[str | None]) -> tuple[list[DocMatches | None], "pl.Series"]:
+def match_batch(index: NgramIndex, texts: "Sequence[str | None] | pa.Array | pa.ChunkedArray"
+                ) -> tuple[list[DocMatches | None], "pl.Series"]:
     """For each text, its matched windows (None when nothing matched), and the texts' tokens as
     written (for cutting). All windows of the batch are hashed and looked up at once."""
     T, lens, toks = batch_tokens(texts)

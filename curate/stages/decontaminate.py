@@ -161,8 +161,11 @@ class Decontaminate(MapStage):
     def process(self, table: pa.Table) -> pa.Table:
         c = self.config
         require_text(table.schema, c.text_column, self.step_name)
-        texts = table.column(c.text_column).to_pylist() if table.num_rows else []
-        found, words = match_batch(self.index, texts)
+        column = table.column(c.text_column)
+        found, words = match_batch(self.index, column)
+        if all(m is None for m in found):                  # the usual batch: nothing to look at in Python
+            return self._flag_columns(table, [], {}) if c.mode == "flag" else table
+        texts = column.to_pylist()
         ids = table.column("id").to_pylist() if "id" in table.schema.names else [None] * table.num_rows
         keep = [True] * table.num_rows
         reasons: list[str | None] = [None] * table.num_rows
@@ -217,9 +220,7 @@ class Decontaminate(MapStage):
         if matches_rows:
             self.side("matches", pa.Table.from_pylist(matches_rows, schema=MATCHES_SCHEMA))
         if c.mode == "flag":
-            return (table.append_column("contaminated", pa.array(flags, pa.bool_()))
-                    .append_column("contamination_sets", pa.array(flag_sets, pa.list_(pa.string())))
-                    .append_column("contamination_matches", pa.array(flag_counts, pa.int32())))
+            return self._flag_columns(table, flags, {"sets": flag_sets, "counts": flag_counts})
         if c.mode == "remove" and new_texts != texts:
             i = table.schema.names.index(c.text_column)
             table = table.set_column(i, c.text_column, pa.array(new_texts, table.schema.field(i).type))
@@ -234,6 +235,15 @@ class Decontaminate(MapStage):
             self.side("dropped", dropped.append_column(
                 "drop_reason", pa.array([r for r in reasons if r is not None], pa.string())))
         return table.filter(mask)
+
+    @staticmethod
+    def _flag_columns(table: pa.Table, flags: list[bool], extra: dict) -> pa.Table:
+        n = table.num_rows
+        if not flags:                                       # no match in the batch
+            flags, extra = [False] * n, {"sets": [[]] * n, "counts": [0] * n}
+        return (table.append_column("contaminated", pa.array(flags, pa.bool_()))
+                .append_column("contamination_sets", pa.array(extra["sets"], pa.list_(pa.string())))
+                .append_column("contamination_matches", pa.array(extra["counts"], pa.int32())))
 
     def _cut(self, text: str, spans: list[tuple[int, int]], m) -> tuple[str, int, int]:
         """(text without the matched windows +- remove_window characters, cuts, characters removed)."""
