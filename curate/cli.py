@@ -6,6 +6,7 @@
   curate inspect PATH [--rows N]
   curate train-classifier --positive P --negative N --output DIR [--label L] [fastText options]
   curate report OUTPUT
+  curate plan-mixture RUNS.csv --n N --d D [--max-general-increase PCT | --weight W] [--output DIR]
 
 Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
 """
@@ -356,6 +357,57 @@ def report(output: str) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(path)
+
+
+
+@main.command("plan-mixture")
+@click.argument("runs_csv")
+@click.option("--n", "target_n", type=float, required=True, help="Parameters of the model to train (e.g. 7e9).")
+@click.option("--d", "target_d", type=float, required=True, help="Tokens of the planned run (e.g. 1e11).")
+@click.option("--max-general-increase", type=float, default=None,
+              help="Constraint: general loss at most this % above its r=0 value (default 3).")
+@click.option("--weight", type=float, default=None,
+              help="Instead: minimise weight*domain + (1-weight)*general loss.")
+@click.option("--holdout", default="0.2", show_default=True,
+              help="Rows left out to measure the fit: a fraction (random, seeded) or largest_n.")
+@click.option("--eps", type=float, default=0.01, show_default=True, help="The law's epsilon (fixed).")
+@click.option("--grid-step", type=float, default=0.01, show_default=True, help="Step of the r grid.")
+@click.option("--starts", type=int, default=16, show_default=True, help="Random starts of each fit.")
+@click.option("--output", "-o", default="mixture_plan", show_default=True, help="Folder for plan.json and plan.html.")
+@click.option("--domain-name", default="domain", show_default=True, help="Domain input name in the mix step.")
+@click.option("--general-name", default="general", show_default=True, help="General input name in the mix step.")
+def plan_mixture_cmd(runs_csv: str, target_n: float, target_d: float, max_general_increase: float | None,
+                     weight: float | None, holdout: str, eps: float, grid_step: float, starts: int, output: str,
+                     domain_name: str, general_name: str) -> None:
+    """Choose the domain/general ratio from small runs (D-CPT Law fits of both losses)."""
+    from curate.mixture.dcpt import (MixtureError, fit_text, mix_snippet, plan_mixture, read_runs, table_text,
+                                     write_outputs)
+
+    try:
+        runs = read_runs(runs_csv)
+        plan = plan_mixture(runs, target_n, target_d, max_general_increase=max_general_increase, weight=weight,
+                            grid_step=grid_step, eps=eps, starts=starts,
+                            holdout=holdout if holdout == "largest_n" else _float_or_exit(holdout, "--holdout"))
+    except MixtureError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{len(runs)} runs from {runs_csv}; general loss fitted against the general ratio 1 - r")
+    click.echo(fit_text("general loss", plan.general))
+    click.echo(fit_text("domain loss ", plan.domain))
+    click.echo(f"\ntarget N={target_n:.3g}, D={target_d:.3g}; rule: {plan.rule}\n")
+    click.echo(table_text(plan))
+    click.echo(f"\nrecommended domain ratio r = {plan.recommended_r:g}" + (f" ({plan.note})" if plan.note else ""))
+    click.echo("mix step (proportions by tokens):\n" + mix_snippet(plan.recommended_r, domain_name, general_name))
+    paths = write_outputs(plan, runs_csv, output, domain_name, general_name)
+    click.echo(f"wrote {paths['json']} and {paths['html']}")
+
+
+def _float_or_exit(value: str, option: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        click.echo(f"error: {option}: expected a number or largest_n, got {value!r}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,29 @@ def _plots(step: _Step, thresholds: list[dict]) -> tuple[str, dict]:
     return "".join(out), hists
 
 
+def _decontamination(fs, root: str, name: str, s: dict) -> str:
+    """Contamination per eval set (stats.json counters) and a few matches from ``_matches/``."""
+    from curate.stages.decontaminate import report_counts
+
+    sets = report_counts(s.get("counters", {}))
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td class=n>{v['docs']:,}</td><td class=n>{v['ngrams']:,}</td></tr>"
+                   for k, v in sets.items())
+    out = [f"<h2 id='decontaminate-{html.escape(name)}'>decontamination {html.escape(name)}</h2>",
+           f"<table class='decontamination'><tr><th>eval set</th><th>documents</th><th>matched n-grams</th></tr>"
+           f"{rows or '<tr><td colspan=3>no matches</td></tr>'}</table>"]
+    examples = []
+    for f in sorted(fs.glob(join(root, name, "_matches", "*.parquet")))[:20]:
+        with fs.open(f, "rb") as fh:
+            examples += pq.read_table(fh).slice(0, SAMPLES * 2).to_pylist()
+        if len(examples) >= SAMPLES * 2:
+            break
+    for m in examples[:SAMPLES * 2]:
+        out.append(f"<div class='doc'><span class='muted'>{html.escape(str(m['id']))} · {html.escape(m['eval_set'])} "
+                   f"item {html.escape(m['item_id'])} · {m['matched_ngrams']} n-grams</span>\n"
+                   f"{html.escape(m['doc_snippet'] or '')}</div>")
+    return "".join(out)
+
+
 def build_report(output: str) -> str:
     """The HTML of the report of the run in ``output``."""
     fs, root = get_fs(output)
@@ -361,6 +384,10 @@ def build_report(output: str) -> str:
                             + "".join(_doc_html(d, th["column"]) for d in above) + "</details>"
                             f"<details class='below'><summary>{len(below)} not passing</summary>"
                             + "".join(_doc_html(d, th["column"]) for d in below) + "</details>")
+
+    for name, s in steps.items():
+        if s["stage"] == "decontaminate":
+            body.append(_decontamination(fs, root, name, s))
 
     for name, s in steps.items():
         if name in consumed or s["stage"] == "select" or name not in shards or not inputs:

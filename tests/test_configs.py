@@ -38,7 +38,8 @@ def test_every_config_is_tested():
               "domain_adaptation.yaml",   # tests/test_domain_adaptation.py
               "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
               "prox_example.yaml",        # tests/llm/test_prox_example.py
-              "domain_classifier.yaml"}   # tests/scoring/test_domain_pipeline.py
+              "domain_classifier.yaml",   # tests/scoring/test_domain_pipeline.py
+              "decontaminate_example.yaml"}   # tests/decont/test_decontaminate.py
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
 

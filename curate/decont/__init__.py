@@ -1,0 +1,1 @@
+"""Benchmark decontamination: normalised n-gram hashes of eval items, a shared on-disk index."""

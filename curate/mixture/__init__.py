@@ -1,0 +1,1 @@
+"""Choosing a training mixture from small runs (``curate plan-mixture``)."""
