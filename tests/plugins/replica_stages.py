@@ -1,0 +1,84 @@
+"""Stages for the Ray replica tests (loaded through `plugins:`).
+
+``replica_probe`` (map, needs one GPU) stands for an LLM stage: ``setup()`` "loads the engine"
+once per process and leaves a marker file saying so; every row gets the process id and the
+``CUDA_VISIBLE_DEVICES`` its worker was given. Faults, each once per run (a marker file remembers
+it happened; ``crash_always``: every time): ``crash_id`` makes the process die (``os._exit``) on that row, as an OOM kill or a
+lost node does; ``cuda_error_id`` raises a CUDA error from the "engine". ``slow_device`` makes
+the replica holding that device sleep per task, as a busy or slower GPU does.
+
+``env_probe`` (map) records whether each worker sees an environment variable with the expected
+value, without writing the value anywhere: only its sha256 is compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import pyarrow as pa
+
+from curate.pipeline.stage import MapStage, Resources, StageConfig, register
+
+
+class ReplicaProbeConfig(StageConfig):
+    marker_dir: str
+    crash_id: str | None = None
+    crash_always: bool = False      # die on every try, not only the first
+    cuda_error_id: str | None = None
+    slow_device: str | None = None
+    slow_seconds: float = 0.0
+
+
+@register
+class ReplicaProbe(MapStage):
+    """Records the worker's pid and CUDA_VISIBLE_DEVICES per row; engine loaded once per worker."""
+    name = "replica_probe"
+    Config = ReplicaProbeConfig
+    resources = Resources(cpus=1, gpus=1)
+    isolate_errors = False          # as LLM stages: an engine error is not a per-document error
+
+    def setup(self):
+        os.makedirs(self.config.marker_dir, exist_ok=True)
+        open(os.path.join(self.config.marker_dir, f"load-{os.getpid()}-{time.time_ns()}"), "w").close()
+
+    def _once(self, what: str) -> bool:
+        """True the first time ``what`` is asked for in this marker folder (atomic create)."""
+        try:
+            fd = os.open(os.path.join(self.config.marker_dir, f"fault-{what}"), os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    def process(self, table):
+        cfg = self.config
+        device = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        ids = set(table.column("id").to_pylist())
+        if cfg.slow_device is not None and device == cfg.slow_device:
+            time.sleep(cfg.slow_seconds)
+        if cfg.crash_id in ids and (self._once("crash") or cfg.crash_always):
+            os._exit(3)                                   # the worker process dies mid-task
+        if cfg.cuda_error_id in ids and self._once("cuda"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        n = table.num_rows
+        return table.append_column("pid", pa.array([os.getpid()] * n, pa.int64())).append_column(
+            "device", pa.array([device] * n, pa.string()))
+
+
+class EnvProbeConfig(StageConfig):
+    variable: str
+    sha256: str           # of the value the worker should see
+
+
+@register
+class EnvProbe(MapStage):
+    """Adds ``env_ok``: whether the worker sees ``variable`` with the expected value."""
+    name = "env_probe"
+    Config = EnvProbeConfig
+
+    def process(self, table):
+        value = os.environ.get(self.config.variable)
+        ok = value is not None and hashlib.sha256(value.encode()).hexdigest() == self.config.sha256
+        return table.append_column("env_ok", pa.array([ok] * table.num_rows, pa.bool_()))
