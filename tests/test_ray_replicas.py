@@ -102,3 +102,135 @@ def test_a_task_whose_replicas_keep_dying_stops_the_run_naming_step_and_cause(tm
     msg = str(err.value)
     assert "step 'replica_probe'" in msg and "f0.parquet" in msg
     assert "failed 2 time(s)" in msg and "max_retries=1" in msg and "ActorDiedError" in msg
+
+
+@pytest.mark.ray
+def test_tasks_go_to_whichever_replica_is_free(tmp_path, gpu_ray):
+    """The replica on device 0 is slow (2 s a task): the other one takes the tasks it cannot, where
+    handing tasks out in turn would give each replica half of them."""
+    inp, ids = _corpus(tmp_path)
+    res = run_pipeline(_pipe(inp, str(tmp_path / "out"), marker_dir=str(tmp_path / "m"), slow_device="0",
+                             slow_seconds=2.0), progress=False)
+    got = _output(res)
+    tasks_on = collections.Counter(got.column("device").to_pylist())
+    assert sum(tasks_on.values()) == FILES * ROWS and set(tasks_on) == {"0", "1"}
+    assert tasks_on["0"] // ROWS <= 2 < tasks_on["1"] // ROWS      # in turn: 4 and 4
+
+
+@pytest.mark.ray
+def test_step_resources_are_checked_against_the_cluster_before_any_work(tmp_path, gpu_ray):
+    inp, _ = _corpus(tmp_path)
+    out = str(tmp_path / "out")
+    cases = [({"gpus": 4}, "key 'resources.gpus'", "needs 4 GPU(s) per worker but the Ray cluster has 2"),
+             ({"replicas": 3}, "key 'resources.replicas'", "3 replicas of 1 GPU(s) each do not fit"),
+             ({"memory_gb": 100000}, "key 'resources.memory_gb'", "needs 100000 GB of memory per worker"),
+             ({"cpus": 64, "gpus": 0}, "key 'resources.cpus'", "needs 64 CPU(s) per worker")]
+    for resources, key, msg in cases:
+        with pytest.raises(ConfigError) as err:
+            run_pipeline(_pipe(inp, out, resources=resources, marker_dir=str(tmp_path / "m")), progress=False)
+        assert f"stage 'replica_probe' (stages[0]): {key}" in str(err.value) and msg in str(err.value), str(err.value)
+        assert os.listdir(out) == ["_curate"] and os.listdir(os.path.join(out, "_curate")) == ["lock"]
+        assert not os.path.exists(tmp_path / "m")                      # no work was done
+    # what the stage itself declares is checked too, naming where to change it
+    pipe = load_pipeline(_pipe(inp, out, marker_dir=str(tmp_path / "m")))
+    pipe.steps["replica_probe"].stage.resources = pipe.steps["replica_probe"].stage.resources.override(None) \
+        .model_copy(update={"gpus": 3.0})
+    from curate.pipeline.runner import Runner
+    with pytest.raises(ConfigError, match=r"stage 'replica_probe' \(stages\[0\]\): needs 3 GPU.*set `resources:`"):
+        Runner(pipe, progress=False).run()
+    # a bad key is a config error when the file is loaded
+    with pytest.raises(ConfigError, match=r"stage 'replica_probe' \(stages\[0\]\): key 'resources.gpu'.*unknown key"):
+        load_pipeline(_pipe(inp, out, resources={"gpu": 1}, marker_dir="m"))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+def test_one_replica_when_asked_and_cpu_steps_run_after_gpu_steps(tmp_path, gpu_ray):
+    """`replicas: 1` keeps one engine on one GPU; the replica gives its CPUs (here both of the
+    cluster's) back to the CPU steps that follow, which would otherwise wait forever."""
+    inp, _ = _corpus(tmp_path)
+    d = _pipe(inp, str(tmp_path / "out"), resources={"replicas": 1, "cpus": 2}, marker_dir=str(tmp_path / "m"))
+    d["plugins"].append("runner_stages")
+    d["stages"] += [{"stage": "top_k", "options": {"k": 50}}, {"stage": "word_count"}]
+    res = run_pipeline(d, progress=False)
+    first = _output(res)
+    assert len(set(first.column("pid").to_pylist())) == 1 and len(os.listdir(tmp_path / "m")) == 1
+    assert Dataset(res.outputs["word_count"]).to_table().num_rows == 50
+
+
+@pytest.mark.ray
+def test_variables_a_pipeline_needs_reach_ray_workers_and_nowhere_else(tmp_path, gpu_ray, monkeypatch):
+    secret = "s3cr3t-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]
+    monkeypatch.setenv("CURATE_TEST_TOKEN", secret)     # set after Ray started: its workers lack it
+    inp, _ = _corpus(tmp_path)
+
+    def pipe(out: str, runner: str, env: list[str]) -> dict:
+        return {"name": "env", "output": out, "runner": runner, "workers": 2, "env": env,
+                "plugins": ["replica_stages"],
+                "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": inp}}},
+                "stages": [{"stage": "env_probe", "options": {"variable": "CURATE_TEST_TOKEN",
+                                                              "sha256": hashlib.sha256(secret.encode()).hexdigest()}}]}
+
+    def seen(res) -> set:
+        return set(Dataset(res.outputs["env_probe"]).to_table().column("env_ok").to_pylist())
+
+    assert seen(run_pipeline(pipe(str(tmp_path / "plain"), "ray", []), progress=False)) == {False}
+    assert seen(run_pipeline(pipe(str(tmp_path / "fwd"), "ray", ["CURATE_TEST_TOKEN"]), progress=False)) == {True}
+    assert seen(run_pipeline(pipe(str(tmp_path / "local"), "local", []), progress=False)) == {True}
+    # GPU replicas (actors) get them too
+    d = pipe(str(tmp_path / "gpu"), "ray", ["CURATE_TEST_TOKEN"])
+    d["stages"][0]["resources"] = {"gpus": 1}
+    assert seen(run_pipeline(d, progress=False)) == {True}
+    # the value is in no file of the outputs, nor in Ray's logs of this session
+    session = ray._private.worker._global_node.get_session_dir_path()
+    for root in (str(tmp_path), session):
+        for folder, _, files in os.walk(root):
+            for f in files:
+                try:
+                    with open(os.path.join(folder, f), "rb") as fh:
+                        assert secret.encode() not in fh.read(), os.path.join(folder, f)
+                except OSError:
+                    continue
+
+
+def test_forwarded_variables_come_from_env_engines_and_storage(monkeypatch):
+    from curate.pipeline.resources import forwarded_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    d = {"name": "p", "output": "s3://bucket/out", "env": ["HF_TOKEN"],
+         "engines": {"chat": {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:1/v1",
+                              "api_key_env": "CHAT_KEY"}},
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": "/nonexistent/in/*.parquet"}}},
+         "stages": [{"stage": "generate", "options": {"engine": "chat", "prompt_column": "text"}}]}
+    names = forwarded_env(load_pipeline(d, check=False))
+    assert names[:2] == ["HF_TOKEN", "CHAT_KEY"] and {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(names)
+    d["output"] = "/tmp/out"
+    assert not any(n.startswith("AWS_") for n in forwarded_env(load_pipeline(d, check=False)))
+    with pytest.raises(ConfigError, match="key 'env.0'"):
+        load_pipeline({**d, "env": ["NOT A NAME"]}, check=False)
+
+
+def test_local_runner_honours_replicas_and_gpus_per_worker(tmp_path, monkeypatch):
+    from curate.pipeline.local_executor import LocalExecutor
+    from curate.pipeline.worker import Job
+
+    def job(gpus, replicas=None):
+        return Job(key="k", fingerprint="f", source=None, chain=(), out_dir="o", state_dir="s", side_dirs={},
+                   task_ids=(), batch_size=1, rows_per_shard=1, gpus=gpus, replicas=replicas)
+
+    ex = LocalExecutor(1)
+    ex.workers = 4
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    assert [ex.slots(job(1)), ex.slots(job(1, 3)), ex.slots(job(2)), ex.slots(job(0, 2))] == [4, 3, 2, 2]
+    # a step asking for more GPUs per worker than the machine has is an error before any work: exit 2
+    write_corpus(str(tmp_path / "in"), files=1, rows=5)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cfg = write_yaml(str(tmp_path / "p.yaml"), _pipe(str(tmp_path / "in"), str(tmp_path / "out"), runner="local",
+                                                       resources={"gpus": 2}, marker_dir=str(tmp_path / "m")))
+    from helpers import curate_bin
+    r = subprocess.run([curate_bin(), "run", "-q", cfg], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "stage 'replica_probe' (stages[0]): key 'resources.gpus': needs 2 GPU(s) per worker but this " \
+           "machine has 1" in r.stderr
+    assert not os.path.exists(tmp_path / "out" / "_curate" / "pipeline.json")

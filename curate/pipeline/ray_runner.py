@@ -17,8 +17,10 @@ received come back from the step's request cache; a task whose replicas died mor
 
 A step's resources are checked against the cluster's nodes before any work (``prepare``). The
 environment variables a pipeline needs (``env:``, engines' ``api_key_env``, ``AWS_*`` for s3
-outputs) reach the workers through Ray's runtime environment (``env_vars``), never through logs or
-files. Completion records, atomic shards and resume are the same as the local runner's: the output
+outputs) reach the workers as a task argument held in Ray's object store (``ray.put``), set in the
+worker for the task's run (CPU tasks) or the actor's life (replicas). Not through the runtime
+environment's ``env_vars``: Ray's runtime-env agent writes those, values included, to its log
+(``runtime_env_agent.log``). Completion records, atomic shards and resume are the same as the local runner's: the output
 location must be reachable from every node (shared disk or an object store such as ``s3://``).
 
 Connects to ``RAY_ADDRESS`` when set (an existing cluster), otherwise starts a local Ray.
@@ -78,7 +80,8 @@ class _Item:
 class _Pool:
     """The replicas of one worker shape (GPUs, CPUs, memory, replicas) and the tasks waiting for them."""
 
-    def __init__(self, shape: tuple, size: int, actor_cls: Any):
+    def __init__(self, shape: tuple, size: int, actor_cls: Any, env: Any):
+        self.env = env              # ObjectRef of the forwarded variables (or None)
         self.shape = shape
         self.size = size            # replicas at most
         self.actor_cls = actor_cls
@@ -111,7 +114,8 @@ class RayExecutor:
                 ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env,
                          log_to_driver=False, configure_logging=False)
                 self._owns = True
-        self._remote: dict[Callable, Any] = {}
+        self._task = ray.remote(_call_with_env)
+        self._env_ref: Any = None        # ObjectRef of {name: value} of the forwarded variables
         self._sink: Callable[[tuple], None] | None = None
         self._env_names: list[str] = []
         self._pool: _Pool | None = None
@@ -138,12 +142,9 @@ class RayExecutor:
         """Problems of steps the cluster cannot hold (config errors), and the environment variables
         to forward to workers."""
         self._env_names = forwarded_env(pipe)
-        return check_resources(pipe, self.nodes(), "the Ray cluster")
-
-    def _env(self) -> dict[str, Any]:
-        """Task/actor options passing the forwarded variables' current values (runtime_env env_vars)."""
         values = {k: os.environ[k] for k in self._env_names if k in os.environ}
-        return {"runtime_env": {"env_vars": values}} if values else {}
+        self._env_ref = self.ray.put(values) if values else None
+        return check_resources(pipe, self.nodes(), "the Ray cluster")
 
     @staticmethod
     def _memory(job: Job) -> dict[str, Any]:
@@ -155,11 +156,6 @@ class RayExecutor:
 
     def drain(self) -> None:
         """Ray workers do not stream per-batch progress; the runner counts finished tasks."""
-
-    def _fn(self, fn: Callable) -> Any:
-        if fn not in self._remote:
-            self._remote[fn] = self.ray.remote(fn)
-        return self._remote[fn]
 
     def submit(self, fn: Callable, job: Job, *args: Any) -> Future:
         if job.gpus > 0 or job.replicas:
@@ -173,13 +169,13 @@ class RayExecutor:
             self._wake.set()
             return fut
         self._release_pool()
-        ref = self._fn(fn).options(num_cpus=job.cpus, num_gpus=0, max_retries=job.max_retries,
-                                   retry_exceptions=False, **self._memory(job), **self._env()).remote(job, *args)
+        ref = self._task.options(num_cpus=job.cpus, num_gpus=0, max_retries=job.max_retries, retry_exceptions=False,
+                                 **self._memory(job)).remote(self._env_ref, fn, job, *args)
         return ref.future()
 
     def map(self, fn: Callable, items: list) -> Iterator:
         self._release_pool()
-        refs = [self._fn(fn).options(**self._env()).remote(i) for i in items]
+        refs = [self._task.remote(self._env_ref, fn, i) for i in items]
         for r in refs:
             yield self.ray.get(r)
 
@@ -218,9 +214,9 @@ class RayExecutor:
                                + " but no node of the Ray cluster has that; add nodes or lower `resources:`")
         size = min(job.replicas or room, room)
         opts: dict[str, Any] = {"num_cpus": job.cpus, "num_gpus": float(job.gpus), "max_restarts": 0,
-                                **self._memory(job), **self._env()}
+                                **self._memory(job)}
         actor_cls = self.ray.remote(_TaskActor).options(**opts)
-        self._pool = _Pool(shape, max(1, size), actor_cls)
+        self._pool = _Pool(shape, max(1, size), actor_cls, self._env_ref)
         return self._pool
 
     @staticmethod
@@ -261,7 +257,7 @@ class RayExecutor:
             if pool.idle:
                 actor = pool.idle.pop()
             else:
-                actor = pool.actor_cls.remote()
+                actor = pool.actor_cls.remote(pool.env)
                 pool.live += 1
             ref = actor.run.remote(item.fn, item.job, *item.args)
             pool.busy[ref] = (actor, item)
@@ -326,8 +322,25 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:400]
 
 
+def _call_with_env(env: dict[str, str] | None, fn: Callable, *args: Any) -> Any:
+    """A Ray task: ``fn(*args)`` with the forwarded variables set, as they were afterwards."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return fn(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class _TaskActor:
     """Holds its GPUs for life; stages built in it (engines) are reused by every task it runs."""
+
+    def __init__(self, env: dict[str, str] | None = None):
+        os.environ.update(env or {})    # the forwarded variables, for the actor's life
 
     def run(self, fn: Callable, *args: Any) -> Any:
         try:
