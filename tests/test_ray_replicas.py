@@ -234,3 +234,50 @@ def test_local_runner_honours_replicas_and_gpus_per_worker(tmp_path, monkeypatch
     assert "stage 'replica_probe' (stages[0]): key 'resources.gpus': needs 2 GPU(s) per worker but this " \
            "machine has 1" in r.stderr
     assert not os.path.exists(tmp_path / "out" / "_curate" / "pipeline.json")
+
+
+def _echo_server():
+    """The OpenAI-compatible test server of tests/engines/conftest.py, with its instant echo backend."""
+    import importlib.util
+    import threading
+
+    spec = importlib.util.spec_from_file_location(
+        "_engines_conftest", os.path.join(os.path.dirname(__file__), "engines", "conftest.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    srv = mod.OpenAIServer(None)
+    srv.state.backend = "echo"
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return srv
+
+
+@pytest.mark.ray
+def test_llm_rows_of_a_crashed_replica_are_redone_from_the_request_cache(tmp_path, gpu_ray, monkeypatch):
+    """An LLM step given a GPU by `resources:` runs on replicas; the one that dies after its answers
+    came back is replaced and the task redone: no request is paid twice, no row lost or doubled.
+    The engine's API key (`api_key_env`, set after Ray started) reaches the replicas."""
+    monkeypatch.setenv("CURATE_TEST_LLM_KEY", "k-" + hashlib.sha256(str(tmp_path).encode()).hexdigest()[:8])
+    inp, ids = _corpus(tmp_path)
+    srv = _echo_server()
+    try:
+        d = {"name": "llm", "output": str(tmp_path / "out"), "runner": "ray", "workers": 2, "batch_size": 100,
+             "plugins": ["replica_stages"],
+             "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": inp}}},
+             "stages": [{"stage": "crash_generate", "resources": {"gpus": 1},
+                         "options": {"marker_dir": str(tmp_path / "m"), "crash_id": ids[2 * ROWS + 3],
+                                     "max_tokens": 8, "engine": {"kind": "openai", "model": "m",
+                                                                 "base_url": srv.base_url,
+                                                                 "api_key_env": "CURATE_TEST_LLM_KEY"}}}]}
+        res = run_pipeline(d, progress=False)
+        hits, auth = srv.state.hits, set(srv.state.auth)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert os.path.exists(tmp_path / "m" / "fault-crash")
+    got = Dataset(res.outputs["crash_generate"]).to_table().sort_by("id")
+    assert got.column("id").to_pylist() == sorted(ids)                       # nothing lost or doubled
+    assert got.column("completion").to_pylist() == [t[::-1] for t in got.column("text").to_pylist()]
+    assert hits == len(ids)                                                  # nothing paid twice
+    counters = res.stats["crash_generate"]["counters"]
+    assert counters["llm/cached"] == ROWS and counters["llm/requests"] == len(ids)   # the redone task's answers
+    assert auth == {f"Bearer {os.environ['CURATE_TEST_LLM_KEY']}"}

@@ -82,3 +82,31 @@ class EnvProbe(MapStage):
         value = os.environ.get(self.config.variable)
         ok = value is not None and hashlib.sha256(value.encode()).hexdigest() == self.config.sha256
         return table.append_column("env_ok", pa.array([ok] * table.num_rows, pa.bool_()))
+
+
+from curate.stages.generate import Generate, GenerateConfig  # noqa: E402
+
+
+class CrashGenerateConfig(GenerateConfig):
+    marker_dir: str
+    crash_id: str | None = None
+
+
+@register
+class CrashGenerate(Generate):
+    """``generate`` whose worker dies once, right after the answers of the batch holding
+    ``crash_id`` came back (and were cached), before the task's shards are written."""
+    name = "crash_generate"
+    Config = CrashGenerateConfig
+
+    def process(self, table):
+        out = super().process(table)
+        if self.config.crash_id in set(table.column("id").to_pylist()):
+            os.makedirs(self.config.marker_dir, exist_ok=True)
+            try:
+                fd = os.open(os.path.join(self.config.marker_dir, "fault-crash"), os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return out
+            os.close(fd)
+            os._exit(3)
+        return out
