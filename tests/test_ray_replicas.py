@@ -73,7 +73,7 @@ def test_replicas_own_their_gpu_load_once_and_redo_the_rows_of_a_crashed_one(tmp
                          progress=False)
     got, want = _output(res), _output(clean)
     assert got.column("id").to_pylist() == sorted(ids) and len(set(got.column("id").to_pylist())) == len(ids)
-    assert got.drop_columns(["pid", "device"]).equals(want.drop_columns(["pid", "device"]))
+    assert got.drop_columns(["pid", "device", "memory"]).equals(want.drop_columns(["pid", "device", "memory"]))
     assert res.stats["replica_probe"]["in"] == res.stats["replica_probe"]["out"] == FILES * ROWS
     assert not res.stats["replica_probe"]["errors"]
     # each replica sees its own device, for its whole life
@@ -149,12 +149,14 @@ def test_one_replica_when_asked_and_cpu_steps_run_after_gpu_steps(tmp_path, gpu_
     """`replicas: 1` keeps one engine on one GPU; the replica gives its CPUs (here both of the
     cluster's) back to the CPU steps that follow, which would otherwise wait forever."""
     inp, _ = _corpus(tmp_path)
-    d = _pipe(inp, str(tmp_path / "out"), resources={"replicas": 1, "cpus": 2}, marker_dir=str(tmp_path / "m"))
+    d = _pipe(inp, str(tmp_path / "out"), resources={"replicas": 1, "cpus": 2, "memory_gb": 0.25},
+              marker_dir=str(tmp_path / "m"))
     d["plugins"].append("runner_stages")
     d["stages"] += [{"stage": "top_k", "options": {"k": 50}}, {"stage": "word_count"}]
     res = run_pipeline(d, progress=False)
     first = _output(res)
     assert len(set(first.column("pid").to_pylist())) == 1 and len(os.listdir(tmp_path / "m")) == 1
+    assert set(first.column("memory").to_pylist()) == {0.25 * 2**30}     # memory_gb reserved in Ray
     assert Dataset(res.outputs["word_count"]).to_table().num_rows == 50
 
 
@@ -175,7 +177,11 @@ def test_variables_a_pipeline_needs_reach_ray_workers_and_nowhere_else(tmp_path,
         return set(Dataset(res.outputs["env_probe"]).to_table().column("env_ok").to_pylist())
 
     assert seen(run_pipeline(pipe(str(tmp_path / "plain"), "ray", []), progress=False)) == {False}
-    assert seen(run_pipeline(pipe(str(tmp_path / "fwd"), "ray", ["CURATE_TEST_TOKEN"]), progress=False)) == {True}
+    d = pipe(str(tmp_path / "fwd"), "ray", ["CURATE_TEST_TOKEN"])
+    d["stages"][0]["resources"] = {"memory_gb": 0.125}                  # CPU tasks reserve memory too
+    res = run_pipeline(d, progress=False)
+    assert seen(res) == {True}
+    assert set(Dataset(res.outputs["env_probe"]).to_table().column("memory").to_pylist()) == {0.125 * 2**30}
     assert seen(run_pipeline(pipe(str(tmp_path / "local"), "local", []), progress=False)) == {True}
     # GPU replicas (actors) get them too
     d = pipe(str(tmp_path / "gpu"), "ray", ["CURATE_TEST_TOKEN"])

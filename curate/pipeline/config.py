@@ -11,6 +11,7 @@
     rows_per_shard: 50000          # rows per output Parquet shard
     max_error_fraction: 0.5        # stop the run when more documents than this fail in a step
     report: true                   # write report.html next to stats.json at the end of a run
+    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_runner.py)
     engines:                       # named LLM engines stages refer to with `engine: <name>`
       small: {kind: transformers}
     inputs:                        # named sources
@@ -19,6 +20,7 @@
       - {stage: extract_html}
       - {name: lid, stage: language_id, options: {languages: [en]}}
       - {name: rc, stage: reading_comprehension, input: lid}
+      - {stage: generate, resources: {gpus: 1, replicas: 2}}   # overrides the stage's (stage.Resources)
 
 String values may use ``${NAME}`` or ``${NAME:-default}`` (environment variables).
 Every error names the file, the step and the key; the CLI exits with code 2.

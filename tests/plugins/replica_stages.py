@@ -8,7 +8,8 @@ lost node does; ``cuda_error_id`` raises a CUDA error from the "engine". ``slow_
 the replica holding that device sleep per task, as a busy or slower GPU does.
 
 ``env_probe`` (map) records whether each worker sees an environment variable with the expected
-value, without writing the value anywhere: only its sha256 is compared.
+value, without writing the value anywhere: only its sha256 is compared. Both record the memory Ray
+reserved for the worker (``memory``, bytes).
 """
 
 from __future__ import annotations
@@ -64,7 +65,16 @@ class ReplicaProbe(MapStage):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         n = table.num_rows
         return table.append_column("pid", pa.array([os.getpid()] * n, pa.int64())).append_column(
-            "device", pa.array([device] * n, pa.string()))
+            "device", pa.array([device] * n, pa.string())).append_column(
+            "memory", pa.array([_ray_memory()] * n, pa.float64()))
+
+
+def _ray_memory() -> float | None:
+    """The memory (bytes) Ray reserved for this worker, None outside Ray."""
+    import ray
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("memory")
 
 
 class EnvProbeConfig(StageConfig):
@@ -81,7 +91,8 @@ class EnvProbe(MapStage):
     def process(self, table):
         value = os.environ.get(self.config.variable)
         ok = value is not None and hashlib.sha256(value.encode()).hexdigest() == self.config.sha256
-        return table.append_column("env_ok", pa.array([ok] * table.num_rows, pa.bool_()))
+        return table.append_column("env_ok", pa.array([ok] * table.num_rows, pa.bool_())).append_column(
+            "memory", pa.array([_ray_memory()] * table.num_rows, pa.float64()))
 
 
 from curate.stages.generate import Generate, GenerateConfig  # noqa: E402
