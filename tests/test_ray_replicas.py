@@ -147,17 +147,21 @@ def test_step_resources_are_checked_against_the_cluster_before_any_work(tmp_path
 @pytest.mark.timeout(180)
 def test_one_replica_when_asked_and_cpu_steps_run_after_gpu_steps(tmp_path, gpu_ray):
     """`replicas: 1` keeps one engine on one GPU; the replica gives its CPUs (here both of the
-    cluster's) back to the CPU steps that follow, which would otherwise wait forever."""
+    cluster's) back to the CPU steps that follow, which would otherwise wait forever. A CPU step
+    with `replicas: 1` runs its tasks (two row ranges here) on one worker."""
     inp, _ = _corpus(tmp_path)
     d = _pipe(inp, str(tmp_path / "out"), resources={"replicas": 1, "cpus": 2, "memory_gb": 0.25},
               marker_dir=str(tmp_path / "m"))
     d["plugins"].append("runner_stages")
-    d["stages"] += [{"stage": "top_k", "options": {"k": 50}}, {"stage": "word_count"}]
+    d["stages"] += [{"stage": "top_k", "options": {"k": 50}}, {"stage": "word_count", "save": True},
+                    {"stage": "env_probe", "resources": {"replicas": 1}, "options": {"variable": "X", "sha256": "-"}}]
     res = run_pipeline(d, progress=False)
     first = _output(res)
     assert len(set(first.column("pid").to_pylist())) == 1 and len(os.listdir(tmp_path / "m")) == 1
     assert set(first.column("memory").to_pylist()) == {0.25 * 2**30}     # memory_gb reserved in Ray
     assert Dataset(res.outputs["word_count"]).to_table().num_rows == 50
+    last = Dataset(res.outputs["env_probe"]).to_table()
+    assert last.num_rows == 50 and len(set(last.column("env_pid").to_pylist())) == 1
 
 
 @pytest.mark.ray
@@ -181,7 +185,7 @@ def test_variables_a_pipeline_needs_reach_ray_workers_and_nowhere_else(tmp_path,
     d["stages"][0]["resources"] = {"memory_gb": 0.125}                  # CPU tasks reserve memory too
     res = run_pipeline(d, progress=False)
     assert seen(res) == {True}
-    assert set(Dataset(res.outputs["env_probe"]).to_table().column("memory").to_pylist()) == {0.125 * 2**30}
+    assert set(Dataset(res.outputs["env_probe"]).to_table().column("env_memory").to_pylist()) == {0.125 * 2**30}
     assert seen(run_pipeline(pipe(str(tmp_path / "local"), "local", []), progress=False)) == {True}
     # GPU replicas (actors) get them too
     d = pipe(str(tmp_path / "gpu"), "ray", ["CURATE_TEST_TOKEN"])

@@ -9,7 +9,8 @@ the replica holding that device sleep per task, as a busy or slower GPU does.
 
 ``env_probe`` (map) records whether each worker sees an environment variable with the expected
 value, without writing the value anywhere: only its sha256 is compared. Both record the memory Ray
-reserved for the worker (``memory``, bytes).
+reserved for the worker (bytes: ``memory``,
+``env_memory``) and the worker's process id (``pid``, ``env_pid``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ class EnvProbe(MapStage):
     def process(self, table):
         value = os.environ.get(self.config.variable)
         ok = value is not None and hashlib.sha256(value.encode()).hexdigest() == self.config.sha256
-        return table.append_column("env_ok", pa.array([ok] * table.num_rows, pa.bool_())).append_column(
-            "memory", pa.array([_ray_memory()] * table.num_rows, pa.float64()))
+        n = table.num_rows
+        return table.append_column("env_ok", pa.array([ok] * n, pa.bool_())).append_column(
+            "env_memory", pa.array([_ray_memory()] * n, pa.float64())).append_column(
+            "env_pid", pa.array([os.getpid()] * n, pa.int64()))
 
 
 from curate.stages.generate import Generate, GenerateConfig  # noqa: E402
