@@ -3,7 +3,9 @@ the calling process itself).
 
 Executors share one small interface with the Ray executor (``ray_runner.py``):
 ``submit(fn, job, index, item) -> Future``, ``map(fn, items)`` for global stages' parallel work,
-``set_sink(fn)`` / ``drain()`` for per-batch progress messages, and ``shutdown()``.
+``set_sink(fn)`` / ``drain()`` for per-batch progress messages, ``shutdown()``, and optionally
+``prepare(pipe) -> [(where, problem)]``: what the steps' ``resources`` ask that the machines cannot
+give, checked by the runner before any work.
 """
 
 from __future__ import annotations
