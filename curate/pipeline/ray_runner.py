@@ -312,13 +312,13 @@ class RayExecutor:
 
 
 def _cause(exc: BaseException) -> str:
-    """A short, single-line account of why a replica failed."""
+    """A short, single-line account of why a replica failed (Ray's advice paragraphs left out)."""
     if isinstance(exc, DeviceFailure):
-        return str(exc).splitlines()[-1][:300] if str(exc) else "DeviceFailure"
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    keep = [ln for ln in lines if any(w in ln.lower() for w in ("died", "exit", "killed", "memory", "node",
-                                                                   "unavailable", "error"))]
-    text = "; ".join(keep[:3] or lines[:2])
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        return (lines[-1] if lines else "DeviceFailure")[:300]
+    text = " ".join(str(exc).split())
+    for cut in (" Some common causes", " To troubleshoot", " If the process was killed"):
+        text = text.split(cut)[0]
     return f"{type(exc).__name__}: {text}"[:400]
 
 
