@@ -187,20 +187,22 @@ def test_variables_a_pipeline_needs_reach_ray_workers_and_nowhere_else(tmp_path,
     assert seen(res) == {True}
     assert set(Dataset(res.outputs["env_probe"]).to_table().column("env_memory").to_pylist()) == {0.125 * 2**30}
     assert seen(run_pipeline(pipe(str(tmp_path / "local"), "local", []), progress=False)) == {True}
-    # GPU replicas (actors) get them too
-    d = pipe(str(tmp_path / "gpu"), "ray", ["CURATE_TEST_TOKEN"])
-    d["stages"][0]["resources"] = {"gpus": 1}
-    assert seen(run_pipeline(d, progress=False)) == {True}
-    # the value is in no file of the outputs, nor in Ray's logs of this session
+    # (GPU replicas get them for their life: the API key in test_llm_rows_of_a_crashed_replica...)
+    _assert_written_nowhere(secret, str(tmp_path))
+
+
+def _assert_written_nowhere(secret: str, out: str) -> None:
+    """The value is in no file of the outputs, nor in Ray's logs of this session."""
     session = ray._private.worker._global_node.get_session_dir_path()
-    for root in (str(tmp_path), session):
+    for root in (out, session):
         for folder, _, files in os.walk(root):
             for f in files:
                 try:
                     with open(os.path.join(folder, f), "rb") as fh:
-                        assert secret.encode() not in fh.read(), os.path.join(folder, f)
+                        data = fh.read()
                 except OSError:
                     continue
+                assert secret.encode() not in data, os.path.join(folder, f)
 
 
 def test_forwarded_variables_come_from_env_engines_and_storage(monkeypatch):
@@ -291,3 +293,4 @@ def test_llm_rows_of_a_crashed_replica_are_redone_from_the_request_cache(tmp_pat
     counters = res.stats["crash_generate"]["counters"]
     assert counters["llm/cached"] == ROWS and counters["llm/requests"] == len(ids)   # the redone task's answers
     assert auth == {f"Bearer {os.environ['CURATE_TEST_LLM_KEY']}"}
+    _assert_written_nowhere(os.environ["CURATE_TEST_LLM_KEY"], str(tmp_path))
