@@ -106,11 +106,11 @@ def test_a_task_whose_replicas_keep_dying_stops_the_run_naming_step_and_cause(tm
 
 @pytest.mark.ray
 def test_tasks_go_to_whichever_replica_is_free(tmp_path, gpu_ray):
-    """The replica on device 0 is slow (2 s a task): the other one takes the tasks it cannot, where
+    """The replica on device 0 is slow (3 s a task): the other one takes the tasks it cannot, where
     handing tasks out in turn would give each replica half of them."""
     inp, ids = _corpus(tmp_path)
     res = run_pipeline(_pipe(inp, str(tmp_path / "out"), marker_dir=str(tmp_path / "m"), slow_device="0",
-                             slow_seconds=2.0), progress=False)
+                             slow_seconds=3.0), progress=False)
     got = _output(res)
     tasks_on = collections.Counter(got.column("device").to_pylist())
     assert sum(tasks_on.values()) == FILES * ROWS and set(tasks_on) == {"0", "1"}
