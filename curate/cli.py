@@ -73,6 +73,7 @@ def main() -> None:
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
         quiet: bool) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
+    from curate.pipeline.config import ConfigError
     from curate.pipeline.runner import PipelineError, Runner
     from curate.pipeline.stats import funnel_table
 
@@ -87,6 +88,9 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except ConfigError as exc:  # steps ask for more than the machines offer (resources:), before any work
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
         from curate.pipeline.output_check import describe_os_error
         msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)

@@ -27,43 +27,19 @@ def test_ray_runner_matches_local(tmp_path):
     assert all(s["status"] == "skipped" for s in c.stats.values())
 
 
-@pytest.mark.ray
-def test_gpu_stages_run_on_actors_that_own_their_gpus(tmp_path):
-    import pyarrow as pa
-
-    write_corpus(str(tmp_path / "in"), files=6, rows=40)
-    markers = str(tmp_path / "markers")
-    d = {"name": "gpu", "output": str(tmp_path / "out"), "runner": "ray", "workers": 2, "batch_size": 10,
-         "plugins": ["runner_stages"],
-         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
-         "stages": [{"stage": "gpu_probe", "options": {"marker_dir": markers}}]}
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)  # logical GPUs
-    try:
-        run_pipeline(d, progress=False)
-    finally:
-        ray.shutdown()
-    t = pa.concat_tables(read_step(str(tmp_path / "out"), "gpu_probe").values())
-    assert t.num_rows == 240
-    by_pid = {}
-    for pid, gpu in zip(t.column("pid").to_pylist(), t.column("gpu").to_pylist()):
-        by_pid.setdefault(pid, set()).add(gpu)
-    assert len(by_pid) == 2                                   # two GPUs -> two actors
-    assert all(len(g) == 1 and "" not in g for g in by_pid.values())   # each keeps its own GPU
-    assert len({next(iter(g)) for g in by_pid.values()}) == 2
-    setups = sorted(os.listdir(markers))
-    assert setups == sorted(f"setup-{p}" for p in by_pid)   # set up once per actor
-
-
 def test_gpu_stage_without_gpus_is_a_clear_error(tmp_path):
-    from curate.pipeline.runner import PipelineError
+    """Checked before any work, as a config error naming the step (GPU replicas: test_ray_replicas.py)."""
+    from curate.pipeline.config import ConfigError
 
     write_corpus(str(tmp_path / "in"), files=1, rows=5)
     d = {"name": "gpu", "output": str(tmp_path / "out"), "runner": "ray", "workers": 1,
          "plugins": ["runner_stages"],
          "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
          "stages": [{"stage": "gpu_probe", "options": {"marker_dir": str(tmp_path / "m")}}]}
-    with pytest.raises(PipelineError, match="step 'gpu_probe'.*needs 1 GPU"):
+    with pytest.raises(ConfigError, match=r"stage 'gpu_probe' \(stages\[0\]\): needs 1 GPU\(s\) per worker but "
+                                          r"the Ray cluster has 0 \(the stage's own need; set `resources:`"):
         run_pipeline(d, progress=False)
+    assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "out" / "gpu_probe")
 
 
 @pytest.mark.ray

@@ -11,6 +11,7 @@
     rows_per_shard: 50000          # rows per output Parquet shard
     max_error_fraction: 0.5        # stop the run when more documents than this fail in a step
     report: true                   # write report.html next to stats.json at the end of a run
+    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_runner.py)
     engines:                       # named LLM engines stages refer to with `engine: <name>`
       small: {kind: transformers}
     inputs:                        # named sources
@@ -19,6 +20,7 @@
       - {stage: extract_html}
       - {name: lid, stage: language_id, options: {languages: [en]}}
       - {name: rc, stage: reading_comprehension, input: lid}
+      - {stage: generate, resources: {gpus: 1, replicas: 2}}   # overrides the stage's (stage.Resources)
 
 String values may use ``${NAME}`` or ``${NAME:-default}`` (environment variables).
 Every error names the file, the step and the key; the CLI exits with code 2.
@@ -30,14 +32,14 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from curate.pipeline.plugins import import_plugins
 from curate.pipeline.refs import bind_step_refs
-from curate.pipeline.stage import Stage, get_stage
+from curate.pipeline.stage import Resources, Stage, get_stage
 
 
 class ConfigError(Exception):
@@ -57,6 +59,7 @@ class StepSpec(BaseModel):
     input: str | list[str] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     save: bool = False  # materialise this step's output even when it is fused with the next
+    resources: Resources | None = None  # overrides the stage's: gpus, cpus, memory_gb, replicas, max_retries
 
 
 class PipelineSpec(BaseModel):
@@ -70,6 +73,8 @@ class PipelineSpec(BaseModel):
     max_error_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
     report: bool = True   # write report.html next to stats.json at the end of a run
     plugins: list[str] = Field(default_factory=list)  # modules to import: your own @register stages
+    env: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list)  # environment variables Ray workers get from `curate run` (names only)
     engines: dict[str, dict[str, Any]] = Field(default_factory=dict)
     inputs: dict[str, StepSpec] = Field(default_factory=dict)
     stages: list[StepSpec] = Field(default_factory=list)
@@ -220,6 +225,7 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
                 problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e)))
             continue
         stage.step_name = name
+        stage.resources = stage.resources.override(s.resources)
         # `{step: NAME}` option values: the output folder of an earlier step (see pipeline/refs.py)
         refs, ref_problems = bind_step_refs(stage.config, spec.output, seen - {name},
                                             {e[0] for e in entries})

@@ -3,7 +3,9 @@ the calling process itself).
 
 Executors share one small interface with the Ray executor (``ray_runner.py``):
 ``submit(fn, job, index, item) -> Future``, ``map(fn, items)`` for global stages' parallel work,
-``set_sink(fn)`` / ``drain()`` for per-batch progress messages, and ``shutdown()``.
+``set_sink(fn)`` / ``drain()`` for per-batch progress messages, ``shutdown()``, and optionally
+``prepare(pipe) -> [(where, problem)]``: what the steps' ``resources`` ask that the machines cannot
+give, checked by the runner before any work.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 from curate.pipeline import worker
+
+log = logging.getLogger("curate")
 
 
 class _InlineQueue:
@@ -96,10 +100,29 @@ class LocalExecutor:
             self._sink(msg)
 
     def slots(self, job: "worker.Job") -> int:
-        """How many tasks of ``job`` may run at once."""
+        """How many tasks of ``job`` may run at once (at most its ``replicas`` when set)."""
+        limit = job.replicas or self.workers
         if job.gpus > 0:
-            return max(1, min(self.workers, int(gpu_count() // job.gpus) or 1))
-        return self.workers
+            return max(1, min(self.workers, limit, int(gpu_count() // job.gpus) or 1))
+        return min(self.workers, limit)
+
+    def prepare(self, pipe: Any) -> list[tuple[str, str]]:
+        """Problems of steps this machine cannot hold (config errors, before any work). With no GPU
+        visible, GPU steps still run, one worker at a time (their engine says what it lacks)."""
+        from curate.pipeline.resources import Node, check_resources, step_where, worker_steps
+
+        gpus = gpu_count()
+        if gpus == 0:
+            for step in worker_steps(pipe):
+                if step.stage.resources.gpus > 0:
+                    log.warning("%s asks for %g GPU(s) per worker but no GPU is visible (CUDA_VISIBLE_DEVICES, "
+                                "nvidia-smi): it runs one worker at a time", step_where(pipe, step.name),
+                                step.stage.resources.gpus)
+        try:
+            mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        except (ValueError, OSError, AttributeError):
+            mem = None
+        return check_resources(pipe, [Node(cpus=None, gpus=float(gpus) or 1e9, memory_gb=mem)], "this machine")
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         pool = self._pool_for(args[0]) if args else self._pool

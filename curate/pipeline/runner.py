@@ -30,11 +30,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-from curate.pipeline.config import Pipeline, Step
+from curate.pipeline.config import ConfigError, Pipeline, Step
 from curate.pipeline.context import RunContext
 from curate.pipeline.io import Dataset, ShardWriter, is_local, join
 from curate.pipeline.plan import Segment, plan
 from curate.pipeline.plugins import plugin_dirs
+from curate.pipeline.stage import Resources
 from curate.pipeline.stats import Progress, StepStats, funnel_table
 from curate.pipeline.state import Layout, StepMarker, StepRecord, TaskRecord, read_task_records
 from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run_task
@@ -136,22 +137,26 @@ class Runner:
 
     def _run(self) -> RunResult:
         t0 = time.monotonic()
-        if self.force:
-            for s in self.pipe.steps.values():
-                self._reset_step(s, workdir=True)
-        self.layout.fs.makedirs(self.layout.root, exist_ok=True)
-        self.layout.write_json(join(self.layout.root, "_curate", "pipeline.json"),
-                               self.spec.model_dump(mode="json"))
-        for s in self.pipe.steps.values():
-            self.stats[s.name] = StepStats(s.name, s.stage.name)
         own = self._executor is None
         if own:
             preload = [*self.spec.plugins]
             for st in self.pipe.steps.values():
                 preload += [type(st.stage).__module__, *type(st.stage).preload]
             self._executor = make_executor(self.spec.runner, self.workers, list(dict.fromkeys(preload)))
-        self._executor.set_sink(self._sink)
         try:
+            # what the steps ask of the machines (GPUs, memory, replicas), checked before any work
+            problems = self._executor.prepare(self.pipe) if hasattr(self._executor, "prepare") else []
+            if problems:
+                raise ConfigError(self.pipe.path, problems)
+            if self.force:
+                for s in self.pipe.steps.values():
+                    self._reset_step(s, workdir=True)
+            self.layout.fs.makedirs(self.layout.root, exist_ok=True)
+            self.layout.write_json(join(self.layout.root, "_curate", "pipeline.json"),
+                                   self.spec.model_dump(mode="json"))
+            for s in self.pipe.steps.values():
+                self.stats[s.name] = StepStats(s.name, s.stage.name)
+            self._executor.set_sink(self._sink)
             for item in plan(self.pipe):
                 if isinstance(item, Segment):
                     self._run_segment(item)
@@ -266,7 +271,7 @@ class Runner:
         if records:
             log.info("step %s: resuming, %d of %d tasks already done", target.name, len(records), len(tasks))
         pending = [i for i in range(len(tasks)) if i not in records]
-        stages = [s.stage for s in seg.chain]
+        res = Resources.combine([s.stage.resources for s in ([seg.source] if seg.source else []) + list(seg.chain)])
         job = Job(key=f"{target.name}@{target.fingerprint}", fingerprint=target.fingerprint,
                   source=self._stage_spec(seg.source) if seg.source else None,
                   chain=tuple(self._stage_spec(s) for s in seg.chain),
@@ -276,8 +281,8 @@ class Runner:
                   task_ids=tuple(task_ids), batch_size=self.spec.batch_size,
                   rows_per_shard=self.spec.rows_per_shard, plugins=tuple(self.spec.plugins),
                   plugin_dirs=tuple(plugin_dirs(self.pipe.path if os.path.exists(self.pipe.path) else None)),
-                  cpus=max([s.resources.cpus for s in stages] + [1.0]),
-                  gpus=max([s.resources.gpus for s in stages] + [0.0]))
+                  cpus=res.cpus, gpus=res.gpus, memory_gb=res.memory_gb,
+                  replicas=res.replicas, max_retries=res.max_retries)
         total = self.stats[seg.head.name].rows_out if seg.head is not None else None
         bar = Progress(target.name, total=total, enabled=self.progress_enabled)
         self._bars[job.key] = bar

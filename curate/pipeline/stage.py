@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("curate")
 
@@ -67,9 +67,27 @@ class Resources(BaseModel):
     """What one worker of a stage needs. Runners use it to size pools and ask Ray for slots."""
 
     model_config = ConfigDict(extra="forbid")
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory_gb: float | None = None
+    cpus: float = Field(1.0, ge=0)
+    gpus: float = Field(0.0, ge=0)
+    memory_gb: float | None = Field(None, gt=0)
+    # a step's `resources:` in pipeline.yaml overrides any of these (``Resources.override``)
+    replicas: int | None = Field(None, ge=1)   # workers (engine replicas) at once; None: all that fit
+    max_retries: int = Field(2, ge=0)          # times a task is redone after its worker died
+
+    def override(self, other: "Resources | None") -> "Resources":
+        """These resources with the fields ``other`` sets explicitly (a step's `resources:`)."""
+        if other is None:
+            return self
+        return self.model_copy(update={k: getattr(other, k) for k in other.model_fields_set})
+
+    @classmethod
+    def combine(cls, items: "list[Resources]") -> "Resources":
+        """What a fused chain of stages needs from one worker: the most of each, the fewest replicas."""
+        reps = [r.replicas for r in items if r.replicas]
+        mems = [r.memory_gb for r in items if r.memory_gb]
+        return cls(cpus=max([r.cpus for r in items] or [1.0]), gpus=max([r.gpus for r in items] or [0.0]),
+                   memory_gb=max(mems) if mems else None, replicas=min(reps) if reps else None,
+                   max_retries=min([r.max_retries for r in items] or [2]))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class Job:
     plugin_dirs: tuple[str, ...] = ()   # where plugins are found besides sys.path (Ray workers
     cpus: float = 1.0                   # on other nodes do not inherit the driver's sys.path)
     gpus: float = 0.0
+    memory_gb: float | None = None      # the rest of the segment's Resources (stage.py), for runners
+    replicas: int | None = None
+    max_retries: int = 2
 
     @property
     def specs(self) -> list[StageSpec]:
