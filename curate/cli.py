@@ -7,7 +7,9 @@
   curate train-classifier --positive P --negative N --output DIR [--label L] [fastText options]
   curate report OUTPUT
 
-Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
+Exit codes: 0 success, 1 the run failed (a rerun resumes), 2 invalid pipeline file or usage,
+3 an LLM budget was reached, 4 the output is locked by another run, 130/143 interrupted/terminated
+(``curate.exit_codes``; README, "Failure semantics").
 """
 
 from __future__ import annotations
@@ -81,22 +83,68 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     _output_or_exit(pipe)
     logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
                                      pipe.spec.runner)
+    from curate import exit_codes
+    from curate.pipeline.stats import error_lines
+
+    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet)
+
+    def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
+        if runner_.partial is not None:
+            click.echo(funnel_table(runner_.partial.stats))
+            click.echo(f"\noutput: {pipe.output}  (INCOMPLETE: stats.json, manifest.json"
+                       + (", report.html" if pipe.spec.report else "") + " of what finished)")
+            for line in error_lines(runner_.partial.stats, pipe.output):
+                click.echo(line, err=True)
+
+    previous = _terminate_as_interrupt()
     try:
-        result = Runner(pipe, force=force, workers=workers, progress=not quiet).run()
+        result = runner_.run()
     except PipelineError as exc:
+        partial_funnel()
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
         from curate.pipeline.output_check import describe_os_error
+        partial_funnel()
         msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)
         click.echo(f"error: {msg}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(exit_codes.FAILED)
+    except KeyboardInterrupt as exc:
+        partial_funnel()
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(f"{how}: finished shards are kept; run the same command again to resume", err=True)
+        sys.exit(exit_codes.TERMINATED if isinstance(exc, Terminated) else exit_codes.INTERRUPTED)
+    finally:
+        _restore_sigterm(previous)
     click.echo(funnel_table(result.stats))
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
     click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
+    for line in error_lines(result.stats, result.output):
+        click.echo(line, err=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the task): handled as Ctrl-C, so the run writes what finished."""
+
+
+def _terminate_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()
