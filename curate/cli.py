@@ -263,6 +263,14 @@ def _empty_step(path: str) -> bool:
     return not shards
 
 
+def _read_json(fs, path: str):
+    try:
+        with fs.open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
@@ -276,13 +284,26 @@ def inspect(path: str, rows: int) -> None:
 
     fs, root = get_fs(path)
     manifest = join(root, "manifest.json")
-    if fs.isdir(root) and fs.exists(manifest):
-        with fs.open(manifest) as f:
-            m = json.load(f)
-        click.echo(f"{path}: output of pipeline {m.get('pipeline')!r}")
+    if fs.isdir(root) and (fs.exists(manifest) or fs.exists(join(root, "_curate", "pipeline.json"))):
+        # a pipeline's output folder, finished or not: one line per step, never one merged dataset
+        m = _read_json(fs, manifest) or {"steps": {}}
+        stats = _read_json(fs, join(root, "stats.json")) or {}
+        spec = _read_json(fs, join(root, "_curate", "pipeline.json")) or {}
+        click.echo(f"{path}: output of pipeline {m.get('pipeline') or spec.get('name')!r}")
+        if stats.get("complete") is False or not fs.exists(manifest) or m.get("complete") is False:
+            f = stats.get("failure") or {}
+            why = (f"{f.get('kind', 'failed')} in step {f.get('step')!r}: {f.get('error', '')}" if f
+                   else "no stats.json: the run was killed")
+            click.echo(f"INCOMPLETE: the last run did not finish ({why[:300]}). Finished steps are listed; "
+                       "run the same command again to resume.")
         for step, s in m["steps"].items():
             n = sum(sh["rows"] for sh in s["shards"])
             click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
+        unfinished = sorted(os.path.basename(d.rstrip("/")) for d in fs.ls(root, detail=False)
+                            if fs.isdir(d) and not os.path.basename(d.rstrip("/")).startswith("_")
+                            and os.path.basename(d.rstrip("/")) not in m["steps"])
+        for step in unfinished:
+            click.echo(f"  {step}/  unfinished (shards of tasks done so far; not part of the output)")
         click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step (a step fused into a "
                    "later one shows that step's folder).")
         return

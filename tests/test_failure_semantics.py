@@ -97,3 +97,76 @@ def test_error_fraction_default_and_loud_summary(tmp_path):
     pq.write_table(pa.table({"text": texts}), str(tmp_path / "in" / "a.parquet"))
     with pytest.raises(PipelineError, match="3 of 200 documents failed"):
         run_pipeline({**d, "output": str(tmp_path / "out2")}, progress=False)
+
+
+def _three_step(tmp_path, last):
+    from helpers import write_corpus
+    write_corpus(str(tmp_path / "in"), files=2, rows=200)
+    return {"name": "partial", "output": str(tmp_path / "out"), "workers": 2, "batch_size": 50,
+            "plugins": ["runner_stages"],
+            "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+            "stages": [{"stage": "word_count"}, {"stage": "min_words", "options": {"min_words": 10}},
+                       {"name": "top", "stage": "top_k", "options": {"k": 20}}, {**last, "input": "top"}]}
+
+
+def test_a_failed_run_leaves_stats_funnel_report_and_inspect_per_step(tmp_path):
+    """Issue 18.3: a failed run wrote no stats.json, funnel or report, and `curate inspect` merged
+    every step's shards into one dataset."""
+    d = _three_step(tmp_path, {"name": "boom", "stage": "explode", "options": {"bad_word": " "}})
+    cfg = write_yaml(str(tmp_path / "p.yaml"), d)
+    r = _cli("run", "-q", cfg)
+    assert r.returncode == 1 and "step 'boom': 20 of 20 documents failed" in r.stderr
+    out = tmp_path / "out"
+    stats = json.load(open(out / "stats.json"))
+    assert stats["complete"] is False
+    assert stats["failure"]["step"] == "boom" and stats["failure"]["kind"] == "failed"
+    st = stats["steps"]
+    assert st["min_words"]["status"] == "done" and st["min_words"]["in"] == 400
+    assert st["top"]["status"] == "done" and st["top"]["out"] == 20
+    assert st["boom"]["status"] == "failed" and st["boom"]["errors"] == {"exception/ValueError": 20}
+    # the funnel of what finished is on the terminal, marked
+    assert "min_words" in r.stdout and "top_k" in r.stdout and "INCOMPLETE" in r.stdout
+    assert "failed" in [l for l in r.stdout.splitlines() if l.startswith("boom")][0]
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["complete"] is False and set(manifest["steps"]) == {"min_words", "top"}
+    assert "INCOMPLETE RUN" in open(out / "report.html").read()
+    r = _cli("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "INCOMPLETE" in r.stdout and "step 'boom'" in r.stdout
+    assert "  top/  1 shards, 20 rows" in r.stdout and "  boom/  unfinished" in r.stdout
+    assert "schema:" not in r.stdout          # an overview per step, not one merged dataset
+    # the same output, killed before any stats were written: still per step
+    os.remove(out / "stats.json")
+    os.remove(out / "manifest.json")
+    r = _cli("inspect", str(out))
+    assert "INCOMPLETE" in r.stdout and "schema:" not in r.stdout and "  top/  unfinished" in r.stdout
+
+
+@pytest.mark.slow
+def test_sigterm_writes_what_finished_and_a_rerun_resumes(tmp_path):
+    markers = tmp_path / "markers"
+    d = _three_step(tmp_path, {"name": "slow", "stage": "slow",
+                               "options": {"seconds_per_batch": 2.0, "marker_dir": str(markers)}})
+    d["batch_size"] = 2
+    cfg = write_yaml(str(tmp_path / "p.yaml"), d)
+    proc = subprocess.Popen([curate_bin(), "run", "-q", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not (markers.is_dir() and os.listdir(markers)):
+        time.sleep(0.05)
+    assert os.listdir(markers), "the slow step never started"
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)          # what Airflow, Kubernetes and `docker stop` send
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert time.time() - t0 < 15              # the workers are stopped, not waited for
+    assert "terminated: finished shards are kept" in err and "INCOMPLETE" in out
+    stats = json.load(open(tmp_path / "out" / "stats.json"))
+    assert stats["complete"] is False and stats["failure"]["kind"] == "interrupted"
+    assert stats["failure"]["step"] == "slow" and stats["steps"]["top"]["status"] == "done"
+    d["stages"][-1]["options"]["seconds_per_batch"] = 2.0   # same options: the rerun resumes
+    r = _cli("run", "-q", cfg)
+    assert r.returncode == 0, r.stderr
+    stats = json.load(open(tmp_path / "out" / "stats.json"))
+    assert stats["complete"] is True and stats["steps"]["top"]["status"] == "skipped"
+    assert stats["steps"]["slow"]["out"] == 20
