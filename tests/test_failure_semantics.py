@@ -170,3 +170,129 @@ def test_sigterm_writes_what_finished_and_a_rerun_resumes(tmp_path):
     stats = json.load(open(tmp_path / "out" / "stats.json"))
     assert stats["complete"] is True and stats["steps"]["top"]["status"] == "skipped"
     assert stats["steps"]["slow"]["out"] == 20
+
+
+class _EchoOpenAI:
+    """A minimal OpenAI-compatible server on 127.0.0.1 (chat completions answer "ok <n>"); it
+    records the Authorization headers and bodies it receives."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        seen = self.seen = []
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                seen.append((self.headers.get("Authorization"), body))
+                data = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),
+                                   "choices": [{"index": 0, "finish_reason": "stop",
+                                                "message": {"role": "assistant", "content": f"ok {len(seen)}"}}],
+                                   "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def echo_server():
+    srv = _EchoOpenAI()
+    yield srv
+    srv.close()
+
+
+def _generate_pipeline(tmp_path, server, n=12, **options):
+    os.makedirs(tmp_path / "in", exist_ok=True)
+    pq.write_table(pa.table({"text": [f"document number {i}" for i in range(n)]}),
+                   str(tmp_path / "in" / "a.parquet"))
+    return {"name": "llm", "output": str(tmp_path / "out"), "workers": 1,
+            "engines": {"api": {"kind": "openai", "model": "echo", "base_url": server.base_url}},
+            "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+            "stages": [{"name": "gen", "stage": "generate",
+                        "options": {"engine": "api", "template": "Say: {text}", "batch_size": 4, **options}}]}
+
+
+def test_budget_reached_exits_3_with_what_was_spent_and_the_option_to_raise(tmp_path, echo_server):
+    """Issue 16.4: a budget stop exited 1 ("run the same command again to retry"), which Airflow
+    retries and which sends nothing."""
+    from curate.pipeline.runner import BudgetReached
+
+    d = _generate_pipeline(tmp_path, echo_server, max_requests=5)
+    cfg = write_yaml(str(tmp_path / "p.yaml"), d)
+    r = _cli("run", "-q", cfg)
+    assert r.returncode == 3, r.stderr
+    assert "step 'gen' reached its budget (max_requests=5" in r.stderr
+    assert f"raise options.max_requests of step 'gen' in {cfg}" in r.stderr
+    assert "7 row(s) in 1 task(s) were not sent" in r.stderr and "Run the same command again to retry" not in r.stderr
+    assert len(echo_server.seen) == 5
+    stats = json.load(open(tmp_path / "out" / "stats.json"))
+    assert stats["complete"] is False and stats["failure"]["kind"] == "budget"
+    r = _cli("run", "-q", cfg)          # the same budget: nothing is sent, the same exit code
+    assert r.returncode == 3 and len(echo_server.seen) == 5
+    with pytest.raises(BudgetReached):
+        run_pipeline(d, progress=False)
+    d["stages"][0]["options"]["max_requests"] = 50        # raised: the run finishes
+    r = _cli("run", "-q", write_yaml(cfg, d))
+    assert r.returncode == 0, r.stderr
+    assert pq.read_table(str(tmp_path / "out" / "gen")).num_rows == 12
+
+
+def test_scheduler_policy_does_not_retry_budget_or_invalid(tmp_path):
+    """What curate.airflow does with each exit code (checked without Airflow installed)."""
+    from curate import exit_codes
+
+    assert exit_codes.retry_policy(0) == "ok"
+    assert exit_codes.retry_policy(exit_codes.BUDGET) == "fail"
+    assert exit_codes.retry_policy(exit_codes.INVALID) == "fail"
+    for code in (exit_codes.FAILED, exit_codes.LOCKED, exit_codes.TERMINATED, 137):
+        assert exit_codes.retry_policy(code) == "retry", code
+
+    # curate.airflow's helper with stand-ins for the two Airflow exceptions it raises
+    import importlib
+    import sys
+    import types
+
+    class AirflowException(Exception):
+        pass
+
+    class AirflowFailException(AirflowException):
+        pass
+
+    sdk = types.ModuleType("airflow.sdk")
+    sdk.BaseOperator = object
+    exc_mod = types.ModuleType("airflow.sdk.exceptions")
+    exc_mod.AirflowException, exc_mod.AirflowFailException = AirflowException, AirflowFailException
+    fake = {"airflow": types.ModuleType("airflow"), "airflow.sdk": sdk, "airflow.sdk.exceptions": exc_mod}
+    saved = {k: sys.modules.get(k) for k in [*fake, "curate.airflow"]}
+    sys.modules.update(fake)
+    sys.modules.pop("curate.airflow", None)
+    try:
+        af = importlib.import_module("curate.airflow")
+        af.raise_for_exit_code(0, "run")
+        for code, no_retry in ((3, True), (2, True), (1, False), (4, False), (143, False)):
+            with pytest.raises(AirflowException) as e:
+                af.raise_for_exit_code(code, "run")
+            assert isinstance(e.value, AirflowFailException) == no_retry, code
+        with pytest.raises(AirflowFailException, match="budget reached.*exit code 3.*not retried"):
+            af.raise_for_exit_code(3, "run")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
