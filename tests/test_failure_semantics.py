@@ -296,3 +296,46 @@ def test_scheduler_policy_does_not_retry_budget_or_invalid(tmp_path):
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
+
+
+def test_no_secret_from_the_environment_reaches_any_written_file(tmp_path, echo_server):
+    """Issue 16.6: ``${VAR}`` values were written expanded to ``_curate/pipeline.json``."""
+    secret = "sk-THIS-IS-A-SECRET-4f9c2e"
+    d = _generate_pipeline(tmp_path, echo_server, n=6)
+    d["engines"]["api"].update({"api_key_env": "CURATE_TEST_KEY", "extra_body": {"user": "${CURATE_TEST_SECRET}"}})
+    d["plugins"] = ["runner_stages"]
+    d["stages"].insert(0, {"stage": "explode", "options": {"bad_word": "${CURATE_TEST_SECRET}"}})
+    d["stages"][1]["input"] = "explode"
+    cfg = write_yaml(str(tmp_path / "p.yaml"), d)
+    env = {"CURATE_TEST_KEY": secret, "CURATE_TEST_SECRET": secret}
+    r = subprocess.run([curate_bin(), "run", cfg], capture_output=True, text=True, timeout=300,
+                       env={**_env(), **env})
+    assert r.returncode == 0, r.stderr
+    # the secret did its job: sent as the key and in the body
+    assert all(auth == f"Bearer {secret}" and body["user"] == secret for auth, body in echo_server.seen)
+    assert len(echo_server.seen) == 6
+    written = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "out") for f in fs]
+    assert any(f.endswith("pipeline.json") for f in written) and any(f.endswith(".sqlite") for f in written)
+    for f in written:
+        assert secret.encode() not in open(f, "rb").read(), f
+    assert secret not in r.stdout + r.stderr
+    spec = json.load(open(tmp_path / "out" / "_curate" / "pipeline.json"))
+    assert spec["engines"]["api"]["extra_body"] == {"user": "${CURATE_TEST_SECRET}"}
+    assert spec["stages"][0]["options"]["bad_word"] == "${CURATE_TEST_SECRET}"
+    # what reads pipeline.json back works without the variable: inspect a fused step, the report
+    r = subprocess.run([curate_bin(), "inspect", str(tmp_path / "out" / "explode")], capture_output=True,
+                       text=True, timeout=120, env=_env())
+    assert r.returncode == 0 and "ran fused" in r.stdout, r.stderr
+    r = subprocess.run([curate_bin(), "report", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=120, env=_env())
+    assert r.returncode == 0, r.stderr
+    # a rerun with the same secret skips; another value recomputes (the fingerprint hashes it)
+    r = subprocess.run([curate_bin(), "run", "-q", cfg], capture_output=True, text=True, timeout=300,
+                       env={**_env(), **env})
+    assert r.returncode == 0 and len(echo_server.seen) == 6
+    r = subprocess.run([curate_bin(), "run", "-q", cfg], capture_output=True, text=True, timeout=300,
+                       env={**_env(), **env, "CURATE_TEST_SECRET": "another-value"})
+    assert r.returncode == 0 and len(echo_server.seen) == 12
+    for f in [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "out") for f in fs]:
+        data = open(f, "rb").read()
+        assert secret.encode() not in data and b"another-value" not in data, f
