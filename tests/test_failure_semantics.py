@@ -339,3 +339,42 @@ def test_no_secret_from_the_environment_reaches_any_written_file(tmp_path, echo_
     for f in [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path / "out") for f in fs]:
         data = open(f, "rb").read()
         assert secret.encode() not in data and b"another-value" not in data, f
+
+
+def test_the_same_input_in_two_folders_gives_byte_identical_shards(tmp_path):
+    """Issue 16.9: ids (and sources) came from absolute input paths, so the same files gave other
+    ids on a host and in a container. Now they come from the path under the input root."""
+    import shutil
+
+    src = tmp_path / "src"
+    os.makedirs(src / "pq" / "sub")
+    os.makedirs(src / "texts" / "deeper")
+    pq.write_table(pa.table({"text": [f"parquet row {i}" for i in range(5)]}), str(src / "pq" / "a.parquet"))
+    pq.write_table(pa.table({"text": [f"nested row {i}" for i in range(5)]}), str(src / "pq" / "sub" / "a.parquet"))
+    with open(src / "docs.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"text": f"json line {i}"}) + "\n")
+    (src / "texts" / "a.txt").write_text("a plain text file\n")
+    (src / "texts" / "deeper" / "a.txt").write_text("another plain text file\n")
+    outs = []
+    for where in ("host/data", "container/mnt/elsewhere"):
+        root = tmp_path / where
+        shutil.copytree(src, root)            # copy2: the same bytes and mtimes
+        d = {"name": "ids", "output": str(tmp_path / where.replace("/", "_")), "workers": 1,
+             "inputs": {"p": {"stage": "read_parquet", "options": {"paths": str(root / "pq")}},
+                        "j": {"stage": "read_jsonl", "options": {"paths": str(root / "*.jsonl")}},
+                        "f": {"stage": "read_files", "options": {"paths": [str(root / "texts")]}}}}
+        run_pipeline(d, progress=False)
+        outs.append(d["output"])
+    for step in ("p", "j", "f"):
+        a, b = read_step(outs[0], step), read_step(outs[1], step)
+        assert list(a) == list(b) and a
+        for name in a:
+            fa, fb = (open(os.path.join(o, step, name), "rb").read() for o in outs)
+            assert fa == fb, (step, name)
+    rows = pa.concat_tables(read_step(outs[0], "p").values()).to_pylist()
+    assert len({r["id"] for r in rows}) == 10          # same file name in two folders: other ids
+    assert {r["source"] for r in rows} == {"a.parquet", "sub/a.parquet"}
+    files = pa.concat_tables(read_step(outs[0], "f").values()).to_pylist()
+    assert sorted(r["source"] for r in files) == ["a.txt", "deeper/a.txt"]
+    assert pa.concat_tables(read_step(outs[0], "j").values()).column("source").to_pylist() == ["docs.jsonl"] * 5
