@@ -373,7 +373,7 @@ class FileSource(SourceStage):
 
     def fingerprint_extra(self) -> str:
         from curate.pipeline.io import get_fs
-        out = []
+        out = ["ids:relative"]   # ids from paths under the input root (older outputs used absolute ones)
         try:
             for f in self.files():
                 fs, p = get_fs(f)
