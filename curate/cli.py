@@ -1,6 +1,6 @@
 """The ``curate`` command line.
 
-  curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH]
+  curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH] [--break-lock HOST:PID]
   curate validate FILE
   curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
@@ -71,8 +71,11 @@ def main() -> None:
 @click.option("--workers", type=int, default=None, help="Override `workers:` (processes).")
 @click.option("--output", default=None, help="Override `output:` (local path or fsspec URL).")
 @click.option("--quiet", "-q", is_flag=True, help="Warnings and the final table only.")
+@click.option("--break-lock", default=None, metavar="HOST:PID",
+              help="Take over the output's lease held by this run (as the lock error names it), known "
+                   "to be dead, without waiting for the lease to expire.")
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
-        quiet: bool) -> None:
+        quiet: bool, break_lock: str | None) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.runner import PipelineError, Runner
     from curate.pipeline.stats import funnel_table
@@ -86,7 +89,7 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     from curate import exit_codes
     from curate.pipeline.stats import error_lines
 
-    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet)
+    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock)
 
     def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
         if runner_.partial is not None:

@@ -42,7 +42,7 @@ from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run
 
 log = logging.getLogger("curate")
 
-__all__ = ["PipelineError", "BudgetReached", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
+__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
 
 
 class PipelineError(Exception):
@@ -50,6 +50,12 @@ class PipelineError(Exception):
     ``curate run`` exits with (``curate.exit_codes``)."""
 
     exit_code = exit_codes.FAILED
+
+
+class OutputLocked(PipelineError):
+    """Another live run holds the output's lease (``lease.py``); nothing was written."""
+
+    exit_code = exit_codes.LOCKED
 
 
 class BudgetReached(PipelineError):
@@ -81,7 +87,7 @@ def _record_errors(rec: TaskRecord) -> int:
 
 class Runner:
     def __init__(self, pipe: Pipeline, *, force: bool = False, workers: int | None = None,
-                 progress: bool = True, executor: Any = None):
+                 progress: bool = True, executor: Any = None, break_lock: str | None = None):
         self.pipe = pipe
         self.spec = pipe.spec
         self.layout = Layout(pipe.spec.output)
@@ -94,6 +100,8 @@ class Runner:
         self._executor = executor
         self._bars: dict[str, Progress] = {}
         self._current: list[str] = []     # the steps running now (named when the run fails)
+        self.break_lock = break_lock      # take over the lease of this holder ("host:pid")
+        self._lease: Any = None
         self.partial: RunResult | None = None   # what a failed/interrupted run finished
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -158,31 +166,36 @@ class Runner:
 
     # -- the run -----------------------------------------------------------------------------------
     def _lock(self) -> Any:
-        """Refuse to run when another live run writes the same (local) output."""
-        if not is_local(self.layout.fs):
-            return None
-        import fcntl
-        os.makedirs(os.path.join(self.layout.root, "_curate"), exist_ok=True)
-        fh = open(os.path.join(self.layout.root, "_curate", "lock"), "a+")
+        """Take the output's lease (``lease.py``): refused while another live run holds it."""
+        from curate.pipeline.lease import Lease, LeaseHeld
+
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise PipelineError(f"another curate run is writing {self.layout.url}; wait for it or stop it") from None
-        return fh
+            return Lease(self.layout, break_lock=self.break_lock).acquire()
+        except LeaseHeld as exc:
+            raise OutputLocked(str(exc)) from None
+
+    def _check_lease(self) -> None:
+        from curate.pipeline.lease import LeaseHeld
+
+        if self._lease is not None:
+            try:
+                self._lease.check()
+            except LeaseHeld as exc:
+                raise OutputLocked(str(exc)) from None
 
     def run(self) -> RunResult:
-        lock = self._lock()
+        self._lease = self._lock()
         try:
             return self._run()
         except BaseException as exc:
             # a failed or interrupted run still leaves stats.json, manifest.json and the report of
             # what finished, marked incomplete (``curate inspect`` and the funnel read them)
-            self._write_incomplete(exc)
+            if not isinstance(exc, OutputLocked):   # a run that lost its lease writes nothing more
+                self._write_incomplete(exc)
             raise
         finally:
-            if lock is not None:
-                lock.close()
+            self._lease.release()
+            self._lease = None
 
     def _run(self) -> RunResult:
         self._t0 = time.monotonic()
@@ -203,6 +216,7 @@ class Runner:
         interrupted = False
         try:
             for item in plan(self.pipe):
+                self._check_lease()
                 self._current = item.step_names if isinstance(item, Segment) else [item.name]
                 if isinstance(item, Segment):
                     self._run_segment(item)
@@ -280,6 +294,7 @@ class Runner:
     def _finish(self, step: Step, shards: list[dict], names: list[str]) -> None:
         # workers wrote files this process may have listed before (object stores cache listings)
         self.layout.fs.invalidate_cache()
+        self._check_lease()
         self._set_output(step, shards)
         self.layout.rm(join(self.layout.state_dir(step.name), _FAILED))
         StepMarker(fingerprint=step.fingerprint, step=step.name, stage=step.stage.name, shards=shards,
@@ -521,13 +536,13 @@ def make_executor(runner: str, workers: int, preload: list[str] | None = None) -
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
                  workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False) -> RunResult:
+                 print_funnel: bool = False, break_lock: str | None = None) -> RunResult:
     """Validate and run a pipeline file/dict. The library equivalent of ``curate run``."""
     from curate.pipeline.config import load_pipeline
 
     pipe = source if isinstance(source, Pipeline) else load_pipeline(
         source, overrides={"runner": runner, "workers": workers, "output": output})
-    result = Runner(pipe, force=force, workers=workers, progress=progress).run()
+    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
     if print_funnel:
         print(funnel_table(result.stats))
     return result
