@@ -82,7 +82,8 @@ _FAILED = "FAILED.json"   # in a step's state folder: the last run stopped on it
 
 
 def _record_errors(rec: TaskRecord) -> int:
-    return sum(v for st in rec.steps.values() for k, v in st.counters.items() if k.startswith("errors/"))
+    return sum(v for st in rec.steps.values() for k, v in st.counters.items()
+               if k.startswith("errors/") and not k.startswith("errors/transient/"))
 
 
 class Runner:
@@ -129,11 +130,14 @@ class Runner:
         or None."""
         for name in step_names:
             st = self.stats[name]
-            errors = st.errors()
+            # rows deferred for a reason that may pass (errors/transient/*) are not lost: their
+            # task stays unfinished and a rerun redoes it
+            lost = {k: v for k, v in st.counters.items()
+                    if k.startswith("errors/") and not k.startswith("errors/transient/")}
+            errors = sum(lost.values())
             seen = max(st.rows_in, st.rows_out + errors)
             if seen >= 20 and errors / seen > self.spec.max_error_fraction:
-                top = sorted(((k, v) for k, v in st.counters.items() if k.startswith("errors/")),
-                             key=lambda kv: -kv[1])[:3]
+                top = sorted(lost.items(), key=lambda kv: -kv[1])[:3]
                 return (f"step {name!r}: {errors:,} of {seen:,} documents failed "
                         f"(more than max_error_fraction={self.spec.max_error_fraction}); top reasons: "
                         + ", ".join(f"{k[7:]} {v:,}" for k, v in top)
