@@ -381,3 +381,22 @@ def test_the_same_input_in_two_folders_gives_byte_identical_shards(tmp_path):
     files = pa.concat_tables(read_step(outs[0], "f").values()).to_pylist()
     assert sorted(r["source"] for r in files) == ["a.txt", "deeper/a.txt"]
     assert pa.concat_tables(read_step(outs[0], "j").values()).column("source").to_pylist() == ["docs.jsonl"] * 5
+
+
+def test_the_threshold_is_judged_on_the_whole_step_not_on_its_first_tasks(tmp_path):
+    """1 error in the first task of 20 documents is 5% so far but 1 in 300 (0.3%) in the step:
+    the run finishes. A step where most documents fail still stops early."""
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"text": [f"first {i}" + (" EXPLODE" if i == 3 else "") for i in range(20)]}),
+                   str(tmp_path / "in" / "a.parquet"))
+    for name in ("b", "c"):
+        pq.write_table(pa.table({"text": [f"{name} {i}" for i in range(140)]}), str(tmp_path / "in" / f"{name}.parquet"))
+    d = {"name": "x", "output": str(tmp_path / "out"), "workers": 1, "plugins": ["runner_stages"],
+         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
+         "stages": [{"stage": "explode"}]}
+    res = run_pipeline(d, progress=False)
+    assert res.complete and res.stats["explode"]["errors"] == {"exception/ValueError": 1}
+    assert res.stats["explode"]["out"] == 299
+    d["stages"][0]["options"] = {"bad_word": " "}            # everything fails: stops after the first task
+    with pytest.raises(PipelineError, match="20 of 20 documents failed"):
+        run_pipeline({**d, "output": str(tmp_path / "out2")}, progress=False)

@@ -11,6 +11,13 @@ Completion and resume
   uninterrupted one. Each step carries a fingerprint of its options and everything upstream;
   changed options invalidate that step and the steps below it. ``force=True`` recomputes all.
 
+Failure
+  A step is finished only when its errors are within ``max_error_fraction``. Over it, the run
+  stops and ``_curate/state/<step>/FAILED.json`` makes the next run redo the tasks whose records
+  carry errors. A failed or interrupted run still writes stats.json, manifest.json and the report
+  of what finished (``"complete": false``). The output's lease (``lease.py``) keeps a second run
+  out. Exit codes: ``curate.exit_codes``; README, "Failure semantics".
+
 Tasks
   A segment headed by a source runs one task per source task (file, byte range, crawl). A segment
   reading a materialised step runs one task per shard; when there are fewer shards than workers
@@ -33,7 +40,7 @@ from typing import Any
 from curate import exit_codes
 from curate.pipeline.config import Pipeline, Step
 from curate.pipeline.context import RunContext
-from curate.pipeline.io import Dataset, ShardWriter, is_local, join
+from curate.pipeline.io import Dataset, ShardWriter, join
 from curate.pipeline.plan import Segment, plan
 from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stats import Progress, StepStats, funnel_table
@@ -125,9 +132,10 @@ class Runner:
         if bar is not None:
             bar.update(rows, tokens)
 
-    def _error_problem(self, step_names: list[str]) -> str | None:
-        """Why these steps failed on errors (more than ``max_error_fraction`` of their documents),
-        or None."""
+    def _error_problem(self, step_names: list[str], limit: float | None = None) -> str | None:
+        """Why these steps failed on errors (more than ``max_error_fraction`` of their documents,
+        or than ``limit``), or None."""
+        limit = self.spec.max_error_fraction if limit is None else limit
         for name in step_names:
             st = self.stats[name]
             # rows deferred for a reason that may pass (errors/transient/*) are not lost: their
@@ -136,7 +144,7 @@ class Runner:
                     if k.startswith("errors/") and not k.startswith("errors/transient/")}
             errors = sum(lost.values())
             seen = max(st.rows_in, st.rows_out + errors)
-            if seen >= 20 and errors / seen > self.spec.max_error_fraction:
+            if seen >= 20 and errors / seen > limit:
                 top = sorted(lost.items(), key=lambda kv: -kv[1])[:3]
                 return (f"step {name!r}: {errors:,} of {seen:,} documents failed "
                         f"(more than max_error_fraction={self.spec.max_error_fraction}); top reasons: "
@@ -145,11 +153,13 @@ class Runner:
                         "that had errors are redone.")
         return None
 
-    def _check_errors(self, step_names: list[str], target: Step) -> None:
+    def _check_errors(self, step_names: list[str], target: Step, early: bool = False) -> None:
         """Raise when too many documents failed. The step is then not complete: a marker makes the
         next run redo the tasks whose records carry errors (``_drop_errored``), so a plain rerun
-        fails the same way while the cause is there and recovers every document once it is fixed."""
-        problem = self._error_problem(step_names)
+        fails the same way while the cause is there and recovers every document once it is fixed.
+        ``early`` (while tasks are still running, on partial counts): stop only when at least half
+        of the documents so far failed; the exact threshold is checked when all tasks are done."""
+        problem = self._error_problem(step_names, max(0.5, self.spec.max_error_fraction) if early else None)
         if problem is None:
             return
         self.layout.write_json(join(self.layout.state_dir(target.name), _FAILED),
@@ -433,7 +443,7 @@ class Runner:
                     if not getattr(self._executor, "streams_progress", True):
                         bar.update(head_rows(rec))
                     bar.tasks(len(records), len(tasks))
-                    self._check_errors(names, target)
+                    self._check_errors(names, target, early=True)
                 fill()
         finally:
             for f in futures:
