@@ -293,7 +293,8 @@ def inspect(path: str, rows: int) -> None:
         stats = _read_json(fs, join(root, "stats.json")) or {}
         spec = _read_json(fs, join(root, "_curate", "pipeline.json")) or {}
         click.echo(f"{path}: output of pipeline {m.get('pipeline') or spec.get('name')!r}")
-        if stats.get("complete") is False or not fs.exists(manifest) or m.get("complete") is False:
+        incomplete = stats.get("complete") is False or not fs.exists(manifest) or m.get("complete") is False
+        if incomplete:
             f = stats.get("failure") or {}
             why = (f"{f.get('kind', 'failed')} in step {f.get('step')!r}: {f.get('error', '')}" if f
                    else "no stats.json: the run was killed")
@@ -302,9 +303,11 @@ def inspect(path: str, rows: int) -> None:
         for step, s in m["steps"].items():
             n = sum(sh["rows"] for sh in s["shards"])
             click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
+        finished = {n for n, st in (stats.get("steps") or {}).items()
+                    if st.get("status") in ("done", "skipped", "resumed")}   # incl. fused steps' side outputs
         unfinished = sorted(os.path.basename(d.rstrip("/")) for d in fs.ls(root, detail=False)
-                            if fs.isdir(d) and not os.path.basename(d.rstrip("/")).startswith("_")
-                            and os.path.basename(d.rstrip("/")) not in m["steps"])
+                            if incomplete and fs.isdir(d) and not os.path.basename(d.rstrip("/")).startswith("_")
+                            and os.path.basename(d.rstrip("/")) not in set(m["steps"]) | finished)
         for step in unfinished:
             click.echo(f"  {step}/  unfinished (shards of tasks done so far; not part of the output)")
         click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step (a step fused into a "
