@@ -227,6 +227,7 @@ def _generate_pipeline(tmp_path, server, n=12, **options):
                         "options": {"engine": "api", "template": "Say: {text}", "batch_size": 4, **options}}]}
 
 
+@pytest.mark.slow
 def test_budget_reached_exits_3_with_what_was_spent_and_the_option_to_raise(tmp_path, echo_server):
     """Issue 16.4: a budget stop exited 1 ("run the same command again to retry"), which Airflow
     retries and which sends nothing."""
@@ -298,6 +299,7 @@ def test_scheduler_policy_does_not_retry_budget_or_invalid(tmp_path):
                 sys.modules[k] = v
 
 
+@pytest.mark.slow
 def test_no_secret_from_the_environment_reaches_any_written_file(tmp_path, echo_server):
     """Issue 16.6: ``${VAR}`` values were written expanded to ``_curate/pipeline.json``."""
     secret = "sk-THIS-IS-A-SECRET-4f9c2e"
