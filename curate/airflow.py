@@ -2,10 +2,11 @@
 mapped to Airflow's retry policy (``pip install 'curate[airflow]'``).
 
 ``curate`` exits with 0 (done), 1 (the run failed: a lost worker, an endpoint down, rows that failed
-transiently; a rerun resumes from the finished shards) or 2 (an invalid pipeline file: retrying
-cannot help). Here exit code 2 fails the task at once, without its retries
-(``AirflowFailException``), and any other non-zero code fails the try, so Airflow retries it and
-the rerun of ``curate run`` skips the finished work.
+transiently; a rerun resumes from the finished shards), 2 (an invalid pipeline file: retrying
+cannot help), 3 (an LLM budget was reached: a rerun with the same budget sends nothing) or 4 (the
+output is locked by another live run). Here exit codes 2 and 3 fail the task at once, without its
+retries (``AirflowFailException``), and any other non-zero code fails the try, so Airflow retries
+it and the rerun of ``curate run`` skips the finished work (``curate.exit_codes.retry_policy``).
 
 Two flavours, the same two tasks::
 
@@ -37,16 +38,21 @@ except ImportError:  # pragma: no cover - Airflow 2
     from airflow.exceptions import AirflowException, AirflowFailException
     from airflow.models import BaseOperator
 
-INVALID_PIPELINE = 2
+from curate.exit_codes import BUDGET, INVALID, retry_policy
+
+INVALID_PIPELINE = INVALID
 
 
 def raise_for_exit_code(code: int, what: str, detail: str = "") -> None:
-    """Nothing for 0; ``AirflowFailException`` (no retry) for 2; ``AirflowException`` otherwise."""
-    if code == 0:
+    """Nothing for 0; ``AirflowFailException`` (no retry) for 2 (invalid pipeline) and 3 (budget
+    reached); ``AirflowException`` (retried) otherwise."""
+    policy = retry_policy(code)
+    if policy == "ok":
         return
     tail = f": {detail}" if detail else ""
-    if code == INVALID_PIPELINE:
-        raise AirflowFailException(f"{what}: invalid pipeline (exit code 2), not retried{tail}")
+    if policy == "fail":
+        why = {INVALID: "invalid pipeline", BUDGET: "LLM budget reached; raise it in the pipeline file"}[code]
+        raise AirflowFailException(f"{what}: {why} (exit code {code}), not retried{tail}")
     raise AirflowException(f"{what}: failed with exit code {code}; a retry resumes the run{tail}")
 
 

@@ -1,6 +1,6 @@
 """The ``curate`` command line.
 
-  curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH]
+  curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH] [--break-lock HOST:PID]
   curate validate FILE
   curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
@@ -8,7 +8,9 @@
   curate report OUTPUT
   curate plan-mixture RUNS.csv --n N --d D [--max-general-increase PCT | --weight W] [--output DIR]
 
-Exit codes: 0 success, 1 the run failed, 2 invalid pipeline file or usage.
+Exit codes: 0 success, 1 the run failed (a rerun resumes), 2 invalid pipeline file or usage,
+3 an LLM budget was reached, 4 the output is locked by another run, 130/143 interrupted/terminated
+(``curate.exit_codes``; README, "Failure semantics").
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def main() -> None:
 @click.option("--workers", type=int, default=None, help="Override `workers:` (processes).")
 @click.option("--output", default=None, help="Override `output:` (local path or fsspec URL).")
 @click.option("--quiet", "-q", is_flag=True, help="Warnings and the final table only.")
+@click.option("--break-lock", default=None, metavar="HOST:PID",
+              help="Take over the output's lease held by this run (as the lock error names it), known "
+                   "to be dead, without waiting for the lease to expire.")
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
-        quiet: bool) -> None:
+        quiet: bool, break_lock: str | None) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.config import ConfigError
     from curate.pipeline.runner import PipelineError, Runner
@@ -83,25 +88,71 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     _output_or_exit(pipe)
     logging.getLogger("curate").info("pipeline %r -> %s (%s runner)", pipe.spec.name, pipe.output,
                                      pipe.spec.runner)
+    from curate import exit_codes
+    from curate.pipeline.stats import error_lines
+
+    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock)
+
+    def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
+        if runner_.partial is not None:
+            click.echo(funnel_table(runner_.partial.stats))
+            click.echo(f"\noutput: {pipe.output}  (INCOMPLETE: stats.json, manifest.json"
+                       + (", report.html" if pipe.spec.report else "") + " of what finished)")
+            for line in error_lines(runner_.partial.stats, pipe.output):
+                click.echo(line, err=True)
+
+    previous = _terminate_as_interrupt()
     try:
-        result = Runner(pipe, force=force, workers=workers, progress=not quiet).run()
+        result = runner_.run()
     except PipelineError as exc:
+        partial_funnel()
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except ConfigError as exc:  # steps ask for more than the machines offer (resources:), before any work
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(exit_codes.INVALID)
     except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
         from curate.pipeline.output_check import describe_os_error
+        partial_funnel()
         msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)
         click.echo(f"error: {msg}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
-        sys.exit(130)
+        sys.exit(exit_codes.FAILED)
+    except KeyboardInterrupt as exc:
+        partial_funnel()
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(f"{how}: finished shards are kept; run the same command again to resume", err=True)
+        sys.exit(exit_codes.TERMINATED if isinstance(exc, Terminated) else exit_codes.INTERRUPTED)
+    finally:
+        _restore_sigterm(previous)
     click.echo(funnel_table(result.stats))
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
     click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
+    for line in error_lines(result.stats, result.output):
+        click.echo(line, err=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the task): handled as Ctrl-C, so the run writes what finished."""
+
+
+def _terminate_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()
@@ -220,6 +271,14 @@ def _empty_step(path: str) -> bool:
     return not shards
 
 
+def _read_json(fs, path: str):
+    try:
+        with fs.open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
@@ -233,13 +292,29 @@ def inspect(path: str, rows: int) -> None:
 
     fs, root = get_fs(path)
     manifest = join(root, "manifest.json")
-    if fs.isdir(root) and fs.exists(manifest):
-        with fs.open(manifest) as f:
-            m = json.load(f)
-        click.echo(f"{path}: output of pipeline {m.get('pipeline')!r}")
+    if fs.isdir(root) and (fs.exists(manifest) or fs.exists(join(root, "_curate", "pipeline.json"))):
+        # a pipeline's output folder, finished or not: one line per step, never one merged dataset
+        m = _read_json(fs, manifest) or {"steps": {}}
+        stats = _read_json(fs, join(root, "stats.json")) or {}
+        spec = _read_json(fs, join(root, "_curate", "pipeline.json")) or {}
+        click.echo(f"{path}: output of pipeline {m.get('pipeline') or spec.get('name')!r}")
+        incomplete = stats.get("complete") is False or not fs.exists(manifest) or m.get("complete") is False
+        if incomplete:
+            f = stats.get("failure") or {}
+            why = (f"{f.get('kind', 'failed')} in step {f.get('step')!r}: {f.get('error', '')}" if f
+                   else "no stats.json: the run was killed")
+            click.echo(f"INCOMPLETE: the last run did not finish ({why[:300]}). Finished steps are listed; "
+                       "run the same command again to resume.")
         for step, s in m["steps"].items():
             n = sum(sh["rows"] for sh in s["shards"])
             click.echo(f"  {step}/  {len(s['shards'])} shards, {n:,} rows")
+        finished = {n for n, st in (stats.get("steps") or {}).items()
+                    if st.get("status") in ("done", "skipped", "resumed")}   # incl. fused steps' side outputs
+        unfinished = sorted(os.path.basename(d.rstrip("/")) for d in fs.ls(root, detail=False)
+                            if incomplete and fs.isdir(d) and not os.path.basename(d.rstrip("/")).startswith("_")
+                            and os.path.basename(d.rstrip("/")) not in set(m["steps"]) | finished)
+        for step in unfinished:
+            click.echo(f"  {step}/  unfinished (shards of tasks done so far; not part of the output)")
         click.echo(f"\n`curate inspect {os.path.join(path, '<step>')}` for one step (a step fused into a "
                    "later one shows that step's folder).")
         return

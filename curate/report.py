@@ -342,6 +342,12 @@ def build_report(output: str) -> str:
             f"this run {stats.get('seconds', 0):.1f}s{earlier} · report written "
             f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>",
             "<h2 id='funnel'>Funnel</h2>", _svg_funnel(steps), _funnel_table(steps)]
+    if stats.get("complete") is False:   # a failed or interrupted run: what it finished
+        f = stats.get("failure") or {}
+        body.insert(2, f"<p class='incomplete'><b>INCOMPLETE RUN</b>: {html.escape(str(f.get('kind', 'failed')))} "
+                       f"in step {html.escape(str(f.get('step')))}: {html.escape(str(f.get('error', '')).rstrip('.'))}. "
+                       "Steps marked failed or not run are not part of the output; run the same command "
+                       "again to resume.</p>")
 
     for name, s in steps.items():
         if s["stage"] != "train_classifier":

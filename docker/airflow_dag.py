@@ -6,7 +6,8 @@ Two DAGs, the same two tasks:
   or Podman's ``podman system service``), with the data folder mounted at /data.
 
 ``validate`` is not retried; ``run`` is retried on exit code 1 (the retry resumes: finished shards
-and steps are skipped) and fails at once on exit code 2 (invalid pipeline).
+and steps are skipped) and 4 (output locked by another run), and fails at once on exit code 2
+(invalid pipeline) and 3 (an LLM budget was reached: a retry would send nothing).
 
 Settings (environment of the scheduler / DAG processor):
   CURATE_DATA_DIR       folder holding the pipeline file and its output (default /srv/curate)

@@ -185,6 +185,7 @@ def test_failing_documents_are_isolated_and_counted(tmp_path):
     os.makedirs(tmp_path / "in")
     pq.write_table(pa.table({"text": texts}), str(tmp_path / "in" / "a.parquet"))
     d = {"name": "x", "output": str(tmp_path / "out"), "workers": 1, "plugins": ["runner_stages"],
+         "max_error_fraction": 0.05,   # 2% fail: within it (the default, 1%, would stop the run)
          "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(tmp_path / "in")}}},
          "stages": [{"stage": "explode"}]}
     res = run_pipeline(d, progress=False)

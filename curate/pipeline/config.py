@@ -9,7 +9,7 @@
     workers: 2                     # processes of the local runner (default: CPU count)
     batch_size: 1000               # rows per batch through map stages
     rows_per_shard: 50000          # rows per output Parquet shard
-    max_error_fraction: 0.5        # stop the run when more documents than this fail in a step
+    max_error_fraction: 0.01       # stop the run when more documents than this fail in a step
     report: true                   # write report.html next to stats.json at the end of a run
     env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_runner.py)
     engines:                       # named LLM engines stages refer to with `engine: <name>`
@@ -70,7 +70,7 @@ class PipelineSpec(BaseModel):
     workers: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=1000, ge=1)
     rows_per_shard: int = Field(default=50_000, ge=1)
-    max_error_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_error_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     report: bool = True   # write report.html next to stats.json at the end of a run
     plugins: list[str] = Field(default_factory=list)  # modules to import: your own @register stages
     env: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
@@ -104,10 +104,18 @@ class Step:
 
 
 class Pipeline:
-    def __init__(self, spec: PipelineSpec, steps: dict[str, Step], path: str = "<dict>"):
+    def __init__(self, spec: PipelineSpec, steps: dict[str, Step], path: str = "<dict>",
+                 unexpanded: dict | None = None):
         self.spec = spec
         self.steps = steps  # in file order: inputs first, then stages
         self.path = path
+        self.unexpanded = unexpanded   # the file's values before ``${VAR}`` expansion
+
+    def written_spec(self) -> dict:
+        """The spec as stored in ``<output>/_curate/pipeline.json``: every value that came from a
+        ``${VAR}`` is written as its ``${VAR}`` text, never expanded, so that no secret passed
+        through the environment reaches the output (fingerprints hash the expanded options)."""
+        return _unexpand(self.spec.model_dump(mode="json"), self.unexpanded)
 
     @property
     def output(self) -> str:
@@ -135,7 +143,8 @@ def _fmt(err: dict) -> str:
 def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None, check: bool = True) -> Pipeline:
     """Read and validate a pipeline file (or dict). Raises ConfigError listing every problem.
     ``check=False`` skips what depends on this machine (input files, required modules): for reading
-    back the plan of a finished run (``curate inspect``)."""
+    back the plan of a finished run (``curate inspect``); it also leaves a ``${VAR}`` whose variable
+    is not set as it is (``pipeline.json`` stores values unexpanded)."""
     path = source if isinstance(source, str) else "<dict>"
     if isinstance(source, str):
         if not os.path.exists(source):
@@ -154,7 +163,8 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
 
     problems: list[tuple[str, str]] = []
-    raw = _interpolate(raw, problems, ())
+    unexpanded = raw
+    raw = _interpolate(raw, problems, (), keep_missing=not check)
     if problems:
         raise ConfigError(path, problems)
     try:
@@ -240,7 +250,7 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
 
     if problems:
         raise ConfigError(path, problems)
-    pipe = Pipeline(spec, steps, path)
+    pipe = Pipeline(spec, steps, path, unexpanded)
     _fingerprint(pipe)
     return pipe
 
@@ -280,12 +290,12 @@ def _check_inputs(name: str, where: str, s: StepSpec, is_input: bool, cls: "type
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def _interpolate(value: Any, problems: list[tuple[str, str]], where: tuple) -> Any:
+def _interpolate(value: Any, problems: list[tuple[str, str]], where: tuple, keep_missing: bool = False) -> Any:
     """Expand ``${NAME}`` and ``${NAME:-default}`` from the environment in every string value."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, problems, where + (k,)) for k, v in value.items()}
+        return {k: _interpolate(v, problems, where + (k,), keep_missing) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, problems, where + (i,)) for i, v in enumerate(value)]
+        return [_interpolate(v, problems, where + (i,), keep_missing) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
 
@@ -295,6 +305,8 @@ def _interpolate(value: Any, problems: list[tuple[str, str]], where: tuple) -> A
             return os.environ[name]
         if default is not None:
             return default
+        if keep_missing:
+            return m.group(0)
         problems.append((f"key {'.'.join(map(str, where))!r}",
                          f"environment variable {name} is not set (use ${{{name}:-default}} for a default)"))
         return ""
@@ -302,9 +314,24 @@ def _interpolate(value: Any, problems: list[tuple[str, str]], where: tuple) -> A
     return _VAR.sub(sub, value)
 
 
+def _unexpand(dumped: Any, raw: Any) -> Any:
+    """``dumped`` (a validated spec as JSON) with every value that was a ``${VAR}`` string in
+    ``raw`` (the file before expansion) put back as that string; the structure of the two is the
+    same wherever ``raw`` has a value."""
+    if isinstance(raw, str):
+        return raw if _VAR.search(raw) else dumped
+    if isinstance(raw, dict) and isinstance(dumped, dict):
+        return {k: (_unexpand(v, raw[k]) if k in raw else v) for k, v in dumped.items()}
+    if isinstance(raw, list) and isinstance(dumped, list) and len(raw) == len(dumped):
+        return [_unexpand(d, r) for d, r in zip(dumped, raw)]
+    return dumped
+
+
 def _fingerprint(pipe: Pipeline) -> None:
     """A step's fingerprint covers its stage, options and everything upstream: a change anywhere
-    above a step invalidates its finished shards on the next run."""
+    above a step invalidates its finished shards on the next run. Options are hashed with their
+    ``${VAR}`` values expanded (a changed variable recomputes), and only the first 16 hex digits
+    of a sha256 over all options are kept, so the fingerprint does not reveal a secret's value."""
     for step in pipe.steps.values():
         h = hashlib.sha256()
         h.update(json.dumps({"stage": step.stage.name, "options": step.options(),

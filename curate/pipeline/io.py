@@ -103,6 +103,37 @@ def expand_paths(paths: str | Sequence[str], suffixes: tuple[str, ...] | None = 
     return list(dict.fromkeys(out))
 
 
+def input_root(paths: str | Sequence[str]) -> str:
+    """The folder that ``paths`` (files, folders, globs) are read from: a folder itself, a glob's
+    folder before its first wildcard, a file's folder; the common folder of several entries. A
+    URL like those ``expand_paths`` returns."""
+    bases = []
+    for p in [paths] if isinstance(paths, str) else paths:
+        fs, root = get_fs(p)
+        if _glob.has_magic(root):
+            parts = root.split("/")
+            cut = next(i for i, part in enumerate(parts) if _glob.has_magic(part))
+            base = "/".join(parts[:cut]) or "/"
+        elif fs.isdir(root):
+            base = root
+        else:
+            base = posixpath.dirname(root)
+        bases.append(to_url(fs, base.rstrip("/") or "/"))
+    if not bases:
+        return ""
+    common = posixpath.commonpath([b.split("://", 1)[-1] for b in bases]) if len(bases) > 1 else bases[0]
+    if len(bases) > 1 and "://" in bases[0]:
+        common = bases[0].split("://", 1)[0] + "://" + common
+    return common
+
+
+def relative_to(url: str, root: str) -> str:
+    """``url`` relative to ``root`` (``input_root``): what names an input file in document ids, the
+    same wherever the input folder lives (host, container, another bucket)."""
+    r = root.rstrip("/")
+    return url[len(r) + 1:] if r and url.startswith(r + "/") else posixpath.basename(url)
+
+
 def list_parquet(paths: str | Sequence[str]) -> list[str]:
     """Parquet files of files/folders/globs (see expand_paths)."""
     return expand_paths(paths, (".parquet",))

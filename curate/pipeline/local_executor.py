@@ -150,6 +150,24 @@ class LocalExecutor:
         worker.reset_worker()
 
 
+    def abort(self) -> None:
+        """Stop at once (Ctrl-C, SIGTERM): kill the workers instead of waiting for their tasks;
+        an unfinished task has no completion record and is redone by the next run."""
+        for pool in [self._pool, self._gpu_pool[1] if self._gpu_pool else None]:
+            if pool is None:
+                continue
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=5)
+        self._pool = None
+        self._gpu_pool = None
+        worker.reset_worker()
+
+
 def visible_gpu_ids() -> list[str]:
     """GPUs visible to this process: ``CUDA_VISIBLE_DEVICES`` when set, else the devices
     ``nvidia-smi -L`` lists, else none (torch is not imported here: it is slow and starts threads)."""

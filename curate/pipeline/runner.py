@@ -11,6 +11,13 @@ Completion and resume
   uninterrupted one. Each step carries a fingerprint of its options and everything upstream;
   changed options invalidate that step and the steps below it. ``force=True`` recomputes all.
 
+Failure
+  A step is finished only when its errors are within ``max_error_fraction``. Over it, the run
+  stops and ``_curate/state/<step>/FAILED.json`` makes the next run redo the tasks whose records
+  carry errors. A failed or interrupted run still writes stats.json, manifest.json and the report
+  of what finished (``"complete": false``). The output's lease (``lease.py``) keeps a second run
+  out. Exit codes: ``curate.exit_codes``; README, "Failure semantics".
+
 Tasks
   A segment headed by a source runs one task per source task (file, byte range, crawl). A segment
   reading a materialised step runs one task per shard; when there are fewer shards than workers
@@ -30,9 +37,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
+from curate import exit_codes
 from curate.pipeline.config import ConfigError, Pipeline, Step
 from curate.pipeline.context import RunContext
-from curate.pipeline.io import Dataset, ShardWriter, is_local, join
+from curate.pipeline.io import Dataset, ShardWriter, join
 from curate.pipeline.plan import Segment, plan
 from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stage import Resources
@@ -42,11 +50,26 @@ from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run
 
 log = logging.getLogger("curate")
 
-__all__ = ["PipelineError", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
+__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
 
 
 class PipelineError(Exception):
-    """A run failed (a stage raised, or too many documents failed)."""
+    """A run failed (a stage raised, or too many documents failed). ``exit_code`` is what
+    ``curate run`` exits with (``curate.exit_codes``)."""
+
+    exit_code = exit_codes.FAILED
+
+
+class OutputLocked(PipelineError):
+    """Another live run holds the output's lease (``lease.py``); nothing was written."""
+
+    exit_code = exit_codes.LOCKED
+
+
+class BudgetReached(PipelineError):
+    """An LLM step reached its budget: rows are left, and a rerun with the same budget sends nothing."""
+
+    exit_code = exit_codes.BUDGET
 
 
 @dataclass
@@ -55,17 +78,25 @@ class RunResult:
     stats: dict[str, dict]
     outputs: dict[str, list[str]]     # step -> Parquet shard URLs
     seconds: float
+    complete: bool = True             # False: the run failed or was interrupted (see ``failure``)
+    failure: dict | None = None       # {"kind", "step", "steps", "error"} of an incomplete run
 
     def dataset(self, step: str) -> Dataset:
         return Dataset(self.outputs[step])
 
 
 _PART = re.compile(r"^part-(\d+)")
+_FAILED = "FAILED.json"   # in a step's state folder: the last run stopped on its error fraction
+
+
+def _record_errors(rec: TaskRecord) -> int:
+    return sum(v for st in rec.steps.values() for k, v in st.counters.items()
+               if k.startswith("errors/") and not k.startswith("errors/transient/"))
 
 
 class Runner:
     def __init__(self, pipe: Pipeline, *, force: bool = False, workers: int | None = None,
-                 progress: bool = True, executor: Any = None):
+                 progress: bool = True, executor: Any = None, break_lock: str | None = None):
         self.pipe = pipe
         self.spec = pipe.spec
         self.layout = Layout(pipe.spec.output)
@@ -77,6 +108,10 @@ class Runner:
         self._shards: dict[str, list[dict]] = {}  # step -> shard records, for manifest.json
         self._executor = executor
         self._bars: dict[str, Progress] = {}
+        self._current: list[str] = []     # the steps running now (named when the run fails)
+        self.break_lock = break_lock      # take over the lease of this holder ("host:pid")
+        self._lease: Any = None
+        self.partial: RunResult | None = None   # what a failed/interrupted run finished
 
     # -- helpers -----------------------------------------------------------------------------------
     def _stage_spec(self, step: Step) -> StageSpec:
@@ -98,51 +133,94 @@ class Runner:
         if bar is not None:
             bar.update(rows, tokens)
 
-    def _check_errors(self, step_names: list[str]) -> None:
+    def _error_problem(self, step_names: list[str], limit: float | None = None) -> str | None:
+        """Why these steps failed on errors (more than ``max_error_fraction`` of their documents,
+        or than ``limit``), or None."""
+        limit = self.spec.max_error_fraction if limit is None else limit
         for name in step_names:
             st = self.stats[name]
-            errors = st.errors()
+            # rows deferred for a reason that may pass (errors/transient/*) are not lost: their
+            # task stays unfinished and a rerun redoes it
+            lost = {k: v for k, v in st.counters.items()
+                    if k.startswith("errors/") and not k.startswith("errors/transient/")}
+            errors = sum(lost.values())
             seen = max(st.rows_in, st.rows_out + errors)
-            if seen >= 20 and errors / seen > self.spec.max_error_fraction:
-                top = sorted(((k, v) for k, v in st.counters.items() if k.startswith("errors/")),
-                             key=lambda kv: -kv[1])[:3]
-                raise PipelineError(
-                    f"step {name!r}: {errors:,} of {seen:,} documents failed "
-                    f"(more than max_error_fraction={self.spec.max_error_fraction}); top reasons: "
-                    + ", ".join(f"{k[7:]} {v:,}" for k, v in top)
-                    + ". Fix the cause and run again: finished shards are kept.")
+            if seen >= 20 and errors / seen > limit:
+                top = sorted(lost.items(), key=lambda kv: -kv[1])[:3]
+                return (f"step {name!r}: {errors:,} of {seen:,} documents failed "
+                        f"(more than max_error_fraction={self.spec.max_error_fraction}); top reasons: "
+                        + ", ".join(f"{k[7:]} {v:,}" for k, v in top)
+                        + ". Fix the cause and run again: tasks without errors are kept, the tasks "
+                        "that had errors are redone.")
+        return None
+
+    def _check_errors(self, step_names: list[str], target: Step, early: bool = False) -> None:
+        """Raise when too many documents failed. The step is then not complete: a marker makes the
+        next run redo the tasks whose records carry errors (``_drop_errored``), so a plain rerun
+        fails the same way while the cause is there and recovers every document once it is fixed.
+        ``early`` (while tasks are still running, on partial counts): stop only when at least half
+        of the documents so far failed; the exact threshold is checked when all tasks are done."""
+        problem = self._error_problem(step_names, max(0.5, self.spec.max_error_fraction) if early else None)
+        if problem is None:
+            return
+        self.layout.write_json(join(self.layout.state_dir(target.name), _FAILED),
+                               {"fingerprint": target.fingerprint, "reason": problem})
+        raise PipelineError(problem)
+
+    def _drop_errored(self, target: Step, records: dict[int, TaskRecord]) -> dict[int, TaskRecord]:
+        """After a run that stopped on ``max_error_fraction``: the records without errors (the
+        others' tasks run again)."""
+        marker = self.layout.read_json(join(self.layout.state_dir(target.name), _FAILED))
+        if not marker or marker.get("fingerprint") != target.fingerprint:
+            return records
+        keep = {i: r for i, r in records.items() if not _record_errors(r)}
+        if len(keep) < len(records):
+            log.info("step %s: the last run stopped on max_error_fraction; redoing the %d task(s) that had errors",
+                     target.name, len(records) - len(keep))
+        return keep
 
     # -- the run -----------------------------------------------------------------------------------
     def _lock(self) -> Any:
-        """Refuse to run when another live run writes the same (local) output."""
-        if not is_local(self.layout.fs):
-            return None
-        import fcntl
-        os.makedirs(os.path.join(self.layout.root, "_curate"), exist_ok=True)
-        fh = open(os.path.join(self.layout.root, "_curate", "lock"), "a+")
+        """Take the output's lease (``lease.py``): refused while another live run holds it."""
+        from curate.pipeline.lease import Lease, LeaseHeld
+
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise PipelineError(f"another curate run is writing {self.layout.url}; wait for it or stop it") from None
-        return fh
+            return Lease(self.layout, break_lock=self.break_lock).acquire()
+        except LeaseHeld as exc:
+            raise OutputLocked(str(exc)) from None
+
+    def _check_lease(self) -> None:
+        from curate.pipeline.lease import LeaseHeld
+
+        if self._lease is not None:
+            try:
+                self._lease.check()
+            except LeaseHeld as exc:
+                raise OutputLocked(str(exc)) from None
 
     def run(self) -> RunResult:
-        lock = self._lock()
+        self._lease = self._lock()
         try:
             return self._run()
+        except BaseException as exc:
+            # a failed or interrupted run still leaves stats.json, manifest.json and the report of
+            # what finished, marked incomplete (``curate inspect`` and the funnel read them)
+            if not isinstance(exc, OutputLocked):   # a run that lost its lease writes nothing more
+                self._write_incomplete(exc)
+            raise
         finally:
-            if lock is not None:
-                lock.close()
+            self._lease.release()
+            self._lease = None
 
     def _run(self) -> RunResult:
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         own = self._executor is None
         if own:
             preload = [*self.spec.plugins]
             for st in self.pipe.steps.values():
                 preload += [type(st.stage).__module__, *type(st.stage).preload]
             self._executor = make_executor(self.spec.runner, self.workers, list(dict.fromkeys(preload)))
+        interrupted = False
         try:
             # what the steps ask of the machines (GPUs, memory, replicas), checked before any work
             problems = self._executor.prepare(self.pipe) if hasattr(self._executor, "prepare") else []
@@ -152,36 +230,69 @@ class Runner:
                 for s in self.pipe.steps.values():
                     self._reset_step(s, workdir=True)
             self.layout.fs.makedirs(self.layout.root, exist_ok=True)
-            self.layout.write_json(join(self.layout.root, "_curate", "pipeline.json"),
-                                   self.spec.model_dump(mode="json"))
+            self.layout.write_json(join(self.layout.root, "_curate", "pipeline.json"), self.pipe.written_spec())
             for s in self.pipe.steps.values():
                 self.stats[s.name] = StepStats(s.name, s.stage.name)
             self._executor.set_sink(self._sink)
             for item in plan(self.pipe):
+                self._check_lease()
+                self._current = item.step_names if isinstance(item, Segment) else [item.name]
                 if isinstance(item, Segment):
                     self._run_segment(item)
                 else:
                     self._run_global(item)
+            self._current = []
+        except (KeyboardInterrupt, SystemExit):
+            interrupted = True
+            raise
         finally:
             if own:
-                self._executor.shutdown()
+                if interrupted and hasattr(self._executor, "abort"):
+                    self._executor.abort()   # do not wait for running tasks: they are redone
+                else:
+                    self._executor.shutdown()
         stats = {n: s.to_dict() for n, s in self.stats.items()}
         for name, st in stats.items():
             if st["in"] and not st["out"]:
                 top = ", ".join(f"{k} {v:,}" for k, v in sorted(st["dropped"].items(), key=lambda kv: -kv[1])[:3])
                 log.warning("step %s kept none of its %s documents (%s): check its options", name,
                             f"{st['in']:,}", top or "no reason recorded")
-        result = RunResult(self.spec.output, stats, dict(self.outputs), time.monotonic() - t0)
+        return self._write_outputs(complete=True)
+
+    def _write_outputs(self, complete: bool, failure: dict | None = None) -> RunResult:
+        """stats.json, manifest.json (the finished steps' shards) and report.html."""
+        stats = {n: s.to_dict() for n, s in self.stats.items()}
+        result = RunResult(self.spec.output, stats, dict(self.outputs), time.monotonic() - self._t0,
+                           complete=complete, failure=failure)
         self.layout.write_json(join(self.layout.root, "stats.json"),
                                {"pipeline": self.spec.name, "seconds": round(result.seconds, 3),
+                                "complete": complete, **({"failure": failure} if failure else {}),
                                 "steps": stats})
-        manifest = {"pipeline": self.spec.name,
+        manifest = {"pipeline": self.spec.name, "complete": complete,
                     "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
                               for s in self.pipe.steps.values() if s.name in self._shards}}
         self.layout.write_json(join(self.layout.root, "manifest.json"), manifest)
         if self.spec.report:
             self._write_report()
         return result
+
+    def _write_incomplete(self, exc: BaseException) -> None:
+        """Record what a failed or interrupted run finished; never hides the original error."""
+        self.partial = None
+        if not self.stats or not hasattr(self, "_t0"):
+            return   # stopped before any step started (a lock, an unwritable output)
+        running = list(getattr(self, "_current", []) or [])
+        for name in running:
+            if self.stats[name].status in ("pending", "done", "resumed"):
+                self.stats[name].status = "failed"
+        kind = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                else "budget" if isinstance(exc, BudgetReached) else "failed")
+        failure = {"kind": kind, "step": running[-1] if running else None,
+                   "steps": running, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        try:
+            self.partial = self._write_outputs(complete=False, failure=failure)
+        except Exception as werr:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("could not write stats.json of the incomplete run (%s: %s)", type(werr).__name__, werr)
 
     def _write_report(self) -> None:
         """``report.html`` next to stats.json (the data is already safe: a report that cannot be
@@ -202,7 +313,9 @@ class Runner:
     def _finish(self, step: Step, shards: list[dict], names: list[str]) -> None:
         # workers wrote files this process may have listed before (object stores cache listings)
         self.layout.fs.invalidate_cache()
+        self._check_lease()
         self._set_output(step, shards)
+        self.layout.rm(join(self.layout.state_dir(step.name), _FAILED))
         StepMarker(fingerprint=step.fingerprint, step=step.name, stage=step.stage.name, shards=shards,
                    stats={n: self.stats[n].record() for n in names}).write(self.layout)
 
@@ -267,6 +380,7 @@ class Runner:
         if stale:
             log.info("step %s: options or inputs changed since the last run; recomputing", target.name)
             self._reset_step(target)
+        records = self._drop_errored(target, records)
         self._remove_unrecorded(names, records)
         if records:
             log.info("step %s: resuming, %d of %d tasks already done", target.name, len(records), len(tasks))
@@ -334,7 +448,7 @@ class Runner:
                     if not getattr(self._executor, "streams_progress", True):
                         bar.update(head_rows(rec))
                     bar.tasks(len(records), len(tasks))
-                    self._check_errors(names)
+                    self._check_errors(names, target, early=True)
                 fill()
         finally:
             for f in futures:
@@ -347,9 +461,12 @@ class Runner:
         for n in names:
             self.stats[n].seconds = wall * this_run[n] / cpu if cpu else (wall if n == target.name else 0.0)
             self.stats[n].status = "resumed" if resumed else "done"
+        self._check_errors(names, target)   # also when every task was recorded by an earlier run
         if deferred:
             reasons = sorted({k[len("errors/transient/"):] for n in names for k in self.stats[n].counters
                               if k.startswith("errors/transient/")})
+            if reasons == ["budget"]:
+                raise BudgetReached(self._budget_message(seg, sum(deferred.values()), len(deferred)))
             raise PipelineError(
                 f"step {target.name!r}: {sum(deferred.values()):,} row(s) in {len(deferred)} task(s) failed "
                 f"for reasons that may pass ({', '.join(reasons) or 'transient'}); finished work is kept. "
@@ -357,6 +474,30 @@ class Runner:
         shards = [sh for i in sorted(records) for sh in records[i].shards]
         self.stats[target.name].shards = len(shards)
         self._finish(target, shards, names)
+
+    def _budget_message(self, seg: Segment, rows: int, tasks: int) -> str:
+        """What an LLM step spent, which budget stopped it and how to raise it."""
+        parts = []
+        for step in seg.chain:
+            n = self.stats[step.name].counters.get("errors/transient/budget", 0)
+            if not n:
+                continue
+            opts = step.options()
+            limits = {k: opts.get(k) for k in ("max_requests", "max_total_tokens", "max_cost")
+                      if opts.get(k) is not None}
+            c = self.stats[step.name].counters
+            spent = (f"{c.get('llm/requests', 0):,} requests, "
+                     f"{c.get('llm/prompt_tokens', 0) + c.get('llm/completion_tokens', 0):,} tokens"
+                     + (f", cost {c['llm/cost']:.4g}" if "llm/cost" in c else ""))
+            where = self.pipe.path if self.pipe.path != "<dict>" else "the pipeline"
+            parts.append(f"step {step.name!r} reached its budget "
+                         f"({', '.join(f'{k}={v}' for k, v in limits.items()) or 'budget'}; this output's "
+                         f"recorded work so far: {spent}); raise "
+                         f"{' or '.join(f'options.{k}' for k in limits) or 'the budget'} of step "
+                         f"{step.name!r} in {where} and run again to continue")
+        return ("; ".join(parts) or f"step {seg.target.name!r} reached its LLM budget") + (
+            f". {rows:,} row(s) in {tasks} task(s) were not sent; finished work is kept. Running the "
+            "same command again with the same budget sends nothing (exit code 3).")
 
     def _add_record(self, rec: TaskRecord) -> None:
         for name, st in rec.steps.items():
@@ -399,7 +540,7 @@ class Runner:
         S.seconds = S.cpu_seconds
         S.shards = len(shards)
         S.status = "done"
-        self._check_errors([step.name])
+        self._check_errors([step.name], step)
         self._finish(step, shards, [step.name])
 
 
@@ -414,13 +555,13 @@ def make_executor(runner: str, workers: int, preload: list[str] | None = None) -
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
                  workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False) -> RunResult:
+                 print_funnel: bool = False, break_lock: str | None = None) -> RunResult:
     """Validate and run a pipeline file/dict. The library equivalent of ``curate run``."""
     from curate.pipeline.config import load_pipeline
 
     pipe = source if isinstance(source, Pipeline) else load_pipeline(
         source, overrides={"runner": runner, "workers": workers, "output": output})
-    result = Runner(pipe, force=force, workers=workers, progress=progress).run()
+    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
     if print_funnel:
         print(funnel_table(result.stats))
     return result

@@ -381,9 +381,17 @@ class FileSource(SourceStage):
     def tasks(self) -> list[Task]:
         return [Task(id=f, payload=f) for f in self.files_or_error()]
 
+    def relpath(self, path: str) -> str:
+        """``path`` relative to the input root (the folder or glob base of ``paths``): derived ids
+        and ``source`` use it, so the same files give the same output wherever they live."""
+        from curate.pipeline.io import input_root, relative_to
+        if getattr(self, "_input_root", None) is None:
+            self._input_root = input_root(self.paths())
+        return relative_to(path, self._input_root)
+
     def fingerprint_extra(self) -> str:
         from curate.pipeline.io import get_fs
-        out = []
+        out = ["ids:relative"]   # ids from paths under the input root (older outputs used absolute ones)
         try:
             for f in self.files():
                 fs, p = get_fs(f)

@@ -83,6 +83,10 @@ def step_time(s: dict[str, Any]) -> str:
     status = s.get("status")
     if status == "skipped":
         return "skipped"
+    if status == "pending":      # a failed or interrupted run stopped before this step
+        return "not run"
+    if status == "failed":
+        return f"{s.get('seconds', 0):.1f}s failed"
     return f"{s.get('seconds', 0):.1f}s" + (" (resumed)" if status == "resumed" else "")
 
 
@@ -175,3 +179,18 @@ class Progress:
             self._bar.close()
         elif self.enabled:
             self._log(time.monotonic())
+
+
+def error_lines(stats: dict[str, dict[str, Any]], output: str) -> list[str]:
+    """One line per step with errored rows, for stderr after the funnel: rows that were counted
+    and skipped (within ``max_error_fraction``) must not go unnoticed."""
+    lines = []
+    for name, s in stats.items():
+        errs = {k: v for k, v in s.get("errors", {}).items()}
+        n = sum(errs.values())
+        if not n:
+            continue
+        top = ", ".join(f"{k} {v:,}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])[:3])
+        lines.append(f"{n:,} rows failed in step {name} ({top}; see the log above and "
+                     f"{output.rstrip('/')}/stats.json)")
+    return lines

@@ -16,7 +16,8 @@ ignored. Empty files (``dropped/empty``), files larger than ``max_file_bytes``
 (``dropped/too_large``), binary data in a text file (``dropped/binary``), unreadable files and
 broken PDFs (``errors/read``, ``errors/pdf``) are counted and skipped; the other files are read.
 
-Rows: ``id`` (make_id(path)), ``text``, ``source`` (the path/URL), ``metadata`` (JSON: path,
+Rows: ``id`` (make_id(path)), ``text``, ``source`` (the path under the input root: the folder
+or glob base of ``paths``, so the same files give the same rows anywhere), ``metadata`` (JSON: path,
 format, bytes, mtime, charset, pages...), ``html`` (null for text/PDF rows).
 Tasks: one per file (``files_per_task`` groups several small files into one task and shard).
 """
@@ -138,7 +139,8 @@ class ReadFiles(FileSource):
         if not data.strip():
             self.drop("empty")
             return None
-        meta: dict[str, Any] = {"path": path, "format": kind, "bytes": len(data)}
+        rel = self.relpath(path)   # ids, source and metadata from the path under the input root
+        meta: dict[str, Any] = {"path": rel, "format": kind, "bytes": len(data)}
         mtime = _mtime(info)
         if mtime:
             meta["mtime"] = mtime
@@ -158,7 +160,7 @@ class ReadFiles(FileSource):
             meta.update(charset=dec.charset, charset_from=dec.how)
             text, html = ("", dec.text) if kind == "html" else (dec.text, None)
         self.count(f"read_files/{kind}")
-        return (make_id(path), text, path, dumps_meta(meta), html)
+        return (make_id(rel), text, rel, dumps_meta(meta), html)
 
     def _unsupported(self, path: str, what: str, why: str) -> None:
         key = f"unsupported/{what}"

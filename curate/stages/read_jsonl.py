@@ -21,7 +21,7 @@ from curate.pipeline.stage import FileSource, StageConfig, Task, register
 class ReadJsonlConfig(StageConfig):
     paths: list[str] | str = Field(description="files, folders or globs of JSON Lines (compression by suffix)")
     text_key: str = Field("text", description="key holding the document text")
-    id_key: str | None = Field("id", description="key holding the id; derived from file+line when absent")
+    id_key: str | None = Field("id", description="key holding the id; derived from file (under the input root)+line when absent")
     source_key: str | None = Field(None, description="key holding the source url/path (default: the file)")
     batch_size: int = Field(2048, ge=1)
 
@@ -42,6 +42,7 @@ class ReadJsonl(FileSource):
         cfg = self.config
         path = task.payload
         fs, p = get_fs(path)
+        rel = self.relpath(path)   # ids and source from the path under the input root
         rows: list[tuple[str, str, str, str]] = []
         with fs.open(p, "rb", compression="infer") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -67,8 +68,8 @@ class ReadJsonl(FileSource):
                     continue
                 doc_id = obj.pop(cfg.id_key, None) if cfg.id_key else None
                 source = obj.pop(cfg.source_key, None) if cfg.source_key else None
-                rows.append((str(doc_id) if doc_id is not None else make_id(path, lineno), text,
-                             str(source) if source is not None else path, dumps_meta(obj)))
+                rows.append((str(doc_id) if doc_id is not None else make_id(rel, lineno), text,
+                             str(source) if source is not None else rel, dumps_meta(obj)))
                 if len(rows) >= cfg.batch_size:
                     yield _table(rows)
                     rows = []

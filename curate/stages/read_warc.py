@@ -16,7 +16,7 @@ of a .warc.gz, the next ``WARC/1.x`` line of a plain WARC); a record or gzip mem
 end of the file is counted as ``errors/truncated``; a file with no readable record at all as
 ``errors/not_warc``. Skipped bytes are counted in ``read_warc/skipped_bytes``.
 
-Rows: ``id`` (make_id of the WARC-Record-ID; of file+offset when absent), ``text``, ``source``
+Rows: ``id`` (make_id of the WARC-Record-ID; of file (under the input root)+offset when absent), ``text``, ``source``
 (the target URI), ``metadata`` (JSON: warc_record_id, warc_date, warc_type, warc_file, offset,
 status, content_type, charset...), ``html`` (null for text rows), ``url``, ``status`` (int32, null
 for WET), ``fetched_at`` (WARC-Date, timestamp UTC).
@@ -226,9 +226,10 @@ class ReadWarc(FileSource):
         meta.update(charset=dec.charset, charset_from=dec.how)
         if rtype == "conversion":
             meta["refers_to"] = h.get_header("WARC-Refers-To")
-        doc_id = make_id(record_id) if record_id else make_id(path, offset)
+        rel = self.relpath(path)   # the file under the input root: the same rows anywhere
+        doc_id = make_id(record_id) if record_id else make_id(rel, offset)
         html, text = (dec.text, "") if is_html else (None, dec.text)
-        return (doc_id, text, url or f"{path}@{offset}", dumps_meta(meta), html, url or None, status,
+        return (doc_id, text, url or f"{rel}@{offset}", dumps_meta(meta), html, url or None, status,
                 _warc_date(date))
 
 

@@ -141,7 +141,7 @@ def test_transient_failures_are_retried_by_a_plain_rerun(openai_server, prompts,
 def test_budget_stops_cleanly_and_a_bigger_budget_continues(openai_server, prompts, tmp_path):
     st, whole = _uninterrupted(openai_server, prompts, tmp_path)
     spec = _pipeline(tmp_path, tmp_path / "out", openai_server, prompts_dir=str(prompts), max_requests=3)
-    with pytest.raises(PipelineError, match=r"1 row\(s\).*\(budget\)"):
+    with pytest.raises(PipelineError, match=r"reached its budget \(max_requests=3.*1 row\(s\)"):  # BudgetReached
         run_pipeline(spec, progress=False)
     assert st.hits == 3
     with pytest.raises(PipelineError, match="budget"):  # same budget: nothing new is sent

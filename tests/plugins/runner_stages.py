@@ -172,3 +172,23 @@ class Flaky(MapStage):
         if len(keep) < table.num_rows:
             self.defer("timeout", table.num_rows - len(keep))
         return table.take(pa.array(keep, pa.int64()))
+
+
+class FragileConfig(StageConfig):
+    broken_file: str        # while this file exists, rows containing bad_word raise
+    bad_word: str = "EXPLODE"
+
+
+@register
+class Fragile(MapStage):
+    """Raises on rows with bad_word while ``broken_file`` exists: a cause that is fixed between
+    runs without changing the step's options (a broken library, an endpoint answering garbage)."""
+    name = "fragile"
+    Config = FragileConfig
+
+    def process(self, table):
+        if os.path.exists(self.config.broken_file):
+            for t in table.column("text").to_pylist():
+                if self.config.bad_word in (t or ""):
+                    raise ValueError("broken")
+        return table

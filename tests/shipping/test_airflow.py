@@ -126,11 +126,12 @@ def test_dag_helper_builds_both_flavours(airflow_bin, airflow_home):
         assert d.command == ["run", "/data/pipeline.yaml", "--quiet"] and d.docker_url == "unix:///x.sock"
         assert [(m["Source"], m["Target"]) for m in d.mounts] == [("/srv/data", "/data")]
         raise_for_exit_code(0, "x")
-        for code, exc in ((2, AirflowFailException), (1, AirflowException), (137, AirflowException)):
+        for code, exc in ((2, AirflowFailException), (3, AirflowFailException), (1, AirflowException),
+                          (137, AirflowException)):
             try:
                 raise_for_exit_code(code, "x")
             except exc as e:
-                assert isinstance(e, AirflowFailException) == (code == 2), (code, type(e))
+                assert isinstance(e, AirflowFailException) == (code in (2, 3)), (code, type(e))
             else:
                 sys.exit(f"no exception for {code}")
         print("ok")
