@@ -69,7 +69,25 @@ class _Where:
                 self.expr = pl.sql_expr(text)
             except Exception as exc:  # noqa: BLE001  (polars raises several SQL error types)
                 raise ValueError(f"not a valid expression: {text!r} ({exc})") from None
-        self.columns = self.expr.meta.root_names()
+        # a column named twice ("x > 1 and x < 2") is read once
+        self.columns = list(dict.fromkeys(self.expr.meta.root_names()))
+
+    def evaluate(self, t: pa.Table) -> pl.Series:
+        """The expression over a table holding (at least) its columns."""
+        return pl.from_arrow(t.select(self.columns)).select(self.expr).to_series()
+
+    def dry_run(self) -> None:
+        """Evaluate the expression on an empty table of its columns (types unknown: null), the
+        way a run evaluates it, so that ``curate validate`` catches what would fail for any data.
+        Type errors are left to the run, which knows the column types."""
+        empty = pa.table({c: pa.array([], pa.null()) for c in self.columns})
+        try:
+            self.evaluate(empty)
+        except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError,
+                pl.exceptions.SchemaError):
+            pass   # e.g. LIKE on a column of unknown (null) type
+        except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
+            raise ValueError(f"{self.text!r} cannot be evaluated: {exc}") from None
 
     def _node(self, n: ast.AST) -> Any:
         if isinstance(n, ast.BoolOp):
@@ -174,7 +192,7 @@ class SelectConfig(StageConfig):
     @classmethod
     def _where(cls, v: str | None) -> str | None:
         if v is not None:
-            parse_where(v)            # a ValueError names the key `where`
+            parse_where(v).dry_run()  # a ValueError names the key `where`
         return v
 
     @model_validator(mode="after")
@@ -244,7 +262,7 @@ class Select(GlobalStage):
         ok = np.ones(n, bool)
         if self._where is not None:
             try:
-                m = pl.from_arrow(t.select(self._where.columns)).select(self._where.expr).to_series()
+                m = self._where.evaluate(t)
             except pl.exceptions.PolarsError as exc:
                 raise StageError(f"{self.step_name}: `where` {c.where!r} failed: {exc}") from None
             if m.dtype != pl.Boolean:
