@@ -73,7 +73,7 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
         quiet: bool) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.runner import PipelineError, Runner
-    from curate.pipeline.stats import funnel_table
+    from curate.pipeline.stats import funnel_table, funnel_warnings
 
     _setup_logging(quiet)
     file = file or quickstart_path()
@@ -95,6 +95,8 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
         click.echo("interrupted: finished shards are kept; run the same command again to resume", err=True)
         sys.exit(130)
     click.echo(funnel_table(result.stats))
+    if funnel_warnings(result.stats):
+        click.echo("\n" + funnel_warnings(result.stats), err=True)
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
     click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
 

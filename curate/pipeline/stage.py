@@ -42,6 +42,9 @@ Counter names (one convention for every stage; the runner adds ``in``/``out`` it
                                ``read_warc/records/response``, ``minhash_dedup/verified_pairs``.
 ``llm/<metric>``               engine accounting shared by every LLM stage (``llm/prompt_tokens``,
                                ``llm/completion_tokens``, ``llm/requests``, ``llm/cached``).
+``warnings/<code>``            something a person should look at (``warnings/low_yield``): shown as
+                               a warning below the funnel, in stats.json and in the report
+                               (curate/pipeline/warnings.py computes the others from the counters).
 """
 
 from __future__ import annotations
