@@ -72,3 +72,59 @@ def test_warnings_are_shown_below_the_funnel_in_stats_and_in_the_report(tmp_path
     assert stats["steps"]["docs"]["warnings"] == []
     page = open(tmp_path / "out" / "report.html").read()
     assert "<h2 id='warnings'>Warnings</h2>" in page and "gopher_short_doc removed 30 of its 34" in page
+
+
+# -- 18.10: html dropped after extraction, headerlinks, tasks by bytes, short Latin-1 files -----------
+
+SPHINX_PAGE = """<html><head><title>3. An Informal Introduction — Docs</title></head><body><div class="body">
+<section id="intro"><h1>3. An Informal Introduction<a class="headerlink" href="#intro" title="Permalink">¶</a></h1>
+<p>In the following examples, input and output are distinguished by the presence or absence of
+prompts. Many of the examples in this manual include comments, which start with a hash character.</p>
+<section id="calc"><h2>3.1. Using Python as a Calculator<a class="headerlink" href="#calc" title="Permalink">¶</a></h2>
+<p>Let us try some simple commands. Start the interpreter and wait for the primary prompt, which
+is shown before each example in this section of the tutorial.</p></section></section></div></body></html>"""
+
+
+def test_extract_drops_html_unless_asked_and_removes_headerlinks(tmp_path):
+    from curate.stages.extract_html import ExtractHtml
+
+    t = pa.table({"id": ["a"], "text": [""], "source": ["a.html"], "metadata": ["{}"], "html": [SPHINX_PAGE]})
+    out = ExtractHtml()(t)
+    assert "html" not in out.schema.names
+    assert out.column("title").to_pylist() == ["3. An Informal Introduction"]
+    assert "¶" not in out.column("text")[0].as_py()
+    kept = ExtractHtml(keep_html=True, drop_headerlinks=False)(t)
+    assert kept.column("html").to_pylist() == [SPHINX_PAGE]
+    assert kept.column("title").to_pylist() == ["3. An Informal Introduction¶"]   # what a user got
+
+
+def test_read_files_groups_tasks_by_bytes(tmp_path):
+    from curate.stages.read_files import ReadFiles
+
+    for i in range(10):
+        (tmp_path / f"p{i}.txt").write_text(f"page {i} " + "x" * 995)   # about 1 KB each
+    assert len(ReadFiles(paths=[str(tmp_path)]).tasks()) == 10
+    st = ReadFiles(paths=[str(tmp_path)], bytes_per_task=3000)
+    tasks = st.tasks()
+    assert [len(t.payload) for t in tasks] == [2, 2, 2, 2, 2]
+    assert sorted(st().column("source").to_pylist()) == sorted(str(tmp_path / f"p{i}.txt") for i in range(10))
+    assert [len(t.payload) for t in ReadFiles(paths=[str(tmp_path)], bytes_per_task=10**9).tasks()] == [10]
+
+
+@pytest.mark.parametrize("text", ["café", "Un café, s'il vous plaît.\n", "Smørrebrød og øl.", "Ångström",
+                                  "Ich heiße Jürgen.\n"])
+def test_short_latin1_text_files_are_not_garbled(tmp_path, text):
+    from curate.stages.read_files import ReadFiles
+
+    (tmp_path / "a.txt").write_bytes(text.encode("latin-1"))
+    row = ReadFiles(paths=[str(tmp_path / "a.txt")])().to_pylist()[0]
+    assert row["text"] == text
+    assert json.loads(row["metadata"])["charset"] == "cp1252"
+
+
+@pytest.mark.parametrize("text,enc", [("Привет, как дела?", "cp1251"), ("Zażółć gęślą jaźń", "cp1250"),
+                                      ("Příliš žluťoučký kůň", "cp1250"), ("café", "utf-8")])
+def test_short_files_in_other_charsets_are_still_detected(text, enc):
+    from curate.ingest.charset import decode_bytes
+
+    assert decode_bytes(text.encode(enc), html=False).text == text
