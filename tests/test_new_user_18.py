@@ -9,6 +9,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from curate.cli import main
@@ -128,3 +129,32 @@ def test_short_files_in_other_charsets_are_still_detected(text, enc):
     from curate.ingest.charset import decode_bytes
 
     assert decode_bytes(text.encode(enc), html=False).text == text
+
+
+# -- 18.10: "did you mean" for typos in keys and stage names -----------------------------------------
+
+def test_typos_in_keys_and_stage_names_get_suggestions(tmp_path):
+    p = write_yaml(str(tmp_path / "p.yaml"), {
+        "name": "x", "output": str(tmp_path / "out"), "wokers": 2,
+        "inputs": {"pages": {"stage": "read_pydoc", "options": {"modules": ["json"]}}},
+        "stages": [{"stage": "extract_htm"},
+                   {"stage": "heuristic_filter", "optoins": {}},
+                   {"name": "hf", "stage": "heuristic_filter", "options": {"c4": {"modify_txt": False},
+                                                                          "text_colum": "text"}},
+                   {"stage": "select", "options": {"top": 3, "zzz": 1}}]})
+    r = cli("validate", p)
+    assert r.exit_code == 2
+    out = r.output
+    assert "key 'wokers': unknown key (did you mean 'workers'?)" in out
+    assert "key 'optoins': unknown key (did you mean 'options'?)" in out
+    # the file's structure is checked first; then each step's stage and options
+    spec = yaml.safe_load(open(p))
+    del spec["wokers"]
+    spec["stages"][1] = {"stage": "heuristic_filter"}
+    r = cli("validate", write_yaml(p, spec))
+    assert r.exit_code == 2
+    out = r.output
+    assert "unknown stage 'extract_htm' (did you mean 'extract_html'?)" in out
+    assert "key 'options.c4.modify_txt': unknown key (did you mean 'modify_text'?)" in out
+    assert "key 'options.text_colum': unknown key (did you mean 'text_column'?)" in out
+    assert "key 'options.zzz': unknown key\n" in out + "\n" and "zzz': unknown key (did" not in out
