@@ -220,7 +220,11 @@ def _empty_step(path: str) -> bool:
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
-def inspect(path: str, rows: int) -> None:
+@click.option("--id", "doc_id", default=None, help="Print the whole row with this id (every column, untruncated).")
+@click.option("--full", is_flag=True, help="Do not shorten the values of sample rows.")
+@click.option("--count", "count_column", default=None, metavar="COLUMN",
+              help="Count the values of COLUMN (most frequent first).")
+def inspect(path: str, rows: int, doc_id: str | None, full: bool, count_column: str | None) -> None:
     """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob),
     or an overview of a pipeline's output folder."""
     import pyarrow as pa
@@ -267,6 +271,9 @@ def inspect(path: str, rows: int) -> None:
             click.echo(f"error: {f}: not a readable Parquet file ({type(exc).__name__}: {exc})", err=True)
             sys.exit(1)
     table = pa.concat_tables(parts, promote_options="permissive")
+    if doc_id is not None or count_column is not None:
+        _inspect_one(path, table, doc_id, count_column)
+        return
     click.echo(f"{path}: {len(files)} files, {table.num_rows:,} rows\n\nschema:")
     for field in table.schema:
         col = table.column(field.name)
@@ -284,8 +291,34 @@ def inspect(path: str, rows: int) -> None:
         click.echo(f"  {field.name}: {field.type}  {summary}" + (f", nulls {nulls:,}" if nulls else ""))
     click.echo("\nsample:")
     for row in table.slice(0, rows).to_pylist():
-        short = {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v) for k, v in row.items()}
+        short = row if full else {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v)
+                                  for k, v in row.items()}
         click.echo("  " + json.dumps(short, ensure_ascii=False, default=str))
+
+
+def _inspect_one(path: str, table, doc_id: str | None, column: str | None) -> None:
+    """``inspect --id``: one whole row, column by column; ``inspect --count``: value counts."""
+    import pyarrow.compute as pc
+
+    for name in ([column] if column else []) + (["id"] if doc_id is not None else []):
+        if name not in table.schema.names:
+            click.echo(f"error: {path}: no column {name!r} (columns: {', '.join(table.schema.names)})", err=True)
+            sys.exit(2)
+    if column is not None:
+        counts = pc.value_counts(table.column(column)).to_pylist()
+        counts.sort(key=lambda d: (-d["counts"], str(d["values"])))
+        click.echo(f"{path}: {table.num_rows:,} rows, {len(counts):,} distinct values of {column}")
+        for d in counts:
+            click.echo(f"  {d['counts']:>8,}  {json.dumps(d['values'], ensure_ascii=False, default=str)}")
+    if doc_id is not None:
+        found = table.filter(pc.equal(table.column("id"), doc_id))
+        if not found.num_rows:
+            click.echo(f"error: {path}: no row with id {doc_id!r}", err=True)
+            sys.exit(1)
+        for row in found.to_pylist():
+            for k, v in row.items():
+                text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+                click.echo(f"--- {k}\n{text}" if isinstance(v, str) and "\n" in v else f"--- {k}: {text}")
 
 
 @main.command("train-classifier")

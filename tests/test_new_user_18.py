@@ -158,3 +158,24 @@ def test_typos_in_keys_and_stage_names_get_suggestions(tmp_path):
     assert "key 'options.c4.modify_txt': unknown key (did you mean 'modify_text'?)" in out
     assert "key 'options.text_colum': unknown key (did you mean 'text_column'?)" in out
     assert "key 'options.zzz': unknown key\n" in out + "\n" and "zzz': unknown key (did" not in out
+
+
+# -- 18.10: inspect a whole document, count a column's values ------------------------------------------
+
+def test_inspect_prints_a_whole_document_and_counts_values(tmp_path):
+    long_text = "first line\n" + "word " * 100 + "\nlast line of the document"
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": [long_text, "short", "other"],
+                             "language": ["en", "de", "en"]}), tmp_path / "part-0.parquet")
+    r = cli("inspect", str(tmp_path), "--id", "a")
+    assert r.exit_code == 0, r.output
+    assert long_text in r.output and "--- language: en" in r.output and "short" not in r.output
+    r = cli("inspect", str(tmp_path), "--count", "language")
+    assert r.exit_code == 0 and "2 distinct values of language" in r.output
+    lines = [ln.split() for ln in r.output.splitlines()[1:]]
+    assert lines == [["2", '"en"'], ["1", '"de"']]
+    assert "last line of the document" in cli("inspect", str(tmp_path), "--full").output
+    assert "last line of the document" not in cli("inspect", str(tmp_path)).output
+    r = cli("inspect", str(tmp_path), "--id", "zzz")
+    assert r.exit_code == 1 and "no row with id 'zzz'" in r.output
+    r = cli("inspect", str(tmp_path), "--count", "nope")
+    assert r.exit_code == 2 and "no column 'nope'" in r.output
