@@ -331,12 +331,12 @@ def _inspect_one(path: str, table, doc_id: str | None, column: str | None) -> No
 @click.option("--negative-label", default="negative", show_default=True)
 @click.option("--text-column", default="text", show_default=True, help="Text column of Parquet inputs.")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="Held-out share.")
-@click.option("--lr", type=float, default=0.1, show_default=True)
-@click.option("--epoch", type=int, default=5, show_default=True)
-@click.option("--dim", type=int, default=100, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default: chosen from the data size (0.5 for small sets).")
+@click.option("--epoch", type=int, default=None, help="Default: chosen from the data size (20 for small sets).")
+@click.option("--dim", type=int, default=None, help="Default: chosen from the data size (32 for small sets).")
 @click.option("--min-count", type=int, default=1, show_default=True)
 @click.option("--word-ngrams", type=int, default=2, show_default=True)
-@click.option("--bucket", type=int, default=2_000_000, show_default=True)
+@click.option("--bucket", type=int, default=None, help="Default: chosen from the data size (200,000 for small sets).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="1 is reproducible.")
 def train_classifier(positive, negative, output, label, negative_label, text_column, test_fraction, lr, epoch,
@@ -376,7 +376,10 @@ def train_classifier(positive, negative, output, label, negative_label, text_col
                f"{card['data']['negative']:,} {negative_label}); held out {m['test_docs']:,}")
     click.echo(f"precision {f(m['precision'])}  recall {f(m['recall'])}  F1 {f(m['f1'])}  "
                f"accuracy {f(m['accuracy'])}  (P({label}) >= {m['threshold']})")
-    click.echo(f"model: {os.path.join(output, card['model'])}  sha256 {card['sha256']}")
+    click.echo(f"model: {os.path.join(output, card['model'])}  sha256 {card['sha256']}  "
+               f"({card['bytes'] / 1e6:,.0f} MB)")
+    for w in card.get("warnings", []):
+        click.echo(f"WARNING: {w['message']}", err=True)
 
 
 @main.command()
