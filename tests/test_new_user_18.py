@@ -179,3 +179,45 @@ def test_inspect_prints_a_whole_document_and_counts_values(tmp_path):
     assert r.exit_code == 1 and "no row with id 'zzz'" in r.output
     r = cli("inspect", str(tmp_path), "--count", "nope")
     assert r.exit_code == 2 and "no column 'nope'" in r.output
+
+
+# -- 18.4: heuristic_filter presets ---------------------------------------------------------------------
+
+def test_presets_set_values_under_the_options_given():
+    from curate.stages.heuristic_filter import PRESETS, HeuristicFilter
+
+    web = HeuristicFilter().config
+    assert web.preset == "web" and web.c4.modify_text and web.gopher_quality.max_non_alpha_words_ratio == 0.8
+    docs = HeuristicFilter(preset="docs").config
+    assert not docs.c4.modify_text and docs.gopher_quality.max_non_alpha_words_ratio == \
+        PRESETS["docs"]["gopher_quality"]["max_non_alpha_words_ratio"]
+    # a key given next to the preset wins; the preset's other keys of that rule set stay
+    mixed = HeuristicFilter(preset="docs", c4={"modify_text": True}, gopher_quality={"min_doc_words": 10}).config
+    assert mixed.c4.modify_text and not mixed.c4.filter_curly_bracket and mixed.gopher_quality.min_doc_words == 10
+    assert mixed.gopher_quality.max_non_alpha_words_ratio == docs.gopher_quality.max_non_alpha_words_ratio
+    assert not HeuristicFilter(preset="code_docs").config.fineweb.enabled
+    with pytest.raises(Exception, match="preset"):
+        HeuristicFilter(preset="nope")
+
+
+@pytest.mark.slow   # pydoc pages through extraction and three filter runs: ~20 s on a busy machine
+def test_docs_preset_keeps_documentation_that_web_defaults_drop_or_rewrite():
+    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.heuristic_filter import HeuristicFilter
+    from curate.stages.read_pydoc import ReadPydoc
+
+    pages = ExtractHtml(date_extensive_search=False)(ReadPydoc(modules=["json", "csv", "textwrap", "heapq",
+                                                                        "bisect", "shlex", "fnmatch", "glob"])())
+    kept = {}
+    for preset in ("web", "docs", "code_docs"):
+        st = HeuristicFilter(preset=preset)
+        out = st(pages)
+        kept[preset] = (out.num_rows, st.counters.to_dict().get("heuristic_filter/c4_modified", 0), out)
+    n = pages.num_rows
+    assert kept["web"][0] < 0.5 * n                          # the web defaults drop most of it
+    assert kept["web"][1] == kept["web"][0]                  # ... and rewrite all they keep
+    assert kept["docs"][0] > kept["web"][0] and kept["code_docs"][0] >= kept["docs"][0]
+    assert kept["docs"][1] == 0 and kept["code_docs"][1] == 0
+    texts = dict(zip(pages.column("id").to_pylist(), pages.column("text").to_pylist()))
+    out = kept["docs"][2]
+    assert all(texts[i] == t for i, t in zip(out.column("id").to_pylist(), out.column("text").to_pylist()))
