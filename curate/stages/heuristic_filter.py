@@ -168,7 +168,7 @@ PRESETS: dict[str, dict[str, dict[str, object]]] = {
                               "top_n_grams": [(2, 0.25), (3, 0.22), (4, 0.2)],
                               "dup_n_grams": [(5, 0.25), (6, 0.24), (7, 0.23), (8, 0.22), (9, 0.21), (10, 0.2)]},
         "gopher_quality": {"max_avg_word_length": 15, "max_symbol_word_ratio": 0.3,
-                           "max_non_alpha_words_ratio": 0.5},
+                           "max_non_alpha_words_ratio": 0.35},
         "c4": {"modify_text": False, "filter_no_terminal_punct": False, "filter_curly_bracket": False,
                "remove_citations": False, "min_num_sentences": 3},
         "fineweb": {"line_punct_thr": 0.0, "short_line_thr": 0.9, "char_duplicates_ratio": 0.1,
