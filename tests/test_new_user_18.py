@@ -113,11 +113,11 @@ def test_read_files_groups_tasks_by_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["café", "Un café, s'il vous plaît.\n", "Smørrebrød og øl.", "Ångström",
-                                  "Ich heiße Jürgen.\n"])
+                                  "Ich heiße Jürgen.\n", "It’s a café – “quoted”."])
 def test_short_latin1_text_files_are_not_garbled(tmp_path, text):
     from curate.stages.read_files import ReadFiles
 
-    (tmp_path / "a.txt").write_bytes(text.encode("latin-1"))
+    (tmp_path / "a.txt").write_bytes(text.encode("cp1252"))
     row = ReadFiles(paths=[str(tmp_path / "a.txt")])().to_pylist()[0]
     assert row["text"] == text
     assert json.loads(row["metadata"])["charset"] == "cp1252"

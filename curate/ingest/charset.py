@@ -8,7 +8,7 @@ Order of evidence (the HTML standard's, simplified):
    in the first bytes of an HTML document,
 4. UTF-8 (the common case, checked strictly and fast),
 4b. for a short input (under ``SHORT_BYTES``) that reads as Western European text in windows-1252
-   (every non-ASCII character a Latin-1 letter or ``¡¿«»°``, none next to another non-ASCII
+   (every non-ASCII character a Latin-1 letter or one of ``¡¿«»°‘’“”–—…€``, none next to another non-ASCII
    character, as accents are in "café" or "Smørrebrød"): windows-1252. On a few bytes the
    detector cannot decide and guesses anything from cp1250 to Big5 ("café" became "cafķ");
    cp1251 Cyrillic or cp1250 Polish read in cp1252 give runs of accented letters or symbols
@@ -121,7 +121,7 @@ def _decode(data: bytes, charset: str, how: str) -> Decoded:
         return Decoded(data.decode(charset, errors="replace"), charset, how, True)
 
 
-_WESTERN_EXTRA = set("¡¿«»°")
+_WESTERN_EXTRA = set("¡¿«»°‘’“”–—…€")
 
 
 def _western(data: bytes) -> bool:
