@@ -224,3 +224,31 @@ def test_where_naming_a_column_twice_runs_and_validates(tmp_path):
         assert (r.exit_code == 0) == ok, r.output
         if not ok:
             assert r.exit_code == 2 and "where" in r.output
+
+
+def test_validate_checks_where_names_against_the_columns_of_known_steps(tmp_path):
+    from click.testing import CliRunner
+
+    from curate.cli import main
+    from helpers import write_yaml
+
+    def pipeline(where):
+        return write_yaml(str(tmp_path / "p.yaml"), {
+            "name": "x", "output": str(tmp_path / "out"),
+            "inputs": {"pages": {"stage": "read_pydoc", "options": {"modules": ["json"]}}},
+            "stages": [{"stage": "extract_html"}, {"stage": "language_id"},
+                       {"stage": "select", "options": {"where": where}}]})
+
+    ok = CliRunner().invoke(main, ["validate", pipeline("language_score > 0.7 and language_score < 0.9")])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(main, ["validate", pipeline("langauge_score > 0.7 or html != ''")])
+    assert bad.exit_code == 2
+    assert "names column(s) ['langauge_score', 'html'] that no earlier step writes" in bad.output
+    assert "language_score" in bad.output           # the known columns are listed
+    # a Parquet input may hold any column: left to the run
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"], "custom": [1.0]}), tmp_path / "d.parquet")
+    p = write_yaml(str(tmp_path / "q.yaml"), {
+        "name": "x", "output": str(tmp_path / "out"),
+        "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": [str(tmp_path / "d.parquet")]}}},
+        "stages": [{"stage": "select", "options": {"where": "custom > 0.5"}}]})
+    assert CliRunner().invoke(main, ["validate", p]).exit_code == 0

@@ -266,6 +266,9 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
         problems.extend((f"{where}: key 'options.{key}'", msg) for key, msg in ref_problems)
         for key, msg in (stage.check() if check else []):
             problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
+        if check and hasattr(stage, "check_upstream"):   # e.g. select's `where` against known columns
+            for key, msg in stage.check_upstream(steps, inputs):
+                problems.append((f"{where}: key 'options.{key}'", msg))
         steps[name] = Step(name, stage, inputs, s.save, s)
         steps[name].refs = refs
         for ref in refs:          # a referenced step is written out, whatever reads it

@@ -157,6 +157,29 @@ def parse_where(text: str) -> _Where:
     return _Where(text)
 
 
+# Stages whose output columns are exactly their input's plus their class's ``writes``: a chain of
+# them (from a source with a fixed schema) has known columns, so `where` names can be checked at
+# validate time. Other stages (readers of Parquet/JSONL, scorers naming columns from options)
+# leave the columns unknown and the check to the run.
+_KNOWN_SCHEMA_STAGES = {"read_files", "read_warc", "crawl", "read_pydoc", "extract_html", "language_id",
+                        "heuristic_filter", "pii", "exact_dedup", "minhash_dedup", "select"}
+
+
+def upstream_columns(steps: dict, inputs: list[str]) -> set[str] | None:
+    """The columns a step reading ``inputs`` receives, when every step above it is of a stage
+    whose columns are known (``_KNOWN_SCHEMA_STAGES``); None otherwise."""
+    out: set[str] = set()
+    for name in inputs:
+        step = steps.get(name)
+        if step is None or step.stage.name not in _KNOWN_SCHEMA_STAGES:
+            return None
+        above = upstream_columns(steps, step.inputs) if step.inputs else set()
+        if above is None:
+            return None
+        out |= (above | set(type(step.stage).writes)) - set(step.stage.removes() if hasattr(step.stage, "removes") else ())
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -229,6 +252,19 @@ class Select(GlobalStage):
 
     name = "select"
     Config = SelectConfig
+
+    def check_upstream(self, steps: dict, inputs: list[str]) -> list[tuple[str, str]]:
+        """Problems of `where` against the columns of the steps above (when they are known)."""
+        if not self.config.where:
+            return []
+        known = upstream_columns(steps, inputs)
+        if known is None:
+            return []
+        missing = [c for c in parse_where(self.config.where).columns if c not in known]
+        if not missing:
+            return []
+        return [("where", f"names column(s) {missing} that no earlier step writes (columns: "
+                          f"{', '.join(sorted(known))})")]
 
     def setup(self) -> None:
         self._where = parse_where(self.config.where) if self.config.where else None
