@@ -8,10 +8,15 @@ answer, and the tasks are appended after the document.
 Per document:
 
 1. Title = first line (``title: first_line``; a document without a newline or with an empty first
-   line has no title), body = the rest. The body is cut to ``max_body_tokens`` (1,848 = 2,048 − 200,
-   as the reference) with ``tokenizer`` (a SentencePiece ``.model`` is cut exactly as the reference
-   does: ``decode(encode(body)[:n])``; without a tokenizer, ``max_body_tokens × words_per_token``
-   whitespace words are kept). The output holds the cut body only, as in the reference.
+   line has no title), body = the rest (with ``title_column``, a first body line equal to the title
+   is removed: a page's heading repeats its title). Prose lines that extraction hard-wrapped are
+   joined (``unwrap_lines``; code, lists, prompts and indented lines are kept). A body longer than
+   ``max_body_tokens`` (1,848 = 2,048 − 200, as the reference) of ``tokenizer`` (without one,
+   ``max_body_tokens × words_per_token`` whitespace words) is split into pieces at paragraph, line
+   or sentence ends, each an output row (id ``<id>#<k>``, ``source_text`` = the piece) mined and
+   wrapped on its own (``long_documents: split``, default), or cut to its first piece as the
+   reference does (``long_documents: cut``: a SentencePiece ``.model`` cuts exactly as the
+   reference, ``decode(encode(body)[:n])``; the text left out is counted as ``chars_cut``).
 2. Mining, case-insensitive, over the cut body (the patterns are the reference's, character for
    character, so the raw matches are the same):
    ``entail`` / ``contradict`` / ``neutral`` (``<sentence> <connective>, <sentence>``, sentences of
@@ -29,7 +34,7 @@ Per document:
    intro line.
 4. Wrapping: with a title and >= 2 sentences the document is wrapped with title summarisation
    (p=0.4), text completion (0.1), both (0.4) or neither (0.1); with only one of the two, that one
-   or neither at 0.5 each. Runs of spaces become one space (as the reference).
+   or neither at 0.5 each. Runs of spaces inside a line become one space (as the reference; a line's indentation is kept).
 
 Every random choice comes from ``random.Random("<seed>|<document id>")``: the same id and seed give
 the same text byte for byte, whatever the sharding, worker count or Python hash seed.
@@ -44,7 +49,9 @@ Writes ``output_column`` (default ``text``: the assembled text), keeps the sourc
 (before the cap): ``rc_entail`` ... ``rc_keywords``, plus ``rc_summarize`` / ``rc_completion``
 (1 when the document was wrapped so). Counters: ``reading_comprehension/mined/<sub-type>``,
 ``reading_comprehension/used/<sub-type>``, ``reading_comprehension/wrap/<choice>``,
-``reading_comprehension/no_tasks``; documents with no text are passed through and counted as
+``reading_comprehension/no_tasks`` (rows without a mined task; a warning when most are),
+``reading_comprehension/chars_in``, ``chars_cut``, ``cut_documents``, ``split_documents``,
+``pieces``, ``unwrapped_lines``, ``title_line_removed``; documents with no text are passed through and counted as
 ``reading_comprehension/empty``.
 """
 
@@ -318,7 +325,6 @@ def has_two_sentences(text: str) -> bool:
 # hard-wrapped lines and long documents
 
 _LIST_ITEM = re.compile(r"(?:[-*•+]|\d+[.)]|[a-z][.)])\s")
-_CODE_END = tuple(":{}[]();\\=,") + ("->",)
 
 
 def _prose_line(line: str) -> bool:
