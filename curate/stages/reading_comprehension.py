@@ -34,7 +34,8 @@ Per document:
    intro line.
 4. Wrapping: with a title and >= 2 sentences the document is wrapped with title summarisation
    (p=0.4), text completion (0.1), both (0.4) or neither (0.1); with only one of the two, that one
-   or neither at 0.5 each. Runs of spaces inside a line become one space (as the reference; a line's indentation is kept).
+   or neither at 0.5 each. Runs of spaces inside a line become one space (as the reference; a
+   line's indentation is kept).
 
 Every random choice comes from ``random.Random("<seed>|<document id>")``: the same id and seed give
 the same text byte for byte, whatever the sharding, worker count or Python hash seed.
