@@ -32,7 +32,7 @@ SYNTHETIC_STAGES = {"generate", "instruction_synth", "entigraph", "rephrase", "r
 # (code, counter, denominator: "in" / "out" / another counter, share above which to warn, message)
 SHARE_RULES: list[tuple[str, str, str, float, str]] = [
     ("rc_no_tasks", "reading_comprehension/no_tasks", "out", 0.5,
-     "{n:,} of {d:,} documents ({p:.0f}%) got no mined task (only their text is in the output)"),
+     "{n:,} of {d:,} output rows ({p:.0f}%) got no mined task (only their text is in the output)"),
     ("rc_text_cut", "reading_comprehension/chars_cut", "reading_comprehension/chars_in", 0.05,
      "{p:.0f}% of the document text ({n:,} of {d:,} characters) was cut before mining and is not in "
      "the output (`long_documents: split` keeps it)"),
