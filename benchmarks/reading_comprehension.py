@@ -163,11 +163,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rc-") as tmp:
         path = os.path.join(tmp, "docs.parquet")
         pq.write_table(table, path)
-        runs = [("ours, whitespace cut", {"domain": a.domain})]
+        ref_mode = {"long_documents": "cut", "unwrap_lines": False}   # the reference's cut, lines as given
+        runs = [("ours, whitespace cut", {"domain": a.domain, **ref_mode})]
         if a.reference:
             spm_dir = os.path.join(a.reference, "data_samples")
             runs.append(("ours, reference cut + keywords",
-                         {"domain": a.domain, "tokenizer": os.path.join(spm_dir, "general.spm"),
+                         {"domain": a.domain, **ref_mode, "tokenizer": os.path.join(spm_dir, "general.spm"),
                           "keywords": {"general_tokenizer": os.path.join(spm_dir, "general.spm"),
                                        "domain_tokenizer": os.path.join(spm_dir, "domain.spm")}}))
         results = {}

@@ -80,7 +80,7 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.config import ConfigError
     from curate.pipeline.runner import PipelineError, Runner
-    from curate.pipeline.stats import funnel_table
+    from curate.pipeline.stats import funnel_table, funnel_warnings
 
     _setup_logging(quiet)
     file = file or quickstart_path()
@@ -125,6 +125,8 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     finally:
         _restore_sigterm(previous)
     click.echo(funnel_table(result.stats))
+    if funnel_warnings(result.stats):
+        click.echo("\n" + funnel_warnings(result.stats), err=True)
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
     click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
     for line in error_lines(result.stats, result.output):
@@ -282,7 +284,11 @@ def _read_json(fs, path: str):
 @main.command()
 @click.argument("path")
 @click.option("--rows", "-n", default=3, help="Sample rows to show.")
-def inspect(path: str, rows: int) -> None:
+@click.option("--id", "doc_id", default=None, help="Print the whole row with this id (every column, untruncated).")
+@click.option("--full", is_flag=True, help="Do not shorten the values of sample rows.")
+@click.option("--count", "count_column", default=None, metavar="COLUMN",
+              help="Count the values of COLUMN (most frequent first).")
+def inspect(path: str, rows: int, doc_id: str | None, full: bool, count_column: str | None) -> None:
     """Row count, schema, column summaries and a sample of a Parquet dataset (file, folder, glob),
     or an overview of a pipeline's output folder."""
     import pyarrow as pa
@@ -345,6 +351,9 @@ def inspect(path: str, rows: int) -> None:
             click.echo(f"error: {f}: not a readable Parquet file ({type(exc).__name__}: {exc})", err=True)
             sys.exit(1)
     table = pa.concat_tables(parts, promote_options="permissive")
+    if doc_id is not None or count_column is not None:
+        _inspect_one(path, table, doc_id, count_column)
+        return
     click.echo(f"{path}: {len(files)} files, {table.num_rows:,} rows\n\nschema:")
     for field in table.schema:
         col = table.column(field.name)
@@ -362,8 +371,34 @@ def inspect(path: str, rows: int) -> None:
         click.echo(f"  {field.name}: {field.type}  {summary}" + (f", nulls {nulls:,}" if nulls else ""))
     click.echo("\nsample:")
     for row in table.slice(0, rows).to_pylist():
-        short = {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v) for k, v in row.items()}
+        short = row if full else {k: (v[:120] + "…" if isinstance(v, str) and len(v) > 120 else v)
+                                  for k, v in row.items()}
         click.echo("  " + json.dumps(short, ensure_ascii=False, default=str))
+
+
+def _inspect_one(path: str, table, doc_id: str | None, column: str | None) -> None:
+    """``inspect --id``: one whole row, column by column; ``inspect --count``: value counts."""
+    import pyarrow.compute as pc
+
+    for name in ([column] if column else []) + (["id"] if doc_id is not None else []):
+        if name not in table.schema.names:
+            click.echo(f"error: {path}: no column {name!r} (columns: {', '.join(table.schema.names)})", err=True)
+            sys.exit(2)
+    if column is not None:
+        counts = pc.value_counts(table.column(column)).to_pylist()
+        counts.sort(key=lambda d: (-d["counts"], str(d["values"])))
+        click.echo(f"{path}: {table.num_rows:,} rows, {len(counts):,} distinct values of {column}")
+        for d in counts:
+            click.echo(f"  {d['counts']:>8,}  {json.dumps(d['values'], ensure_ascii=False, default=str)}")
+    if doc_id is not None:
+        found = table.filter(pc.equal(table.column("id"), doc_id))
+        if not found.num_rows:
+            click.echo(f"error: {path}: no row with id {doc_id!r}", err=True)
+            sys.exit(1)
+        for row in found.to_pylist():
+            for k, v in row.items():
+                text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+                click.echo(f"--- {k}\n{text}" if isinstance(v, str) and "\n" in v else f"--- {k}: {text}")
 
 
 @main.command("train-classifier")
@@ -376,12 +411,12 @@ def inspect(path: str, rows: int) -> None:
 @click.option("--negative-label", default="negative", show_default=True)
 @click.option("--text-column", default="text", show_default=True, help="Text column of Parquet inputs.")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="Held-out share.")
-@click.option("--lr", type=float, default=0.1, show_default=True)
-@click.option("--epoch", type=int, default=5, show_default=True)
-@click.option("--dim", type=int, default=100, show_default=True)
+@click.option("--lr", type=float, default=None, help="Default: chosen from the data size (0.5 for small sets).")
+@click.option("--epoch", type=int, default=None, help="Default: chosen from the data size (20 for small sets).")
+@click.option("--dim", type=int, default=None, help="Default: chosen from the data size (32 for small sets).")
 @click.option("--min-count", type=int, default=1, show_default=True)
 @click.option("--word-ngrams", type=int, default=2, show_default=True)
-@click.option("--bucket", type=int, default=2_000_000, show_default=True)
+@click.option("--bucket", type=int, default=None, help="Default: chosen from the data size (200,000 for small sets).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="1 is reproducible.")
 def train_classifier(positive, negative, output, label, negative_label, text_column, test_fraction, lr, epoch,
@@ -421,7 +456,10 @@ def train_classifier(positive, negative, output, label, negative_label, text_col
                f"{card['data']['negative']:,} {negative_label}); held out {m['test_docs']:,}")
     click.echo(f"precision {f(m['precision'])}  recall {f(m['recall'])}  F1 {f(m['f1'])}  "
                f"accuracy {f(m['accuracy'])}  (P({label}) >= {m['threshold']})")
-    click.echo(f"model: {os.path.join(output, card['model'])}  sha256 {card['sha256']}")
+    click.echo(f"model: {os.path.join(output, card['model'])}  sha256 {card['sha256']}  "
+               f"({card['bytes'] / 1e6:,.0f} MB)")
+    for w in card.get("warnings", []):
+        click.echo(f"WARNING: {w['message']}", err=True)
 
 
 @main.command()

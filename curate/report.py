@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from curate.pipeline.io import atomic_write_bytes, get_fs, join
 from curate.pipeline.stats import step_time
+from curate.pipeline.warnings import warning_lines
 from curate.stages.fasttext_score import STEP_CARD_FILE
 from curate.stages.select import SELECTION_FILE
 
@@ -249,6 +250,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.muted{color:#777}
 svg text{font-size:11px;fill:#444}svg .bar{fill:#4c78a8}svg .axis{stroke:#999}
 svg .threshold{stroke:#d62728;stroke-width:2;stroke-dasharray:5 3}svg .threshold-label{fill:#d62728}
 .plots{display:flex;flex-wrap:wrap;gap:1.2em}.plot{border:1px solid #eee;padding:.5em}
+.warnings li{color:#b00020;font-weight:bold}
 .doc{white-space:pre-wrap;background:#f7f7f7;border-left:3px solid #4c78a8;padding:.4em .6em;margin:.4em 0;
 font-size:12.5px}.below .doc{border-left-color:#999}
 """
@@ -348,6 +350,10 @@ def build_report(output: str) -> str:
                        f"in step {html.escape(str(f.get('step')))}: {html.escape(str(f.get('error', '')).rstrip('.'))}. "
                        "Steps marked failed or not run are not part of the output; run the same command "
                        "again to resume.</p>")
+    warned = warning_lines(steps)
+    if warned:
+        body.append("<h2 id='warnings'>Warnings</h2><ul class='warnings'>"
+                    + "".join(f"<li>{html.escape(w)}</li>" for w in warned) + "</ul>")
 
     for name, s in steps.items():
         if s["stage"] != "train_classifier":

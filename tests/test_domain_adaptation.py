@@ -84,7 +84,10 @@ def test_domain_adaptation_config(tmp_path):
     assert rows["Childhood asthma and air quality"]["rc_effect_cause"] == 1
     assert rows["Childhood asthma and air quality"]["rc_topic"] == 1
     for r in rows.values():
-        assert r["source_text"] in r["text"] or r["rc_completion"] == 1   # completion splits the body
+        # the page's heading repeats its title: the body after it is in the output, the title once
+        head, _, body = r["source_text"].partition("\n")
+        assert head == r["title"] and r["text"].count(r["title"]) <= 1
+        assert body in r["text"] or r["rc_completion"] == 1   # completion splits the body
         assert "medicine" in r["text"] or r["rc_summarize"] + r["rc_completion"] == 0
     # the mixture: domain : replay = 1 : 0.1 by (whitespace) tokens
     c = stats["mix"]["counters"]

@@ -199,7 +199,7 @@ def test_unknown_inputs_are_reported_next_to_unknown_stages_and_bad_options(tmp_
         load_pipeline(p)
     got = {(w, m.split(";")[0]) for w, m in err.value.problems}
     assert got == {
-        ("stage 'extract_htm' (stages[0]): key 'stage'", "unknown stage 'extract_htm'"),
+        ("stage 'extract_htm' (stages[0]): key 'stage'", "unknown stage 'extract_htm' (did you mean 'extract_html'?)"),
         ("stage 'extract_htm' (stages[0]): key 'input'", "unknown step 'nosuchstep'"),
         ("stage 'pii' (stages[1]): key 'input'", "unknown step 'otherstep'"),
         ("stage 'pii' (stages[1]): key 'options.bogus'", "unknown key"),

@@ -196,3 +196,59 @@ def test_empty_results_and_empty_input(tmp_path):
     empty = t.slice(0, 0)
     assert Select(by="score", top=3)(empty).num_rows == 0
     assert Select(by="score", stratify="language", top_fraction=0.5)(empty).num_rows == 0
+
+
+# -- issue 18.1: a column named twice in `where` ----------------------------------------------------
+
+def test_where_naming_a_column_twice_runs_and_validates(tmp_path):
+    from click.testing import CliRunner
+
+    from curate.cli import main
+    from helpers import write_yaml
+
+    t = _docs().append_column("source", pa.array([f"{'a' if i % 3 == 0 else 'b' if i % 3 == 1 else 'c'}.html"
+                                                 for i in range(12)]))
+    got = _ids(Select(where="score > 0.4 and score < 0.9")(t))
+    assert got == [r["id"] for r in t.to_pylist() if r["score"] is not None and 0.4 < r["score"] < 0.9]
+    got = _ids(Select(where="source LIKE '%a%' OR source LIKE '%b%'")(t))
+    assert got == [r["id"] for r in t.to_pylist() if r["source"][0] in "ab"] and len(got) == 8
+    # validate evaluates the expression as a run does: a bad one is found before any work
+    pq.write_table(t, tmp_path / "docs.parquet")
+    for where, ok in (("score > 0.4 and score < 0.9", True), ("source LIKE '%a%' OR source LIKE '%b%'", True),
+                      ("score > 0.4 and score.foo", False)):
+        p = write_yaml(str(tmp_path / "p.yaml"), {
+            "name": "x", "output": str(tmp_path / "out"),
+            "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": [str(tmp_path / "docs.parquet")]}}},
+            "stages": [{"stage": "select", "options": {"where": where}}]})
+        r = CliRunner().invoke(main, ["validate", p])
+        assert (r.exit_code == 0) == ok, r.output
+        if not ok:
+            assert r.exit_code == 2 and "where" in r.output
+
+
+def test_validate_checks_where_names_against_the_columns_of_known_steps(tmp_path):
+    from click.testing import CliRunner
+
+    from curate.cli import main
+    from helpers import write_yaml
+
+    def pipeline(where):
+        return write_yaml(str(tmp_path / "p.yaml"), {
+            "name": "x", "output": str(tmp_path / "out"),
+            "inputs": {"pages": {"stage": "read_pydoc", "options": {"modules": ["json"]}}},
+            "stages": [{"stage": "extract_html"}, {"stage": "language_id"},
+                       {"stage": "select", "options": {"where": where}}]})
+
+    ok = CliRunner().invoke(main, ["validate", pipeline("language_score > 0.7 and language_score < 0.9")])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(main, ["validate", pipeline("langauge_score > 0.7 or html != ''")])
+    assert bad.exit_code == 2
+    assert "names column(s) ['langauge_score', 'html'] that no earlier step writes" in bad.output
+    assert "language_score" in bad.output           # the known columns are listed
+    # a Parquet input may hold any column: left to the run
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"], "custom": [1.0]}), tmp_path / "d.parquet")
+    p = write_yaml(str(tmp_path / "q.yaml"), {
+        "name": "x", "output": str(tmp_path / "out"),
+        "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": [str(tmp_path / "d.parquet")]}}},
+        "stages": [{"stage": "select", "options": {"where": "custom > 0.5"}}]})
+    assert CliRunner().invoke(main, ["validate", p]).exit_code == 0

@@ -7,6 +7,12 @@ Order of evidence (the HTML standard's, simplified):
 3. ``<meta charset=...>`` / ``<meta http-equiv="Content-Type" content="...; charset=...">``
    in the first bytes of an HTML document,
 4. UTF-8 (the common case, checked strictly and fast),
+4b. for a short input (under ``SHORT_BYTES``) that reads as Western European text in windows-1252
+   (every non-ASCII character a Latin-1 letter or one of ``¡¿«»°‘’“”–—…€``, none next to another non-ASCII
+   character, as accents are in "café" or "Smørrebrød"): windows-1252. On a few bytes the
+   detector cannot decide and guesses anything from cp1250 to Big5 ("café" became "cafķ");
+   cp1251 Cyrillic or cp1250 Polish read in cp1252 give runs of accented letters or symbols
+   instead, and go on to the detector,
 5. ``charset_normalizer``'s guess,
 6. windows-1252 (the legacy default of unlabelled web pages),
 
@@ -30,6 +36,7 @@ from typing import Iterator
 _HEADER_CHARSET = re.compile(rb"""charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9._:\-]+)""", re.I)
 META_SCAN_BYTES = 4096
+SHORT_BYTES = 4096   # below this, a detector's guess is unreliable (see _western)
 DETECT_SAMPLE_BYTES = 64 * 1024
 
 # WHATWG encoding standard: these labels mean windows-1252
@@ -41,7 +48,7 @@ _AS_CP1252 = {"iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1", "us-ascii", 
 class Decoded:
     text: str
     charset: str          # the codec used (Python name)
-    how: str              # bom | header | meta | utf-8 | detected | fallback
+    how: str              # bom | header | meta | utf-8 | short | detected | default
     replaced: bool        # some bytes could not be decoded and became U+FFFD
 
 
@@ -114,6 +121,29 @@ def _decode(data: bytes, charset: str, how: str) -> Decoded:
         return Decoded(data.decode(charset, errors="replace"), charset, how, True)
 
 
+_WESTERN_EXTRA = set("¡¿«»°‘’“”–—…€")
+
+
+def _western(data: bytes) -> bool:
+    """Short bytes that read as Western European text in windows-1252 (see the module docstring)."""
+    if len(data) >= SHORT_BYTES:
+        return False
+    try:
+        text = data.decode("cp1252")
+    except UnicodeDecodeError:
+        return False
+    prev_high = False
+    seen = False
+    for ch in text:
+        high = ord(ch) > 127
+        if high:
+            if prev_high or not ((0xC0 <= ord(ch) <= 0xFF and ch not in "×÷") or ch in _WESTERN_EXTRA):
+                return False
+            seen = True
+        prev_high = high
+    return seen
+
+
 def _candidates(data: bytes, content_type: str | None, html: bool) -> Iterator[tuple[str, str]]:
     cs = header_charset(content_type)
     if cs:
@@ -123,6 +153,8 @@ def _candidates(data: bytes, content_type: str | None, html: bool) -> Iterator[t
         if cs:
             yield cs, "meta"
     yield "utf-8", "utf-8"
+    if _western(data):
+        yield "cp1252", "short"
     try:
         from charset_normalizer import from_bytes
 

@@ -129,10 +129,47 @@ def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err.get("loc", ()))
 
 
-def _fmt(err: dict) -> str:
+def _did_you_mean(word: Any, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for a close match among ``choices`` (difflib), else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_keys(model: Any, loc: tuple) -> list[str]:
+    """The keys allowed where ``loc`` (a pydantic error location) points, walking from ``model``
+    through nested models, lists, dicts and optionals; [] when unknown."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def models(ann: Any) -> list[type]:
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            return [ann]
+        return [m for a in typing.get_args(ann) for m in models(a)]
+
+    current = [model]
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        nxt = []
+        for m in current:
+            f = m.model_fields.get(str(part))
+            if f is not None:
+                nxt.extend(models(f.annotation))
+        if not nxt:
+            return []
+        current = nxt
+    return [k for m in current for k in m.model_fields]
+
+
+def _fmt(err: dict, model: Any = None) -> str:
     msg = err.get("msg", "invalid")
     if err.get("type") == "extra_forbidden":
-        return "unknown key"
+        loc = tuple(err.get("loc", ()))
+        hint = _did_you_mean(loc[-1], _model_keys(model, loc)) if model is not None and loc else ""
+        return "unknown key" + hint
     if err.get("type") == "missing":
         return "required key is missing"
     if "input" in err and err.get("type") not in ("missing",):
@@ -177,12 +214,13 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
                 label = (st.get("name") or st.get("stage")) if isinstance(st, dict) else None
                 where = f"stage {label!r} (stages[{loc[1]}])" if label else f"stages[{loc[1]}]"
                 rest = ".".join(str(p) for p in loc[2:])
-                problems.append((f"{where}: key {rest!r}" if rest else where, _fmt(e)))
+                problems.append((f"{where}: key {rest!r}" if rest else where, _fmt(e, PipelineSpec)))
             elif loc and loc[0] == "inputs" and len(loc) > 1:
                 rest = ".".join(str(p) for p in loc[2:])
-                problems.append((f"input {loc[1]!r}: key {rest!r}" if rest else f"input {loc[1]!r}", _fmt(e)))
+                problems.append((f"input {loc[1]!r}: key {rest!r}" if rest else f"input {loc[1]!r}",
+                                 _fmt(e, PipelineSpec)))
             else:
-                problems.append((f"key {_loc(e)!r}", _fmt(e)))
+                problems.append((f"key {_loc(e)!r}", _fmt(e, PipelineSpec)))
         raise ConfigError(path, problems) from None
 
     for mod, reason in import_plugins(spec.plugins, source if isinstance(source, str) else None):
@@ -210,7 +248,9 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
         try:
             cls: type[Stage] | None = get_stage(s.stage)
         except KeyError as exc:
-            problems.append((f"{where}: key 'stage'", str(exc.args[0])))
+            from curate.pipeline.stage import REGISTRY
+            problems.append((f"{where}: key 'stage'", str(exc.args[0]).replace(
+                "; known stages", _did_you_mean(s.stage, REGISTRY) + "; known stages", 1)))
             cls = None
         inputs = _check_inputs(name, where, s, is_input, cls, previous, only_input, entries, seen, problems)
         if not is_input:
@@ -232,7 +272,7 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             stage = cls(options)
         except ValidationError as exc:
             for e in exc.errors():
-                problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e)))
+                problems.append((f"{where}: key 'options.{_loc(e)}'", _fmt(e, cls.Config)))
             continue
         stage.step_name = name
         stage.resources = stage.resources.override(s.resources)
@@ -242,6 +282,9 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
         problems.extend((f"{where}: key 'options.{key}'", msg) for key, msg in ref_problems)
         for key, msg in (stage.check() if check else []):
             problems.append((f"{where}: key 'options.{key}'" if key else where, msg))
+        if check and hasattr(stage, "check_upstream"):   # e.g. select's `where` against known columns
+            for key, msg in stage.check_upstream(steps, inputs):
+                problems.append((f"{where}: key 'options.{key}'", msg))
         steps[name] = Step(name, stage, inputs, s.save, s)
         steps[name].refs = refs
         for ref in refs:          # a referenced step is written out, whatever reads it

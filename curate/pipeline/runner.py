@@ -564,4 +564,9 @@ def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: 
     result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
     if print_funnel:
         print(funnel_table(result.stats))
+        import sys
+
+        from curate.pipeline.stats import funnel_warnings
+        if funnel_warnings(result.stats):
+            print(funnel_warnings(result.stats), file=sys.stderr)
     return result

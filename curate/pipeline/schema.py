@@ -5,7 +5,8 @@
 ``source``    where it came from (url or path)
 ``metadata``  a JSON object as a string (heterogeneous per source; decode with ``metadata_of``)
 
-Stages add typed columns (scores, labels, cluster ids) and never drop one.
+Stages add typed columns (scores, labels, cluster ids) and never drop one, except what a stage
+declares in ``removes()`` (extract_html drops the ``html`` column once the text is extracted).
 """
 
 from __future__ import annotations

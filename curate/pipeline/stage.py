@@ -42,6 +42,9 @@ Counter names (one convention for every stage; the runner adds ``in``/``out`` it
                                ``read_warc/records/response``, ``minhash_dedup/verified_pairs``.
 ``llm/<metric>``               engine accounting shared by every LLM stage (``llm/prompt_tokens``,
                                ``llm/completion_tokens``, ``llm/requests``, ``llm/cached``).
+``warnings/<code>``            something a person should look at (``warnings/low_yield``): shown as
+                               a warning below the funnel, in stats.json and in the report
+                               (curate/pipeline/warnings.py computes the others from the counters).
 """
 
 from __future__ import annotations
@@ -409,6 +412,11 @@ class MapStage(Stage):
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
 
+    def removes(self) -> tuple[str, ...]:
+        """Columns this configured stage removes on purpose (extract_html's ``html``); every other
+        column it receives must be in its output."""
+        return ()
+
     def process_safe(self, table: pa.Table) -> pa.Table:
         """What runners call: checks columns, isolates failing documents, keeps every column."""
         self.ensure_setup()
@@ -426,7 +434,7 @@ class MapStage(Stage):
                 return self._empty_like(table)
             parts = [self.process_safe(table.slice(i, 1)) for i in range(table.num_rows)]
             out = pa.concat_tables(parts, promote_options="permissive")
-        lost = [c for c in table.schema.names if c not in out.schema.names]
+        lost = [c for c in table.schema.names if c not in out.schema.names and c not in self.removes()]
         if lost:
             raise StageError(f"stage {self.step_name!r} ({self.name}) dropped column(s) {lost}; "
                              "stages add columns but must keep the ones they receive")

@@ -67,10 +67,13 @@ class StepStats:
         errors = {k[7:]: v for k, v in sorted(self.counters.items()) if k.startswith("errors/")}
         other = {k: v for k, v in sorted(self.counters.items())
                  if not k.startswith(("dropped/", "errors/"))}
-        return {"stage": self.stage, "status": self.status, "in": self.rows_in, "out": self.rows_out,
-                "dropped": dropped, "errors": errors, "counters": other,
-                "shards": self.shards, "seconds": round(self.seconds, 3),
-                "cpu_seconds": round(self.cpu_seconds, 3)}
+        out = {"stage": self.stage, "status": self.status, "in": self.rows_in, "out": self.rows_out,
+               "dropped": dropped, "errors": errors, "counters": other,
+               "shards": self.shards, "seconds": round(self.seconds, 3),
+               "cpu_seconds": round(self.cpu_seconds, 3)}
+        from curate.pipeline.warnings import step_warnings
+        out["warnings"] = step_warnings(out)
+        return out
 
 
 def _short(reason: str, width: int = 26) -> str:
@@ -112,6 +115,13 @@ def funnel_table(stats: dict[str, dict[str, Any]]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def funnel_warnings(stats: dict[str, dict[str, Any]]) -> str:
+    """The lines to show below the funnel: ``WARNING step X: ...`` (see curate/pipeline/warnings.py);
+    empty when no step has a warning."""
+    from curate.pipeline.warnings import warning_lines
+    return "\n".join(warning_lines(stats))
 
 
 class Progress:

@@ -18,6 +18,11 @@ warning once. The alarm is delivered between Python bytecodes, so a single long 
 parsing one huge document) finishes before the page is abandoned; trafilatura's own size limit
 (``MAX_FILE_SIZE`` in its settings, 20 MB) and ``max_html_bytes`` bound that part.
 
+The ``html`` column is dropped from the output once the text is extracted (``keep_html: true``
+keeps it; dropped rows keep it in the ``_dropped/`` side output). Permalink anchors
+(``<a class="headerlink">¶</a>`` of Sphinx and MkDocs pages) are removed before extraction
+(``drop_headerlinks``), so headings and titles do not end in "¶".
+
 Rows are dropped (and counted) by reason, never lost silently:
 
 ``dropped/empty_html``   no HTML and no text (a row that already has text but no HTML is passed
@@ -52,6 +57,9 @@ from curate.pipeline.tables import set_column
 log = logging.getLogger("curate")
 
 #: trafilatura Document attributes copied into the metadata JSON (metadata key = attribute name)
+#: permalink anchors of documentation generators (Sphinx, MkDocs): <a class="headerlink" ...>¶</a>
+_HEADERLINK = re.compile(r"<a\b[^>]*\bclass\s*=\s*[\"'][^\"']*\bheaderlink\b[^\"']*[\"'][^>]*>.*?</a\s*>",
+                         re.I | re.S)
 _HTML_LANG = re.compile(r"<html\b[^>]*?\blang\s*=\s*[\"']?\s*([A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*)", re.I)
 #: libraries whose log records are counted and re-logged at debug level with the page (LibraryLogs)
 _LIBRARY_LOGGERS = ("trafilatura", "htmldate", "justext", "courlan")
@@ -91,6 +99,12 @@ class ExtractHtmlConfig(StageConfig):
     max_html_bytes: int | None = Field(None, ge=1, description="pages larger than this (UTF-8 "
                                                                "bytes) are dropped as too_large")
     save_dropped: bool = Field(False, description="side output 'dropped' with the dropped rows")
+    keep_html: bool = Field(False, description="keep the html column after extraction (by default "
+                                               "it is dropped: 40-90 KB per row carried by every "
+                                               "later step; dropped rows keep it in _dropped/)")
+    drop_headerlinks: bool = Field(True, description="remove permalink anchors (Sphinx's ¶, "
+                                                     "class headerlink) before extraction, so that "
+                                                     "titles and headings do not end in ¶")
 
     @field_validator("metadata_fields")
     @classmethod
@@ -204,6 +218,8 @@ class ExtractHtml(FilterStage):
         from trafilatura.core import bare_extraction, determine_returnstring
 
         opts = self._options(url)
+        if self.config.drop_headerlinks and "headerlink" in html:
+            html = _HEADERLINK.sub("", html)
         doc = bare_extraction(html, options=opts)
         if doc is None:
             return None, {}
@@ -321,6 +337,16 @@ class ExtractHtml(FilterStage):
         for k, v in found.items():
             base.setdefault(k, v)
         return json.dumps(base, ensure_ascii=False, sort_keys=True)
+
+    def removes(self) -> tuple[str, ...]:
+        return () if self.config.keep_html else (self.config.html_column,)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        out = super().process(table)
+        c = self.config
+        if not c.keep_html and c.html_column in out.schema.names:
+            out = out.drop_columns([c.html_column])
+        return out
 
     def keep(self, table: pa.Table):
         reasons = self._reasons

@@ -11,6 +11,14 @@ rejects a document names the drop reason ``dropped/<filter>:<reason>``, e.g.
 ``dropped/gopher_quality:gopher_short_doc``, ``dropped/c4:too_few_sentences``,
 ``dropped/fineweb:line_punct_ratio``.
 
+``preset`` picks option values for a kind of text: ``web`` (the published defaults above),
+``docs`` (documentation with examples), ``code_docs`` (API references, man pages, code-heavy
+pages) and ``scientific`` (formulas, symbols, LaTeX); options given next to it override the
+preset's, key by key (``PRESETS``; keep rates measured per corpus in the README). The published
+defaults drop most documentation (the Gopher alpha-word ratio drops code-heavy pages, C4 and
+FineWeb drop pages whose lines do not end in punctuation) and C4 deletes code lines from what it
+keeps; the documentation presets keep the text as it is (``c4.modify_text: false``).
+
 C4 is also a line filter: it removes lines without terminal punctuation, with "javascript",
 cookie/privacy boilerplate, citation markers... from the documents it keeps, as in C4. The stage
 writes that cleaned text back (``c4.modify_text``, default true; counted as
@@ -30,8 +38,10 @@ that raises on a document drops it as ``dropped/<filter>:error`` and counts
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
 
@@ -116,7 +126,61 @@ class FineWebRules(_Rules):
     new_line_ratio: float = Field(0.3, description="max newlines per word")
 
 
+# Presets: option values for a kind of text, under the options given (an option set in the
+# pipeline wins over its preset's value, key by key inside each rule set). Chosen by measuring keep
+# rates and drop reasons on real corpora of each kind (README, "heuristic_filter presets").
+PRESETS: dict[str, dict[str, dict[str, object]]] = {
+    # the published defaults of Gopher, C4 and FineWeb (datatrove's), made for web crawls
+    "web": {},
+    # documentation prose with examples (tutorials, guides, how-tos): code lines, short headings,
+    # API signatures and symbols are part of the text; C4's line filter would delete the code
+    "docs": {
+        "gopher_repetition": {"dup_line_frac": 0.5, "dup_para_frac": 0.5, "dup_line_char_frac": 0.35,
+                              "dup_para_char_frac": 0.35,
+                              "top_n_grams": [(2, 0.3), (3, 0.27), (4, 0.24)],
+                              "dup_n_grams": [(5, 0.35), (6, 0.33), (7, 0.31), (8, 0.29), (9, 0.27), (10, 0.25)]},
+        "gopher_quality": {"max_doc_words": 200_000, "max_avg_word_length": 15, "max_symbol_word_ratio": 0.5,
+                           "max_bullet_lines_ratio": 0.95, "max_non_alpha_words_ratio": 0.4},
+        "c4": {"modify_text": False, "filter_no_terminal_punct": False, "filter_curly_bracket": False,
+               "filter_javascript": False, "min_num_sentences": 2},
+        "fineweb": {"line_punct_thr": 0.0, "short_line_thr": 0.95, "char_duplicates_ratio": 0.2,
+                    "new_line_ratio": 1.0},
+    },
+    # API references, man pages, code-heavy pages: docs, with room for mostly-code pages
+    "code_docs": {
+        "gopher_repetition": {"dup_line_frac": 0.6, "dup_para_frac": 0.6, "dup_line_char_frac": 0.5,
+                              "dup_para_char_frac": 0.5,
+                              "top_n_grams": [(2, 0.4), (3, 0.36), (4, 0.32)],
+                              "dup_n_grams": [(5, 0.5), (6, 0.48), (7, 0.46), (8, 0.44), (9, 0.42), (10, 0.4)]},
+        "gopher_quality": {"min_doc_words": 30, "max_doc_words": 300_000, "min_avg_word_length": 2,
+                           "max_avg_word_length": 20, "max_symbol_word_ratio": None,
+                           "max_bullet_lines_ratio": None, "max_ellipsis_lines_ratio": 0.5,
+                           "max_non_alpha_words_ratio": 0.25, "min_stop_words": 2},
+        "c4": {"modify_text": False, "filter_no_terminal_punct": False, "filter_curly_bracket": False,
+               "filter_javascript": False, "filter_policy": False, "min_num_sentences": 1,
+               "min_words_per_line": -1},
+        "fineweb": {"enabled": False},
+    },
+    # papers, scientific docs: formulas, symbols and LaTeX braces; citations and references lists
+    "scientific": {
+        "gopher_repetition": {"dup_line_frac": 0.4, "dup_para_frac": 0.4, "dup_line_char_frac": 0.3,
+                              "dup_para_char_frac": 0.3,
+                              "top_n_grams": [(2, 0.25), (3, 0.22), (4, 0.2)],
+                              "dup_n_grams": [(5, 0.25), (6, 0.24), (7, 0.23), (8, 0.22), (9, 0.21), (10, 0.2)]},
+        "gopher_quality": {"max_avg_word_length": 15, "max_symbol_word_ratio": 0.3,
+                           "max_non_alpha_words_ratio": 0.35},
+        "c4": {"modify_text": False, "filter_no_terminal_punct": False, "filter_curly_bracket": False,
+               "remove_citations": False, "min_num_sentences": 3},
+        "fineweb": {"line_punct_thr": 0.0, "short_line_thr": 0.9, "char_duplicates_ratio": 0.1,
+                    "new_line_ratio": 0.6},
+    },
+}
+
+
 class HeuristicFilterConfig(StageConfig):
+    preset: Literal["web", "docs", "code_docs", "scientific"] = Field(
+        "web", description="option values for a kind of text (web: the published defaults; docs, "
+        "code_docs, scientific: measured on such corpora); options given here override it")
     text_column: str = Field("text", description="column holding the document text")
     language: str = Field("eng", description="language of the word tokenizer (datatrove code, "
                                              "ISO 639-3; ISO 639-1 codes such as 'en' are mapped)")
@@ -135,6 +199,24 @@ class HeuristicFilterConfig(StageConfig):
         "FineWeb rules (enabled, line_punct_thr, line_punct_exclude_zero, short_line_thr, "
         "short_line_length, char_duplicates_ratio, new_line_ratio)"))
     save_dropped: bool = Field(False, description="side output 'dropped' with the dropped rows")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """The preset's values under the options given, key by key inside each rule set."""
+        if not isinstance(data, dict):
+            return data
+        preset = PRESETS.get(data.get("preset", "web"))
+        if not preset:
+            return data   # "web", or an unknown name (reported by the field's own check)
+        out = dict(data)
+        for group, values in preset.items():
+            given = out.get(group)
+            if given is None:
+                out[group] = dict(values)
+            elif isinstance(given, dict):
+                out[group] = {**values, **given}
+        return out
 
 
 def tokenizer_language(language: str) -> str:

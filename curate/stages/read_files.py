@@ -19,7 +19,9 @@ broken PDFs (``errors/read``, ``errors/pdf``) are counted and skipped; the other
 Rows: ``id`` (make_id(path)), ``text``, ``source`` (the path under the input root: the folder
 or glob base of ``paths``, so the same files give the same rows anywhere), ``metadata`` (JSON: path,
 format, bytes, mtime, charset, pages...), ``html`` (null for text/PDF rows).
-Tasks: one per file (``files_per_task`` groups several small files into one task and shard).
+Tasks: one per file (``files_per_task`` groups several small files into one task and shard;
+``bytes_per_task`` groups consecutive files by size instead, so 530 small pages do not become 530
+one-row shards).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class ReadFilesConfig(StageConfig):
     max_file_bytes: int = Field(50_000_000, ge=1, description="larger files are dropped/too_large")
     files_per_task: int = Field(1, ge=1, description="files per task (and output shard); raise it for many "
                                                      "small files")
+    bytes_per_task: int | None = Field(None, ge=1, description="instead of files_per_task: group "
+                                       "consecutive files into tasks (and shards) of about this many "
+                                       "bytes (e.g. 4000000 for many small HTML pages)")
     batch_size: int = Field(256, ge=1, description="rows per emitted table")
 
     @field_validator("text_extensions", "html_extensions", "pdf_extensions")
@@ -90,11 +95,35 @@ class ReadFiles(FileSource):
     def tasks(self) -> list[Task]:
         files = self.files_or_error()
         n = self.config.files_per_task
-        out = []
-        for i in range(0, len(files), n):
-            group = tuple(files[i:i + n])
-            out.append(Task(id=group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}", payload=group))
-        return out
+        if self.config.bytes_per_task is not None:
+            groups = self._by_bytes(files, self.config.bytes_per_task)
+        else:
+            groups = [tuple(files[i:i + n]) for i in range(0, len(files), n)]
+        return [Task(id=g[0] if len(g) == 1 else f"{g[0]}+{len(g) - 1}", payload=g) for g in groups]
+
+    @staticmethod
+    def _by_bytes(files: list[str], limit: int) -> list[tuple[str, ...]]:
+        """Consecutive files in groups of about ``limit`` bytes (a group closes once it reaches
+        ``limit``; a larger file is a group of its own). Sizes come from the file system listing;
+        an unknown size counts as ``limit`` (its own task)."""
+        groups: list[tuple[str, ...]] = []
+        cur: list[str] = []
+        total = 0
+        for f in files:
+            fs, p = get_fs(f)
+            try:
+                size = fs.size(p)
+            except OSError:
+                size = None
+            size = limit if size is None else size
+            if cur and total + size > limit:
+                groups.append(tuple(cur))
+                cur, total = [], 0
+            cur.append(f)
+            total += size
+        if cur:
+            groups.append(tuple(cur))
+        return groups
 
     def read(self, task: Task) -> Iterator[pa.Table]:
         files = [task.payload] if isinstance(task.payload, str) else list(task.payload)

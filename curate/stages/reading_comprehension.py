@@ -8,10 +8,15 @@ answer, and the tasks are appended after the document.
 Per document:
 
 1. Title = first line (``title: first_line``; a document without a newline or with an empty first
-   line has no title), body = the rest. The body is cut to ``max_body_tokens`` (1,848 = 2,048 − 200,
-   as the reference) with ``tokenizer`` (a SentencePiece ``.model`` is cut exactly as the reference
-   does: ``decode(encode(body)[:n])``; without a tokenizer, ``max_body_tokens × words_per_token``
-   whitespace words are kept). The output holds the cut body only, as in the reference.
+   line has no title), body = the rest (with ``title_column``, a first body line equal to the title
+   is removed: a page's heading repeats its title). Prose lines that extraction hard-wrapped are
+   joined (``unwrap_lines``; code, lists, prompts and indented lines are kept). A body longer than
+   ``max_body_tokens`` (1,848 = 2,048 − 200, as the reference) of ``tokenizer`` (without one,
+   ``max_body_tokens × words_per_token`` whitespace words) is split into pieces at paragraph, line
+   or sentence ends, each an output row (id ``<id>#<k>``, ``source_text`` = the piece) mined and
+   wrapped on its own (``long_documents: split``, default), or cut to its first piece as the
+   reference does (``long_documents: cut``: a SentencePiece ``.model`` cuts exactly as the
+   reference, ``decode(encode(body)[:n])``; the text left out is counted as ``chars_cut``).
 2. Mining, case-insensitive, over the cut body (the patterns are the reference's, character for
    character, so the raw matches are the same):
    ``entail`` / ``contradict`` / ``neutral`` (``<sentence> <connective>, <sentence>``, sentences of
@@ -29,7 +34,8 @@ Per document:
    intro line.
 4. Wrapping: with a title and >= 2 sentences the document is wrapped with title summarisation
    (p=0.4), text completion (0.1), both (0.4) or neither (0.1); with only one of the two, that one
-   or neither at 0.5 each. Runs of spaces become one space (as the reference).
+   or neither at 0.5 each. Runs of spaces inside a line become one space (as the reference; a
+   line's indentation is kept).
 
 Every random choice comes from ``random.Random("<seed>|<document id>")``: the same id and seed give
 the same text byte for byte, whatever the sharding, worker count or Python hash seed.
@@ -44,7 +50,9 @@ Writes ``output_column`` (default ``text``: the assembled text), keeps the sourc
 (before the cap): ``rc_entail`` ... ``rc_keywords``, plus ``rc_summarize`` / ``rc_completion``
 (1 when the document was wrapped so). Counters: ``reading_comprehension/mined/<sub-type>``,
 ``reading_comprehension/used/<sub-type>``, ``reading_comprehension/wrap/<choice>``,
-``reading_comprehension/no_tasks``; documents with no text are passed through and counted as
+``reading_comprehension/no_tasks`` (rows without a mined task; a warning when most are),
+``reading_comprehension/chars_in``, ``chars_cut``, ``cut_documents``, ``split_documents``,
+``pieces``, ``unwrapped_lines``, ``title_line_removed``; documents with no text are passed through and counted as
 ``reading_comprehension/empty``.
 """
 
@@ -56,7 +64,7 @@ import os
 import random
 import re
 import string
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -315,6 +323,77 @@ def has_two_sentences(text: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
+# hard-wrapped lines and long documents
+
+_LIST_ITEM = re.compile(r"(?:[-*•+]|\d+[.)]|[a-z][.)])\s")
+
+
+def _prose_line(line: str) -> bool:
+    """A line of running text (not code, a list item, a prompt or a table row)."""
+    if not line or line[0].isspace() or line.startswith((">>>", "...", "$ ", "#", "|", "```")):
+        return False
+    if _LIST_ITEM.match(line) or " = " in line:
+        return False
+    letters = sum(ch.isalpha() or ch == " " for ch in line)
+    return letters >= 0.85 * len(line)
+
+
+def unwrap_lines(text: str) -> tuple[str, int]:
+    """(text with hard-wrapped prose lines joined, number of joins). A line is joined to the next
+    when both are prose (see ``_prose_line``), the first does not end a sentence or a clause
+    (``.!?:;``) and the next starts in lower case, or the first is long (>= 50 characters, as
+    wrapped lines are) and ends in a word or a comma. Extraction keeps the line breaks of
+    ``<pre>``-like or wrapped source text; the miner's sentences cannot span a line break, so
+    wrapped paragraphs gave no tasks."""
+    lines = text.split("\n")
+    out: list[str] = []
+    joins = 0
+    prev_prose = False
+    for line in lines:
+        if out and prev_prose and line and _prose_line(line):
+            a = out[-1].rstrip()
+            if not a.endswith((".", "!", "?", ":", ";")) and (
+                    line[0].islower() or (len(a) >= 50 and (a[-1].isalpha() or a[-1] == ","))):
+                out[-1] = a + " " + line.lstrip()
+                joins += 1
+                continue
+        out.append(line)
+        prev_prose = _prose_line(line)
+    return "\n".join(out), joins
+
+
+def _boundary(text: str, end: int) -> int:
+    """The best place to end a piece at or before ``end``: a paragraph end, else a line end, else
+    a sentence end, else a space, in the second half of ``text[:end]``; ``end`` itself otherwise."""
+    lo = end // 2
+    for sep in ("\n\n", "\n"):
+        i = text.rfind(sep, lo, end)
+        if i > 0:
+            return i + len(sep)
+    for m in reversed(list(re.finditer(r"[.!?][\"')\]]*\s", text[lo:end]))):
+        return lo + m.end()
+    i = text.rfind(" ", lo, end)
+    return i + 1 if i > 0 else end
+
+
+def split_long(text: str, cutter: Any, n: int) -> list[str]:
+    """``text`` in pieces of at most ``n`` tokens of ``cutter`` (``cutter.truncate``), cut at
+    paragraph, line or sentence ends when possible; ``"".join(pieces) == text`` for tokenizers
+    whose cut is a prefix of the text (whitespace)."""
+    pieces: list[str] = []
+    rest = text
+    while rest.strip():
+        head = cutter.truncate(rest, n)
+        if len(head) >= len(rest) or head == rest:
+            pieces.append(rest)
+            break
+        cut = _boundary(rest, max(1, len(head)))
+        pieces.append(rest[:cut])
+        rest = rest[cut:]
+    return pieces
+
+
+# --------------------------------------------------------------------------------------------------
 # templates
 
 PROMPT_IDS = {"nli": "reading_comprehension/nli", "cause_effect": "reading_comprehension/cause_effect",
@@ -374,11 +453,15 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
+_INNER_SPACES = re.compile(r"(?<=[^\s]) {2,}")
+
+
 def _one_space(s: str) -> str:
-    """Runs of spaces become one space (the reference's last step)."""
-    while "  " in s:
-        s = s.replace("  ", " ")
-    return s
+    """Runs of spaces inside a line become one space (the reference's last step), but a line's
+    leading indentation is kept (the reference flattened code blocks)."""
+    if "  " not in s:
+        return s
+    return _INNER_SPACES.sub(" ", s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,6 +620,13 @@ class ReadingComprehensionConfig(StageConfig):
     templates: str | None = Field(None, description="folder with your own reading_comprehension/*.yaml")
     exact_reference: bool = Field(True, description="keep the reference's `i.e.` pattern whose dots "
                                   "match any character (false: literal dots)")
+    long_documents: Literal["split", "cut"] = Field(
+        "split", description="split: a body longer than max_body_tokens becomes several output rows "
+        "(pieces of at most max_body_tokens, cut at paragraph, line or sentence ends; ids <id>#<k>), "
+        "each mined and wrapped; cut: keep only the first max_body_tokens, as the reference does")
+    unwrap_lines: bool = Field(True, description="join prose lines that extraction wrapped (a line "
+                               "continuing the sentence of the line before) before mining; code, "
+                               "lists and indented lines are kept as they are")
 
     @model_validator(mode="after")
     def _source_kept(self) -> "ReadingComprehensionConfig":
@@ -778,7 +868,48 @@ class ReadingComprehension(MapStage):
             kw = {"sentence": sentence, "verbalizer": verbalizer, "topic": topic}
             pool = t[sub]
         q, a = rng.choice(pool)
-        return q.format(**kw) + " " + a.format(**kw)
+        question = q.format(**kw)
+        # one space joins question and answer (the reference's delimiter), but never onto the last
+        # item of an option list ("- Maybe Yes")
+        sep = "\n" if question.rsplit("\n", 1)[-1].lstrip().startswith(("- ", "* ")) else " "
+        return question + sep + a.format(**kw)
+
+    def pieces(self, text: str, title: str | None = None) -> list[tuple[str | None, str]]:
+        """(title, body) pieces of one document, to mine and wrap each: the body with a repeated
+        title line removed, wrapped lines joined (``unwrap_lines``), then split into pieces of at
+        most ``max_body_tokens`` (``long_documents: split``) or cut to its first piece (``cut``).
+        Counts ``chars_in`` / ``chars_cut`` (text left out), ``unwrapped_lines``,
+        ``split_documents`` and ``pieces``."""
+        c = self.config
+        title, body = self.split(text, title)
+        if c.title_column is not None and title:
+            head, nl, rest = body.lstrip("\n").partition("\n")
+            if head.strip().rstrip("¶").strip() == title.strip().rstrip("¶").strip():
+                body = rest   # the page's heading repeats its title: keep it once
+                self.count("reading_comprehension/title_line_removed")
+        if c.unwrap_lines:
+            body, joins = unwrap_lines(body)
+            if joins:
+                self.count("reading_comprehension/unwrapped_lines", joins)
+        self.count("reading_comprehension/chars_in", len(body))
+        if c.long_documents == "cut":
+            cut = self.cutter.truncate(body, self.cut_n)
+            if len(cut) < len(body):
+                self.count("reading_comprehension/chars_cut", len(body) - len(cut))
+                self.count("reading_comprehension/cut_documents")
+            return [(title, cut)]
+        parts = split_long(body, self.cutter, self.cut_n) or [body]
+        if len(parts) > 1:
+            self.count("reading_comprehension/split_documents")
+        self.count("reading_comprehension/pieces", len(parts))
+        return [(title, p) for p in parts]
+
+    def render_piece(self, piece_id: str, title: str | None, body: str) -> tuple[str, dict[str, int], dict[str, int], str]:
+        """(assembled text, raw counts, used counts, wrap choice) of one piece."""
+        rng = self.rng(piece_id)
+        blocks, raw, used, sents = self.mined_blocks(body, rng)
+        out, wrap = self.assemble(title, body, blocks, rng, sents)
+        return out, raw, used, wrap
 
     def process(self, table: pa.Table) -> pa.Table:
         c = self.config
@@ -786,36 +917,51 @@ class ReadingComprehension(MapStage):
         ids = table.column(c.id_column).to_pylist()
         titles = table.column(c.title_column).to_pylist() if c.title_column else [None] * len(texts)
         outs: list[str | None] = []
+        sources: list[str | None] = []
+        rows: list[int] = []          # input row of each output row
+        out_ids: list[Any] = []
         counts = {col: [] for col in COUNT_COLUMNS}
         totals: dict[str, int] = {}
-        for doc_id, text, title in zip(ids, texts, titles):
+        for i, (doc_id, text, title) in enumerate(zip(ids, texts, titles)):
             if not text or not text.strip():
                 self.count("reading_comprehension/empty")
                 outs.append(text)
+                sources.append(text)
+                rows.append(i)
+                out_ids.append(doc_id)
                 for col in COUNT_COLUMNS:
                     counts[col].append(0)
                 continue
             if doc_id is None:
                 raise StageError(f"reading_comprehension: a document has no {c.id_column!r}; ids seed "
                                  "the output")
-            out, raw, used, wrap = self.render(str(doc_id), text, title)
-            outs.append(out)
-            for s in SUBTYPES:
-                counts[f"rc_{s}"].append(raw[s])
-                if raw[s]:
-                    totals[f"mined/{s}"] = totals.get(f"mined/{s}", 0) + raw[s]
-                    totals[f"used/{s}"] = totals.get(f"used/{s}", 0) + used[s]
-            counts["rc_summarize"].append(int(wrap in ("summarize", "summarize_completion")))
-            counts["rc_completion"].append(int(wrap in ("completion", "summarize_completion")))
-            totals[f"wrap/{wrap}"] = totals.get(f"wrap/{wrap}", 0) + 1
-            if not used:
-                totals["no_tasks"] = totals.get("no_tasks", 0) + 1
+            pieces = self.pieces(text, title)
+            for k, (piece_title, body) in enumerate(pieces):
+                piece_id = str(doc_id) if len(pieces) == 1 else f"{doc_id}#{k}"
+                out, raw, used, wrap = self.render_piece(piece_id, piece_title, body)
+                outs.append(out)
+                sources.append(text if len(pieces) == 1 else body)
+                rows.append(i)
+                out_ids.append(doc_id if len(pieces) == 1 else piece_id)
+                for s in SUBTYPES:
+                    counts[f"rc_{s}"].append(raw[s])
+                    if raw[s]:
+                        totals[f"mined/{s}"] = totals.get(f"mined/{s}", 0) + raw[s]
+                        totals[f"used/{s}"] = totals.get(f"used/{s}", 0) + used[s]
+                counts["rc_summarize"].append(int(wrap in ("summarize", "summarize_completion")))
+                counts["rc_completion"].append(int(wrap in ("completion", "summarize_completion")))
+                totals[f"wrap/{wrap}"] = totals.get(f"wrap/{wrap}", 0) + 1
+                if not used:
+                    totals["no_tasks"] = totals.get("no_tasks", 0) + 1
         for k, v in totals.items():
             self.count(f"reading_comprehension/{k}", v)
-        source = table.column(c.text_column)
         out_t = table
+        if len(rows) != table.num_rows:   # some documents were split: one row per piece
+            out_t = table.take(pa.array(rows, pa.int64()))
+            id_type = table.schema.field(c.id_column).type
+            out_t = _set_column(out_t, c.id_column, pa.array([str(x) for x in out_ids]).cast(id_type))
         if c.source_text_column:
-            out_t = _set_column(out_t, c.source_text_column, source)
+            out_t = _set_column(out_t, c.source_text_column, pa.array(sources, pa.string()))
         out_t = _set_column(out_t, c.output_column, pa.array(outs, pa.string()))
         for col in COUNT_COLUMNS:
             out_t = _set_column(out_t, col, pa.array(counts[col], pa.int32()))

@@ -69,7 +69,25 @@ class _Where:
                 self.expr = pl.sql_expr(text)
             except Exception as exc:  # noqa: BLE001  (polars raises several SQL error types)
                 raise ValueError(f"not a valid expression: {text!r} ({exc})") from None
-        self.columns = self.expr.meta.root_names()
+        # a column named twice ("x > 1 and x < 2") is read once
+        self.columns = list(dict.fromkeys(self.expr.meta.root_names()))
+
+    def evaluate(self, t: pa.Table) -> pl.Series:
+        """The expression over a table holding (at least) its columns."""
+        return pl.from_arrow(t.select(self.columns)).select(self.expr).to_series()
+
+    def dry_run(self) -> None:
+        """Evaluate the expression on an empty table of its columns (types unknown: null), the
+        way a run evaluates it, so that ``curate validate`` catches what would fail for any data.
+        Type errors are left to the run, which knows the column types."""
+        empty = pa.table({c: pa.array([], pa.null()) for c in self.columns})
+        try:
+            self.evaluate(empty)
+        except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError,
+                pl.exceptions.SchemaError):
+            pass   # e.g. LIKE on a column of unknown (null) type
+        except (pl.exceptions.PolarsError, pa.ArrowException) as exc:
+            raise ValueError(f"{self.text!r} cannot be evaluated: {exc}") from None
 
     def _node(self, n: ast.AST) -> Any:
         if isinstance(n, ast.BoolOp):
@@ -139,6 +157,29 @@ def parse_where(text: str) -> _Where:
     return _Where(text)
 
 
+# Stages whose output columns are exactly their input's plus their class's ``writes``: a chain of
+# them (from a source with a fixed schema) has known columns, so `where` names can be checked at
+# validate time. Other stages (readers of Parquet/JSONL, scorers naming columns from options)
+# leave the columns unknown and the check to the run.
+_KNOWN_SCHEMA_STAGES = {"read_files", "read_warc", "crawl", "read_pydoc", "extract_html", "language_id",
+                        "heuristic_filter", "pii", "exact_dedup", "minhash_dedup", "select"}
+
+
+def upstream_columns(steps: dict, inputs: list[str]) -> set[str] | None:
+    """The columns a step reading ``inputs`` receives, when every step above it is of a stage
+    whose columns are known (``_KNOWN_SCHEMA_STAGES``); None otherwise."""
+    out: set[str] = set()
+    for name in inputs:
+        step = steps.get(name)
+        if step is None or step.stage.name not in _KNOWN_SCHEMA_STAGES:
+            return None
+        above = upstream_columns(steps, step.inputs) if step.inputs else set()
+        if above is None:
+            return None
+        out |= (above | set(type(step.stage).writes)) - set(step.stage.removes() if hasattr(step.stage, "removes") else ())
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +215,7 @@ class SelectConfig(StageConfig):
     @classmethod
     def _where(cls, v: str | None) -> str | None:
         if v is not None:
-            parse_where(v)            # a ValueError names the key `where`
+            parse_where(v).dry_run()  # a ValueError names the key `where`
         return v
 
     @model_validator(mode="after")
@@ -212,6 +253,19 @@ class Select(GlobalStage):
     name = "select"
     Config = SelectConfig
 
+    def check_upstream(self, steps: dict, inputs: list[str]) -> list[tuple[str, str]]:
+        """Problems of `where` against the columns of the steps above (when they are known)."""
+        if not self.config.where:
+            return []
+        known = upstream_columns(steps, inputs)
+        if known is None:
+            return []
+        missing = [c for c in parse_where(self.config.where).columns if c not in known]
+        if not missing:
+            return []
+        return [("where", f"names column(s) {missing} that no earlier step writes (columns: "
+                          f"{', '.join(sorted(known))})")]
+
     def setup(self) -> None:
         self._where = parse_where(self.config.where) if self.config.where else None
         self._tok = None
@@ -244,7 +298,7 @@ class Select(GlobalStage):
         ok = np.ones(n, bool)
         if self._where is not None:
             try:
-                m = pl.from_arrow(t.select(self._where.columns)).select(self._where.expr).to_series()
+                m = self._where.evaluate(t)
             except pl.exceptions.PolarsError as exc:
                 raise StageError(f"{self.step_name}: `where` {c.where!r} failed: {exc}") from None
             if m.dtype != pl.Boolean:

@@ -251,7 +251,8 @@ def test_body_cut_before_mining():
     body_words = len(text.split("\n", 1)[1].split())
     full = ReadingComprehension(domain="x", max_body_tokens=10_000)(pa.table({"id": ["a"], "text": [text]}))
     first_pair_words = len(text.split("\n", 1)[1].split("Engineers")[0].split())
-    cut = ReadingComprehension(domain="x", max_body_tokens=first_pair_words + 3, words_per_token=1.0)(
+    cut = ReadingComprehension(domain="x", max_body_tokens=first_pair_words + 3, words_per_token=1.0,
+                               long_documents="cut")(
         pa.table({"id": ["a"], "text": [text]}))
     assert body_words > first_pair_words + 3
     assert full.column("rc_contradict")[0].as_py() == 3
@@ -354,3 +355,91 @@ def test_same_bytes_under_another_python_hash_seed():
     t = pa.table({"id": [f"d{i}" for i in range(30)], "text": [_doc(i, 3) for i in range(30)]})
     here = hashlib.sha256("\x00".join(ReadingComprehension(domain="x")(t).column("text").to_pylist()).encode()).hexdigest()
     assert digests == {here}
+
+
+# -- issue 18.5 / 18.6: long documents split, wrapped lines joined, rendering ------------------------
+
+def _long_doc(n_pairs: int) -> str:
+    return "Water supply\n" + "".join(
+        f"Village number {k} in the valley depends on a single deep well for its water. However, town "
+        f"number {k} draws its supply from a reservoir built in the nineteen sixties.\n\n" for k in range(n_pairs))
+
+
+def test_long_documents_are_split_into_pieces_not_cut():
+    text = _long_doc(36)                       # 1,116 words: 3 pieces of at most 400 words (12 pairs)
+    t = pa.table({"id": ["a"], "text": [text]})
+    st = ReadingComprehension(domain="x", max_body_tokens=400, words_per_token=1.0)
+    out = st(t)
+    assert out.num_rows == 3 and out.column("id").to_pylist() == ["a#0", "a#1", "a#2"]
+    pieces = out.column("source_text").to_pylist()
+    assert "".join(pieces) == text.split("\n", 1)[1]          # nothing lost, in order
+    assert all(len(p.split()) <= 400 for p in pieces) and all(p.endswith("\n\n") for p in pieces[:-1])
+    whole = ReadingComprehension(domain="x", max_body_tokens=10_000)(t).column("rc_contradict")[0].as_py()
+    assert whole >= 15 and sum(out.column("rc_contradict").to_pylist()) >= whole - 2   # a cut may split a pair
+    assert "Village number 35" in out.column("text")[2].as_py()
+    c = st.counters.to_dict()
+    assert c["reading_comprehension/split_documents"] == 1 and c["reading_comprehension/pieces"] == 3
+    assert "reading_comprehension/chars_cut" not in c
+    # the reference's cut, as an option: one row, the rest counted as cut and warned about
+    ref = ReadingComprehension(domain="x", max_body_tokens=400, words_per_token=1.0, long_documents="cut")
+    out = ref(t)
+    assert out.num_rows == 1 and out.column("rc_contradict")[0].as_py() <= whole / 3 + 1
+    c = ref.counters.to_dict()
+    assert c["reading_comprehension/chars_cut"] > 0.6 * c["reading_comprehension/chars_in"]
+    from curate.pipeline.warnings import step_warnings
+    w = step_warnings({"stage": "reading_comprehension", "in": 1, "out": 1, "dropped": {}, "errors": {},
+                       "counters": c})
+    assert [x["code"] for x in w] == ["rc_text_cut"] and "was cut before mining" in w[0]["message"]
+
+
+WRAPPED = """Water supply in the valley
+The valley has many villages and a few towns.
+Most villages in the valley depend on a single deep well for drinking
+water. However, the largest town draws its supply from a reservoir built in the
+nineteen sixties. The report lists every pumping station that was repaired in
+the last year.
+
+    def pump(station):
+        return station.flow  # code lines stay as they are
+- a list item that is short
+- another list item
+"""
+
+
+def test_wrapped_lines_are_joined_before_mining_and_code_is_kept():
+    t = pa.table({"id": ["a"], "text": [WRAPPED]})
+    st = ReadingComprehension(domain="x")
+    out = st(t).to_pylist()[0]
+    assert out["rc_contradict"] == 1
+    assert ReadingComprehension(domain="x", unwrap_lines=False)(t).column("rc_contradict")[0].as_py() == 0
+    assert "    def pump(station):\n        return station.flow # code lines stay as they are" in out["text"]
+    assert "- a list item that is short\n- another list item" in out["text"]
+    assert st.counters.to_dict()["reading_comprehension/unwrapped_lines"] == 3
+
+
+def test_nli_answers_never_land_on_an_option_line():
+    import re
+
+    st = ReadingComprehension(domain="x")
+    st.ensure_setup()
+    item = ("The river floods every spring when the snow melts in the mountains.", "Yes",
+            "farmers plant their crops only after the water has gone down again.")
+    rendered = set()
+    for seed in range(400):
+        rendered.add(st._example("nli", "entail", item, random.Random(seed)))
+    option_templates = [r for r in rendered if "- Maybe" in r or "- Moreover" in r]
+    assert len(option_templates) >= 3
+    for r in rendered:
+        assert not re.search(r"^- (Yes|No|Maybe|Therefore|However|Moreover) \S", r, re.M), r
+        assert not re.search(r"Choices: Therefore, However, Moreover \S", r), r
+
+
+def test_title_from_a_column_is_not_repeated_by_the_body():
+    text = "Built-in Functions\nThe interpreter has a number of functions and types built into it."
+    t = pa.table({"id": [f"d{i}" for i in range(40)], "text": [text] * 40, "title": ["Built-in Functions"] * 40})
+    st = ReadingComprehension(domain="x", title_column="title")
+    for r in st(t).to_pylist():
+        assert r["text"].count("Built-in Functions") == (1 if r["rc_summarize"] or r["rc_completion"] or
+                                                         "Built-in Functions" in r["text"] else 0)
+        assert r["text"].count("Built-in Functions") <= 1
+    assert st.counters.to_dict()["reading_comprehension/title_line_removed"] == 40

@@ -202,3 +202,43 @@ def test_carriage_returns_and_tabs_stay_inside_one_example(tmp_path, domain_data
     st([])
     assert st.card["data"]["train"] + st.card["data"]["test"] == 600
     assert st.card["metrics"]["test_docs"] == st.card["data"]["test"] and st.card["metrics"]["f1"] >= 0.9
+
+
+# -- issue 18.7: defaults that work on small data, warnings on a poor or tiny held-out set -----------
+
+@pytest.fixture(scope="module")
+def small_imbalanced(tmp_path_factory):
+    """About what the reporter had: 1,010 documents, 110 of the label."""
+    from domain_text import documents
+
+    d = tmp_path_factory.mktemp("small")
+    pq.write_table(pa.table({"text": documents("finance", 110, seed=3)}), str(d / "pos.parquet"))
+    pq.write_table(pa.table({"text": documents("cooking", 900, seed=3)}), str(d / "neg.parquet"))
+    return str(d / "pos.parquet"), str(d / "neg.parquet")
+
+
+def test_default_options_work_on_a_small_set_and_warn_about_a_tiny_heldout_set(small_imbalanced, tmp_path):
+    pos, neg = small_imbalanced
+    st = TrainClassifier(positive=pos, negative=neg, output_dir=str(tmp_path))
+    st([])
+    card = st.card
+    m = card["metrics"]
+    assert m["f1"] >= 0.85, m          # fastText's own defaults (lr 0.1, 5 epochs): recall 0, F1 n/a
+    assert card["bytes"] < 50e6                               # not 800 MB
+    assert card["options"]["lr"] == 0.5 and card["options"]["bucket"] == 200_000
+    assert card["auto_options"] == ["bucket", "dim", "epoch", "lr"]
+    assert [w["code"] for w in card["warnings"]] == ["small_heldout_set"]
+    assert f"only {m['tp'] + m['fn']} positive" in card["warnings"][0]["message"]
+    assert st.counters.to_dict()["warnings/small_heldout_set"] == 1
+
+
+def test_poor_heldout_f1_is_a_warning(small_imbalanced, tmp_path, caplog):
+    pos, neg = small_imbalanced
+    st = TrainClassifier(positive=pos, negative=neg, output_dir=str(tmp_path), lr=0.1, epoch=5, dim=16,
+                         bucket=20_000, test_fraction=0.4)
+    with caplog.at_level("WARNING", logger="curate"):
+        st([])
+    assert st.card["metrics"]["recall"] < 0.5
+    assert [w["code"] for w in st.card["warnings"]] == ["poor_heldout_f1"]
+    assert "held-out F1 is" in caplog.text
+    assert st.counters.to_dict()["warnings/poor_heldout_f1"] == 1
