@@ -140,6 +140,10 @@ class Completion:
     transient: bool = False
     # already written to the request cache by the backend as it arrived
     stored: bool = field(default=False, repr=False)
+    # HTTP 429 answers met on the way (rate limited by the server)
+    throttled: int = field(default=0, repr=False)
+    # the endpoint never answered in this run and looks unreachable or misconfigured
+    endpoint_dead: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -234,6 +238,9 @@ class Engine(ABC):
     def cache_extra(self) -> str:
         """Extra identity for the cache key (e.g. a custom chat template)."""
         return ""
+
+    def share_limits(self, folder: str | None) -> None:
+        """Keep rate-limit state in ``folder``, shared by every worker of a run (HTTP engines)."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` for chunking and budgets. Backends with a tokenizer count exactly; the
