@@ -208,6 +208,23 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]],
     return tokenizer.apply_chat_template([dict(m) for m in messages], **kwargs)
 
 
+# called by HTTP backends right before each request goes out (see ``set_send_guard``)
+_SEND_GUARD: "Callable[[], None] | None" = None
+
+
+def set_send_guard(fn: "Callable[[], None] | None") -> None:
+    """``fn()`` runs before every request an HTTP backend sends; it ends the process when the
+    process must not send any more. A runner's worker sets it to exit at once when the run that
+    started it is gone: an orphaned worker must not send requests the resumed run sends again."""
+    global _SEND_GUARD
+    _SEND_GUARD = fn
+
+
+def before_send() -> None:
+    if _SEND_GUARD is not None:
+        _SEND_GUARD()
+
+
 def cache_key(kind: str, model: str, request: Request, extra: str = "") -> str:
     """The request-cache key: engine kind, model identity, prompt/messages and sampling params
     (including the seed). ``extra`` is for anything else that changes the output (chat template)."""

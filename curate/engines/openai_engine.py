@@ -30,7 +30,7 @@ import re
 import threading
 from typing import Any
 
-from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob
+from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob, before_send
 from curate.engines.cache import RequestCache
 from curate.engines.config import OpenAIConfig
 
@@ -274,6 +274,7 @@ class OpenAIEngine(Engine):
                     await wait_for_slot(limiter, tokens)
                 async with aimd:  # at most `concurrency` (lowered after 429s) requests in flight
                     async with clients.lease() as client:
+                        before_send()  # a runner's worker whose run is gone stops here
                         c = await self._post(client, path, body, request.is_chat)
                 aimd.success()
                 self._ever_ok = True

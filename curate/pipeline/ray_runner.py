@@ -92,6 +92,9 @@ class RayExecutor:
             for a in pool[0]:
                 self.ray.kill(a)
         self._actors.clear()
+        from curate.llm.ratelimit import kill_ray_limiters
+
+        kill_ray_limiters(self.ray)   # the run's shared rate limiters (named, detached actors)
         if self._owns:
             self.ray.shutdown()
 

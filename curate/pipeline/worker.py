@@ -103,6 +103,21 @@ def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str],
     _WORKER["queue"] = queue
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     _die_with_parent(parent_pid)
+    from curate.engines.base import set_send_guard
+
+    set_send_guard(lambda: _exit_if_orphan(parent_pid))
+
+
+def _exit_if_orphan(parent_pid: int) -> None:
+    """Before each LLM request: exit now if the run that started this worker is gone (killed).
+    The watchdog below notices within half a second, but in that time an orphan would send new
+    requests that the resumed run then sends again (duplicates, paid twice)."""
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        os._exit(70)
+    except PermissionError:
+        pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
