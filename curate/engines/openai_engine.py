@@ -7,7 +7,7 @@ engine. Chat requests use ``POST {base_url}/chat/completions``, raw prompts
 with exponential backoff and jitter; other 4xx answers fail the request at once. A request that
 still fails becomes a ``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
 
-``requests_per_minute``/``tokens_per_minute`` hold for the whole run: every attempt reserves a slot
+``requests_per_minute``/``tokens_per_minute`` hold for the whole run: every attempt takes its turn
 from a limiter shared by all workers (:mod:`curate.llm.ratelimit`; the stage points it at the run's
 work folder with ``share_limits``), with a burst of about 2 seconds' worth. An HTTP 429 holds every
 worker for its ``Retry-After`` (seconds or an HTTP date), halves this process's concurrency, which
@@ -270,10 +270,10 @@ class OpenAIEngine(Engine):
         while True:
             retry_after = None
             try:
-                if limiter is not None:  # every attempt counts against the limits (the server counts it)
-                    await wait_for_slot(limiter, tokens)
                 async with aimd:  # at most `concurrency` (lowered after 429s) requests in flight
                     async with clients.lease() as client:
+                        if limiter is not None:  # every attempt counts (the server counts it)
+                            await wait_for_slot(limiter, tokens)
                         before_send()  # a runner's worker whose run is gone stops here
                         c = await self._post(client, path, body, request.is_chat)
                 aimd.success()

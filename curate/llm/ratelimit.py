@@ -11,8 +11,8 @@ algorithm, a token bucket kept as one "theoretical arrival time" per limit):
   the engine runs inside a Ray worker, so a multi-node cluster shares it too;
 - :class:`LocalLimiter`: in memory, for library calls without a work folder.
 
-Each request *reserves* its slot (``reserve(tokens) -> when``, wall-clock seconds) and waits until
-then; reservations are first come, first served, and there is no polling. The burst is capped at
+A request asks right before it goes out (``acquire(tokens)``: 0 = go, and it is charged; else the
+seconds to wait before asking again), so requests held up on the way do not bunch up later. The burst is capped at
 ``BURST_SECONDS`` worth of the rate (at least one request): a run does not start with a minute's
 worth of requests. A request larger than the token burst still goes once the bucket's backlog is
 within the burst (it then delays the ones after it), so it never waits forever.
@@ -36,8 +36,8 @@ BURST_SECONDS = 2.0
 
 
 class GCRA:
-    """Requests-per-minute and tokens-per-minute state. ``reserve`` returns the earliest time a
-    request may go and charges it; ``state``/``load`` move the numbers in and out of storage."""
+    """Requests-per-minute and tokens-per-minute state. ``acquire`` lets a request go (charging
+    it) or says how long to wait; ``state``/``load`` move the numbers in and out of storage."""
 
     def __init__(self, rpm: float | None, tpm: float | None, burst_seconds: float = BURST_SECONDS):
         self.rpm, self.tpm = rpm, tpm
@@ -52,20 +52,30 @@ class GCRA:
     def load(self, state: tuple[float, float, float]) -> None:
         self.tat_req, self.tat_tok, self.hold_until = state
 
-    def reserve(self, tokens: int, now: float) -> float:
+    def acquire(self, tokens: int, now: float) -> float:
+        """0.0: the request may go now (and is charged); else the seconds to wait before asking
+        again (nothing charged). Charging only when the request really goes keeps requests that
+        were delayed on the way (a busy connection, a slow start) from bunching up later."""
+        slot = self.slot(now)
+        if slot > now + 1e-3:
+            return slot - now
+        self.charge(tokens, now)
+        return 0.0
+
+    def slot(self, now: float) -> float:
+        """The earliest time the next request may go."""
         slot = max(now, self.hold_until)
         if self.rpm:
-            interval = 60.0 / self.rpm
-            tau = max(0.0, self.burst - interval)   # the burst: burst_seconds worth, at least 1
-            slot = max(slot, self.tat_req - tau)
+            slot = max(slot, self.tat_req - max(0.0, self.burst - 60.0 / self.rpm))
         if self.tpm:
-            per_token = 60.0 / self.tpm
             slot = max(slot, self.tat_tok - self.burst)
-        if self.rpm:
-            self.tat_req = max(self.tat_req, slot) + 60.0 / self.rpm
-        if self.tpm:
-            self.tat_tok = max(self.tat_tok, slot) + max(0, tokens) * per_token
         return slot
+
+    def charge(self, tokens: int, now: float) -> None:
+        if self.rpm:
+            self.tat_req = max(self.tat_req, now) + 60.0 / self.rpm
+        if self.tpm:
+            self.tat_tok = max(self.tat_tok, now) + max(0, tokens) * 60.0 / self.tpm
 
     def hold(self, until: float) -> None:
         self.hold_until = max(self.hold_until, until)
@@ -79,9 +89,9 @@ class LocalLimiter:
         self.clock = clock
         self.lock = threading.Lock()
 
-    def reserve(self, tokens: int) -> float:
+    def acquire(self, tokens: int) -> float:
         with self.lock:
-            return self.gcra.reserve(tokens, self.clock())
+            return self.gcra.acquire(tokens, self.clock())
 
     def hold(self, until: float) -> None:
         with self.lock:
@@ -138,8 +148,8 @@ class SqliteLimiter:
                 raise
             return out
 
-    def reserve(self, tokens: int) -> float:
-        return self._update(lambda g, now: g.reserve(tokens, now))
+    def acquire(self, tokens: int) -> float:
+        return self._update(lambda g, now: g.acquire(tokens, now))
 
     def hold(self, until: float) -> None:
         self._update(lambda g, now: g.hold(until))
@@ -154,8 +164,8 @@ class _LimiterActor:
     def __init__(self, rpm: float | None, tpm: float | None):
         self.gcra = GCRA(rpm, tpm)
 
-    def reserve(self, tokens: int) -> float:
-        return self.gcra.reserve(tokens, time.time())
+    def acquire(self, tokens: int) -> float:
+        return self.gcra.acquire(tokens, time.time())
 
     def hold(self, until: float) -> None:
         self.gcra.hold(until)
@@ -177,8 +187,8 @@ class RayLimiter:
         self.actor = cls.options(name=name, namespace=ACTOR_NAMESPACE, lifetime="detached",
                                  get_if_exists=True).remote(rpm, tpm)
 
-    def reserve(self, tokens: int) -> float:
-        return float(self.ray.get(self.actor.reserve.remote(tokens)))
+    def acquire(self, tokens: int) -> float:
+        return float(self.ray.get(self.actor.acquire.remote(tokens)))
 
     def hold(self, until: float) -> None:
         self.ray.get(self.actor.hold.remote(until))
@@ -223,12 +233,11 @@ def kill_ray_limiters(ray: Any) -> None:
 
 
 async def wait_for_slot(limiter: Any, tokens: int) -> None:
-    """Reserve a slot (off the event loop: the SQLite/Ray call may block) and sleep until it."""
+    """Wait until the limiter lets a request of ``tokens`` go (it is charged then). The limiter is
+    asked off the event loop: its SQLite transaction or Ray call may block."""
     loop = asyncio.get_running_loop()
-    when = await loop.run_in_executor(None, limiter.reserve, tokens)
-    delay = when - time.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
+    while (wait := await loop.run_in_executor(None, limiter.acquire, tokens)) > 0:
+        await asyncio.sleep(wait)
 
 
 class AIMD:

@@ -220,21 +220,24 @@ def test_template_naming_a_missing_column_fails_validation(prompts, tmp_path):
 
 
 def test_rate_limiter():
-    """The GCRA behind requests_per_minute/tokens_per_minute: a burst of ~2 s worth, then the rate."""
+    """The GCRA behind requests_per_minute/tokens_per_minute: a burst of ~2 s worth, then the rate.
+    ``acquire`` returns 0 (go: charged) or the seconds to wait."""
     from curate.llm.ratelimit import LocalLimiter
 
     now = [0.0]
     lim = LocalLimiter(rpm=60, tpm=600, clock=lambda: now[0])  # 1 request/s, 10 tokens/s
-    assert lim.reserve(5) == 0 and lim.reserve(5) == 0   # 2 s worth of requests at once
-    assert lim.reserve(5) == pytest.approx(1.0)            # then one per second
-    assert lim.reserve(5) == pytest.approx(2.0)
+    assert lim.acquire(5) == 0 and lim.acquire(5) == 0     # 2 s worth of requests at once
+    assert lim.acquire(5) == pytest.approx(1.0)            # then one per second
+    assert lim.acquire(5) == pytest.approx(1.0)            # (nothing was charged for the refusal)
+    now[0] = 1.0
+    assert lim.acquire(5) == 0 and lim.acquire(5) == pytest.approx(1.0)
     tok = LocalLimiter(rpm=None, tpm=600, clock=lambda: now[0])
-    assert tok.reserve(100) == 0                           # a request bigger than the burst still goes
-    assert tok.reserve(10) == pytest.approx(10.0 - 2.0)    # ... and the next waits for its tokens
+    assert tok.acquire(100) == 0                           # a request bigger than the burst still goes
+    assert tok.acquire(10) == pytest.approx(10.0 - 2.0)    # ... and the next waits for its tokens
     slow = LocalLimiter(rpm=2, tpm=None, clock=lambda: now[0])
-    assert slow.reserve(1) == 0 and slow.reserve(1) == pytest.approx(30.0)  # no minute-long burst
+    assert slow.acquire(1) == 0 and slow.acquire(1) == pytest.approx(30.0)  # no minute-long burst
     slow.hold(100.0)                                       # a 429's Retry-After holds everyone
-    assert slow.reserve(1) == pytest.approx(100.0)
+    assert slow.acquire(1) == pytest.approx(99.0)
 
 
 def test_openai_rate_limit_option(openai_server):
