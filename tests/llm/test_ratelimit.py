@@ -225,3 +225,21 @@ def test_llm_progress_and_finer_tasks(tmp_path, caplog):
         p._log(time.monotonic())
     assert "LLM requests 10 done, 9 in flight, 1 failed, 500 tokens, cost 0.2500" in caplog.records[-1].getMessage()
     assert "ETA" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_requests_per_minute_holds_across_ray_workers(tmp_path):
+    """runner: ray: the Ray workers share one limiter (a named Ray actor)."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
+    from curate.pipeline.runner import run_pipeline
+
+    with FakeOpenAI(latency=0.02) as srv:
+        spec = pipeline(str(tmp_path), srv, requests_per_minute=600)
+        spec["runner"] = "ray"
+        res = run_pipeline(spec, progress=False)
+        ts = sorted(e.t0 for e in srv.log)
+    assert res.stats["generate"]["out"] == 40 and len(ts) == 40
+    assert srv.max_in_window(1.0) <= 10 * (1 + 2) + 1
+    assert ts[-1] - ts[0] >= (40 - 20) / 10 - 0.3
+    assert not os.path.exists(os.path.join(str(tmp_path), "out", "_curate", "work", "llm_ratelimit.sqlite"))
