@@ -20,7 +20,7 @@ not change them). Faults:
 - ``drop``: the connection is closed without an answer;
 - ``malformed``: HTTP 200 with a body that is not JSON.
 
-``answered`` in the log means a complete 200 answer was written. ``rpm`` makes the server itself
+``latency`` (seconds, or a function of the body) holds each answer that long. ``answered`` in the log means a complete 200 answer was written. ``rpm`` makes the server itself
 enforce a requests-per-minute limit (answering 429 beyond it, counted in the log as ``limited``).
 ``status_for_path`` answers every request with one status (a dead or misconfigured endpoint: 404,
 401). Nothing here needs pytest.
@@ -71,7 +71,8 @@ class Entry:
 
 class FakeOpenAI:
     def __init__(self, *, seed: int = 0, faults: dict[str, float] | None = None,
-                 responder: Callable[[dict[str, Any]], str] = echo, latency: float = 0.0,
+                 responder: Callable[[dict[str, Any]], str] = echo,
+                 latency: "float | Callable[[dict[str, Any]], float]" = 0.0,
                  retry_after: str | None = "0.2", hold: float = 2.0, rpm: float | None = None,
                  status_for_path: int | None = None, completion_tokens: int = 4,
                  log_path: str | None = None):
@@ -268,8 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(429, b'{"error": {"message": "rate limit"}}', {"Retry-After": "1"})
                 return
             fault = fake._fault(h)
-            if fake.latency:
-                time.sleep(fake.latency)
+            wait = fake.latency(body) if callable(fake.latency) else fake.latency
+            if wait:
+                time.sleep(wait)
             if fault in ("503", "500"):
                 outcome, status = fault, int(fault)
                 self._send(status, b'{"error": {"message": "injected"}}')
