@@ -26,8 +26,8 @@ import asyncio
 import logging
 import os
 import random
-import re
 import threading
+import time
 from typing import Any
 
 from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob, before_send
@@ -37,10 +37,6 @@ from curate.engines.config import OpenAIConfig
 log = logging.getLogger("curate.engines")
 
 RETRY_STATUS = {408, 409, 425, 429}
-
-
-# failures that mean the endpoint cannot be reached or is the wrong one
-_UNREACHABLE = r"^cannot connect: "
 
 
 class _Retryable(Exception):
@@ -267,6 +263,7 @@ class OpenAIEngine(Engine):
         throttled = 0
         retries = cfg.max_retries
         attempt = 0
+        unreachable = False
         while True:
             retry_after = None
             try:
@@ -283,16 +280,16 @@ class OpenAIEngine(Engine):
             except _Retryable as exc:
                 reason = str(exc)
                 retry_after = exc.retry_after
+                unreachable = exc.unreachable
                 if exc.status == 429:
                     throttled += 1
                     if aimd.throttled():
                         log.info("openai engine: HTTP 429 from %s: concurrency lowered to %d",
                                  self.url(path), int(aimd.limit))
-                    if limiter is not None:
-                        import time as _time
-
-                        limiter.hold(_time.time() + (retry_after if retry_after is not None else delay))
-                if exc.unreachable and not self._ever_ok:
+                    if limiter is not None:  # every worker waits for the Retry-After
+                        until = time.time() + (retry_after if retry_after is not None else delay)
+                        await asyncio.get_running_loop().run_in_executor(None, limiter.hold, until)
+                if unreachable and not self._ever_ok:
                     retries = min(retries, 2)  # a dead endpoint: do not spend a minute on it
             except _Fatal as exc:
                 c = Completion.failed(self._describe(path, str(exc), exc.unreachable))
@@ -308,7 +305,7 @@ class OpenAIEngine(Engine):
             await asyncio.sleep(wait)
             delay = min(delay * 2, cfg.backoff_max)
             attempt += 1
-        dead = bool(re.search(_UNREACHABLE, reason)) and not self._ever_ok
+        dead = unreachable and not self._ever_ok
         c = Completion.failed(self._describe(path, f"{reason} (after {attempt + 1} attempts)", dead),
                               transient=not dead)
         c.throttled = throttled
@@ -425,7 +422,6 @@ def parse_retry_after(v: str | None, now: float | None = None) -> float | None:
         return max(0.0, float(v))
     except ValueError:
         pass
-    import time
     from email.utils import parsedate_to_datetime
 
     try:
