@@ -125,6 +125,7 @@ class SqliteLimiter:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             c = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=OFF")   # the state is worth nothing after a crash
             c.execute("CREATE TABLE IF NOT EXISTS gcra (key TEXT PRIMARY KEY, tat_req REAL NOT NULL, "
                       "tat_tok REAL NOT NULL, hold_until REAL NOT NULL)")
             self._conn, self._pid = c, os.getpid()
