@@ -243,3 +243,20 @@ def test_requests_per_minute_holds_across_ray_workers(tmp_path):
     assert srv.max_in_window(1.0) <= 10 * (1 + 2) + 1
     assert ts[-1] - ts[0] >= (40 - 20) / 10 - 0.3
     assert not os.path.exists(os.path.join(str(tmp_path), "out", "_curate", "work", "llm_ratelimit.sqlite"))
+
+
+def test_orphaned_worker_sends_nothing(tmp_path):
+    """A runner worker whose run is gone exits before sending a request (before: it went on for up
+    to half a second, and the resumed run sent the same requests again)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    code = ("import sys; from curate.pipeline import worker; from curate.engines.base import set_send_guard, before_send; "
+            f"set_send_guard(lambda: worker._exit_if_orphan({dead.pid})); before_send(); sys.exit(0)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 70
+    alive = "import os, sys; from curate.pipeline import worker; worker._exit_if_orphan(os.getppid()); sys.exit(0)"
+    assert subprocess.run([sys.executable, "-c", alive], env=env).returncode == 0
