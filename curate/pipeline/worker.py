@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -154,7 +155,7 @@ def set_progress_sink(queue: Any) -> None:
 
 # LLM requests of this worker, summed between progress messages (see curate.engines.base)
 _LLM: dict[str, Any] = {"sent": 0, "done": 0, "failed": 0, "tokens": 0, "cost": 0.0, "at": 0.0}
-_LLM_LOCK = __import__("threading").Lock()
+_LLM_LOCK = threading.Lock()
 
 
 def _listen_to_requests() -> None:
