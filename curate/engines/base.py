@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -140,6 +140,10 @@ class Completion:
     transient: bool = False
     # already written to the request cache by the backend as it arrived
     stored: bool = field(default=False, repr=False)
+    # HTTP 429 answers met on the way (rate limited by the server)
+    throttled: int = field(default=0, repr=False)
+    # the endpoint never answered in this run and looks unreachable or misconfigured
+    endpoint_dead: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -204,6 +208,43 @@ def apply_chat_template(tokenizer: Any, messages: Sequence[dict[str, str]],
     return tokenizer.apply_chat_template([dict(m) for m in messages], **kwargs)
 
 
+# called by HTTP backends right before each request goes out (see ``set_send_guard``)
+_SEND_GUARD: "Callable[[], None] | None" = None
+
+
+def set_send_guard(fn: "Callable[[], None] | None") -> None:
+    """``fn()`` runs before every request an HTTP backend sends; it ends the process when the
+    process must not send any more. A runner's worker sets it to exit at once when the run that
+    started it is gone: an orphaned worker must not send requests the resumed run sends again."""
+    global _SEND_GUARD
+    _SEND_GUARD = fn
+
+
+def before_send() -> None:
+    if _SEND_GUARD is not None:
+        _SEND_GUARD()
+
+
+# told about requests as they go out and come back (progress of LLM steps; see ``set_request_listener``)
+_LISTENER: "Callable[[Engine, str, Completion | None, int], None] | None" = None
+
+
+def set_request_listener(fn: "Callable[[Engine, str, Completion | None, int], None] | None") -> None:
+    """``fn(engine, event, completion, n)``: ``"sent"`` (n requests handed to the backend),
+    ``"done"`` / ``"failed"`` (one completion, as each arrives). A runner's worker forwards these
+    to the progress line: requests done, in flight, failed, tokens and cost."""
+    global _LISTENER
+    _LISTENER = fn
+
+
+def _notify(engine: "Engine", event: str, completion: "Completion | None" = None, n: int = 1) -> None:
+    if _LISTENER is not None:
+        try:
+            _LISTENER(engine, event, completion, n)
+        except Exception as exc:  # noqa: BLE001  (progress must never fail a request)
+            log.debug("request listener: %s", exc)
+
+
 def cache_key(kind: str, model: str, request: Request, extra: str = "") -> str:
     """The request-cache key: engine kind, model identity, prompt/messages and sampling params
     (including the seed). ``extra`` is for anything else that changes the output (chat template)."""
@@ -234,6 +275,9 @@ class Engine(ABC):
     def cache_extra(self) -> str:
         """Extra identity for the cache key (e.g. a custom chat template)."""
         return ""
+
+    def share_limits(self, folder: str | None) -> None:
+        """Keep rate-limit state in ``folder``, shared by every worker of a run (HTTP engines)."""
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` for chunking and budgets. Backends with a tokenizer count exactly; the
@@ -275,24 +319,52 @@ class Engine(ABC):
         self.stats["generated"] += len(todo)
         if todo:
             extra = self.cache_extra()
-            sub = [reqs[i] for i in todo]
+            # identical requests (same cache key: same prompt, sampling and seed) go out once; the
+            # copies get the same answer, marked cached (no new tokens)
+            keys = {i: cache_key(self.kind, self.model_id, reqs[i], extra) for i in todo}
+            first: dict[str, int] = {}
+            for i in todo:
+                first.setdefault(keys[i], i)
+            uniq = list(first.values())
+            sub = [reqs[i] for i in uniq]
+
+            told: set[int] = set()
 
             def store(j: int, c: Completion) -> None:
                 if c.ok and cache is not None:
-                    cache.put(cache_key(self.kind, self.model_id, sub[j], extra), c.to_dict())
+                    cache.put(keys[uniq[j]], c.to_dict())
+                told.add(j)
+                _notify(self, "done" if c.ok else "failed", c)
 
-            done = self._generate(sub, store)
-            if len(done) != len(todo):
+            _notify(self, "sent", None, len(uniq))
+            done: list[Completion] | None = None
+            try:
+                done = self._generate(sub, store)
+            finally:  # batch backends, and failed requests, report at the end
+                if done is None:
+                    _notify(self, "failed", None, len(uniq) - len(told))
+                else:
+                    for j, c in enumerate(done):
+                        if j not in told:
+                            _notify(self, "done" if c.ok else "failed", c)
+            if len(done) != len(uniq):
                 raise RuntimeError(f"{type(self).__name__} returned {len(done)} completions "
-                                   f"for {len(todo)} requests")
+                                   f"for {len(uniq)} requests")
             new: dict[str, dict[str, Any]] = {}
-            for j, (i, c) in enumerate(zip(todo, done)):
+            answer = dict(zip(uniq, done))
+            for i in todo:
+                c = answer.get(i)
+                if c is None:  # a copy of an earlier request of this call
+                    orig = answer[first[keys[i]]]
+                    c = replace(orig, cached=orig.ok, throttled=0)
+                    self.stats["generated"] -= 1
+                    self.stats["cached"] += 1
                 c.request_id = reqs[i].id
                 out[i] = c
                 if not c.ok:
                     self.stats["failed"] += 1
-                elif cache is not None and not c.stored:
-                    new[cache_key(self.kind, self.model_id, reqs[i], extra)] = c.to_dict()
+                elif cache is not None and not c.stored and not c.cached:
+                    new[keys[i]] = c.to_dict()
             if new and cache is not None:
                 cache.put_many(new)
         return out  # type: ignore[return-value]

@@ -2,12 +2,19 @@
 
 Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight, each slot with its
 own keep-alive connection), from one event loop in a background thread that lives as long as the
-engine: connections and the ``requests_per_minute``/``tokens_per_minute`` buckets carry over from
-one call to the next. Chat requests
-use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``. Timeouts,
-network errors, 408/409/429 and 5xx answers are retried with exponential backoff and jitter
-(``Retry-After`` is honoured); other 4xx answers fail the request at once. A request that still
-fails becomes a ``Completion`` with ``error`` set; the batch goes on.
+engine. Chat requests use ``POST {base_url}/chat/completions``, raw prompts
+``POST {base_url}/completions``. Timeouts, network errors, 408/409/429 and 5xx answers are retried
+with exponential backoff and jitter; other 4xx answers fail the request at once. A request that
+still fails becomes a ``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
+
+``requests_per_minute``/``tokens_per_minute`` hold for the whole run: every attempt takes its turn
+from a limiter shared by all workers (:mod:`curate.llm.ratelimit`; the stage points it at the run's
+work folder with ``share_limits``), with a burst of about 2 seconds' worth. An HTTP 429 holds every
+worker for its ``Retry-After`` (seconds or an HTTP date), halves this process's concurrency, which
+then grows back by one per window of successes (AIMD), and is counted on the completion
+(``throttled``; the stage's ``llm/rate_limited``). When no request to the endpoint has succeeded yet
+and it refuses connections, cannot be resolved, or answers 404/401/403, the error says the endpoint
+looks unreachable or misconfigured (``endpoint_dead``) instead of asking for a rerun.
 
 The API key is read from the environment variable named by ``api_key_env``; it is sent in the
 ``Authorization`` header only and never appears in logs, errors or outputs.
@@ -20,9 +27,10 @@ import logging
 import os
 import random
 import threading
+import time
 from typing import Any
 
-from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob
+from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob, before_send
 from curate.engines.cache import RequestCache
 from curate.engines.config import OpenAIConfig
 
@@ -32,9 +40,12 @@ RETRY_STATUS = {408, 409, 425, 429}
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, status: int = 0,
+                 unreachable: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.status = status
+        self.unreachable = unreachable
 
 
 def build_body(model: str, request: Request, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
@@ -132,8 +143,21 @@ class OpenAIEngine(Engine):
         self._thread: threading.Thread | None = None
         self._pid = 0
         self._clients: "_ClientPool | None" = None
-        self._rate: "RateLimiter | None" = None
+        self._rate: Any = None                # curate.llm.ratelimit limiter (shared by the run's workers)
+        self._aimd: Any = None                # concurrency that halves on HTTP 429
+        self._rate_folder: str | None = None  # where the shared limiter keeps its state
+        self._ever_ok = False                 # a request to this endpoint succeeded (this process)
         self._lock = threading.Lock()
+
+    def share_limits(self, folder: str | None) -> None:
+        """Keep the rate-limit state in ``folder`` (the run's work folder), shared with every
+        worker process of the run (see :mod:`curate.llm.ratelimit`)."""
+        with self._lock:
+            if folder != self._rate_folder:
+                self._rate_folder = folder
+                if self._rate is not None:
+                    self._rate.close()
+                self._rate = None
 
     def cache_extra(self) -> str:
         import json
@@ -156,6 +180,11 @@ class OpenAIEngine(Engine):
                 th.start()
                 self._loop, self._thread, self._pid = loop, th, os.getpid()
                 self._clients = _ClientPool(self._client, self.config.concurrency)
+                self._rate = None
+                from curate.llm.ratelimit import AIMD
+
+                self._aimd = AIMD(self.config.concurrency)
+            if self._rate is None:
                 self._rate = self._limiter()
             return self._loop
 
@@ -189,6 +218,8 @@ class OpenAIEngine(Engine):
             loop.call_soon_threadsafe(loop.stop)
             self._thread.join(10)
             loop.close()
+        if self._rate is not None:
+            self._rate.close()
         self._clients = self._rate = None
 
     def _client(self) -> Any:
@@ -207,38 +238,89 @@ class OpenAIEngine(Engine):
                                  timeout=httpx.Timeout(cfg.timeout), verify=self._ssl,
                                  limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), **kwargs)
 
-    def _limiter(self) -> "RateLimiter | None":
+    def _limiter(self) -> Any:
+        """The run-wide limiter when the config has rates (a SQLite file in the work folder, or a
+        Ray actor), else one in this process that only holds requests after an HTTP 429."""
+        from curate.llm.ratelimit import LocalLimiter, shared_limiter
+
         cfg = self.config
         if cfg.requests_per_minute is None and cfg.tokens_per_minute is None:
-            return None
-        return RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+            return LocalLimiter(None, None)
+        return shared_limiter(self._rate_folder, self.model_id, cfg.requests_per_minute, cfg.tokens_per_minute)
 
-    async def _one(self, clients: "_ClientPool", request: Request,
-                   limiter: "RateLimiter | None" = None) -> Completion:
+    def url(self, path: str) -> str:
+        return self.config.base_url.rstrip("/") + path
+
+    async def _one(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
+        from curate.llm.ratelimit import wait_for_slot
+
         cfg = self.config
         path, body = build_body(cfg.model, request, cfg.extra_body)
-        if limiter is not None:
-            await limiter.acquire(estimate_tokens(request))
+        tokens = estimate_tokens(request)
+        aimd = self._aimd
         delay = cfg.backoff
         reason = ""
-        for attempt in range(cfg.max_retries + 1):
+        throttled = 0
+        retries = cfg.max_retries
+        attempt = 0
+        unreachable = False
+        while True:
             retry_after = None
             try:
-                async with clients.lease() as client:  # at most `concurrency` requests in flight
-                    return await self._post(client, path, body, request.is_chat)
+                async with aimd:  # at most `concurrency` (lowered after 429s) requests in flight
+                    async with clients.lease() as client:
+                        if limiter is not None:  # every attempt counts (the server counts it)
+                            await wait_for_slot(limiter, tokens)
+                        before_send()  # a runner's worker whose run is gone stops here
+                        c = await self._post(client, path, body, request.is_chat)
+                aimd.success()
+                self._ever_ok = True
+                c.throttled = throttled
+                return c
             except _Retryable as exc:
                 reason = str(exc)
                 retry_after = exc.retry_after
+                unreachable = exc.unreachable
+                if exc.status == 429:
+                    throttled += 1
+                    if aimd.throttled():
+                        log.info("openai engine: HTTP 429 from %s: concurrency lowered to %d",
+                                 self.url(path), int(aimd.limit))
+                    if limiter is not None:  # every worker waits for the Retry-After
+                        until = time.time() + (retry_after if retry_after is not None else delay)
+                        await asyncio.get_running_loop().run_in_executor(None, limiter.hold, until)
+                if unreachable and not self._ever_ok:
+                    retries = min(retries, 2)  # a dead endpoint: do not spend a minute on it
             except _Fatal as exc:
-                return Completion.failed(str(exc))
-            if attempt < cfg.max_retries:
-                wait = retry_after if retry_after is not None else delay * (0.5 + random.random())
-                wait = min(wait, cfg.backoff_max)
-                if attempt == 0:
-                    log.info("openai engine: retrying after %s", reason)
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, cfg.backoff_max)
-        return Completion.failed(f"{reason} (after {cfg.max_retries + 1} attempts)", transient=True)
+                c = Completion.failed(self._describe(path, str(exc), exc.unreachable))
+                c.throttled = throttled
+                c.endpoint_dead = exc.unreachable and not self._ever_ok
+                return c
+            if attempt >= retries:
+                break
+            wait = retry_after if retry_after is not None else delay * (0.5 + random.random())
+            wait = min(wait, cfg.backoff_max)
+            if attempt == 0:
+                log.info("openai engine: retrying %s after %s", self.url(path), reason)
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, cfg.backoff_max)
+            attempt += 1
+        dead = unreachable and not self._ever_ok
+        c = Completion.failed(self._describe(path, f"{reason} (after {attempt + 1} attempts)", dead),
+                              transient=not dead)
+        c.throttled = throttled
+        c.endpoint_dead = dead
+        return c
+
+    def _describe(self, path: str, error: str, unreachable: bool) -> str:
+        """An error naming the endpoint; when no request to it ever succeeded in this process and
+        the error says it cannot be reached (connection refused, DNS, 404, 401/403), says so."""
+        msg = f"POST {self.url(path)}: {error}"
+        if unreachable and not self._ever_ok:
+            msg += (f"; no request to {self.config.base_url} has succeeded in this run: the endpoint looks "
+                    "unreachable or misconfigured (check base_url, that the server is up, the model "
+                    "name and api_key_env)")
+        return msg
 
     async def _post(self, client: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
         import httpx
@@ -247,13 +329,15 @@ class OpenAIEngine(Engine):
             resp = await client.post(path, json=body)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timeout ({type(exc).__name__})") from None
+        except httpx.ConnectError as exc:  # refused, DNS, TLS: nothing was sent
+            raise _Retryable(f"cannot connect: {type(exc).__name__}: {exc}", unreachable=True) from None
         except httpx.TransportError as exc:
             raise _Retryable(f"network error: {type(exc).__name__}: {exc}") from None
         status = resp.status_code
         if status in RETRY_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp))
+            raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp), status=status)
         if status >= 400:
-            raise _Fatal(f"HTTP {status}: {_snippet(resp)}")
+            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404))
         try:
             return parse_response(resp.json(), chat)
         except (ValueError, KeyError, TypeError) as exc:
@@ -262,7 +346,9 @@ class OpenAIEngine(Engine):
 
 
 class _Fatal(Exception):
-    pass
+    def __init__(self, reason: str, unreachable: bool = False):
+        super().__init__(reason)
+        self.unreachable = unreachable
 
 
 class _Lease:
@@ -317,51 +403,6 @@ def estimate_tokens(request: Request) -> int:
     return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4 + request.params.max_tokens * request.params.n
 
 
-class RateLimiter:
-    """Token buckets for requests and tokens per minute (each refills continuously; a bucket holds
-    at most one minute of its rate). ``acquire`` waits until both allow the request."""
-
-    def __init__(self, rpm: float | None, tpm: float | None, clock: Any = None):
-        import time
-
-        self.rpm, self.tpm = rpm, tpm
-        self.clock = clock or time.monotonic
-        self.req = float(rpm or 0)
-        self.tok = float(tpm or 0)
-        self.t = self.clock()
-        self.lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = self.clock()
-        dt, self.t = now - self.t, now
-        if self.rpm:
-            self.req = min(float(self.rpm), self.req + dt * self.rpm / 60.0)
-        if self.tpm:
-            self.tok = min(float(self.tpm), self.tok + dt * self.tpm / 60.0)
-
-    def wait_time(self, tokens: int) -> float:
-        """Seconds until a request of ``tokens`` may go (0: now, and the buckets are charged)."""
-        self._refill()
-        tokens = min(tokens, int(self.tpm)) if self.tpm else tokens
-        waits = [0.0]
-        if self.rpm and self.req < 1:
-            waits.append((1 - self.req) * 60.0 / self.rpm)
-        if self.tpm and self.tok < tokens:
-            waits.append((tokens - self.tok) * 60.0 / self.tpm)
-        w = max(waits)
-        if w == 0.0:
-            if self.rpm:
-                self.req -= 1
-            if self.tpm:
-                self.tok -= tokens
-        return w
-
-    async def acquire(self, tokens: int) -> None:
-        async with self.lock:  # first come, first served
-            while (w := self.wait_time(tokens)) > 0:
-                await asyncio.sleep(w)
-
-
 def _snippet(resp: Any) -> str:
     try:
         return " ".join(resp.text.split())[:200]
@@ -370,10 +411,21 @@ def _snippet(resp: Any) -> str:
 
 
 def _retry_after(resp: Any) -> float | None:
-    v = resp.headers.get("retry-after")
+    return parse_retry_after(resp.headers.get("retry-after"))
+
+
+def parse_retry_after(v: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta seconds or an HTTP date."""
     if not v:
         return None
     try:
         return max(0.0, float(v))
     except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(v.strip()).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    return max(0.0, when - (time.time() if now is None else now))

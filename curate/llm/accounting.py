@@ -15,8 +15,10 @@ class LLMAccounting:
     """Per-stage LLM bookkeeping shared by every LLM stage.
 
     ``record(completions)`` counts ``llm/requests``, ``llm/cached``, ``llm/prompt_tokens``,
-    ``llm/completion_tokens``, ``llm/cost`` (when the engine config has prices) and ``llm/failed``
-    (+ ``errors/llm/<reason>``, the first few logged); ``parse_failed`` records an answer the stage
+    ``llm/completion_tokens``, ``llm/cost`` (when the engine config has prices), ``llm/rate_limited``
+    (HTTP 429 answers met) and ``llm/failed`` (+ ``errors/llm/<reason>``, the first few logged); an
+    answer saying the endpoint looks unreachable or misconfigured (it never answered in this run)
+    stops the stage at once with that error, which names the endpoint; ``parse_failed`` records an answer the stage
     could not use (``errors/parse/<reason>``). ``check()`` raises ``StageError`` once at least
     ``min_requests`` were made and more than ``max_failure_rate`` of them failed, so a broken
     endpoint or a model that never answers in the expected format does not produce an empty
@@ -47,6 +49,12 @@ class LLMAccounting:
             if not retry:
                 self.total += 1
             st.count("llm/requests")
+            if c.throttled:
+                st.count("llm/rate_limited", c.throttled)
+            if c.endpoint_dead:
+                from curate.pipeline.stage import StageError
+
+                raise StageError(f"stage {st.step_name!r}: {c.error}")
             if c.cached:
                 st.count("llm/cached")
             elif c.ok:

@@ -297,6 +297,8 @@ class LLMStage(MapStage):
             self.engine = pool.EngineHandle(pool.acquire(cfg.engine), self.cache)
         except (FileNotFoundError, ImportError) as exc:
             raise StageError(f"stage {self.step_name!r}: cannot start the {cfg.engine.kind} engine: {exc}") from exc
+        # rate limits hold for the whole run: their state lives in the run's work folder
+        self.engine.share_limits(os.path.dirname(os.path.abspath(self.workdir)) if self.workdir else None)
         budget_path = None
         if self.workdir:
             budget_path = os.path.join(self.workdir, "llm_budget.sqlite")

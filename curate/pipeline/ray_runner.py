@@ -192,6 +192,9 @@ class RayExecutor:
             for item in list(pool.queue) + [it for _, it in pool.busy.values()]:
                 item.future.cancel() or item.future.done() or item.future.set_exception(
                     RuntimeError("the run stopped before this task finished"))
+        from curate.llm.ratelimit import kill_ray_limiters
+
+        kill_ray_limiters(self.ray)   # the run's shared rate limiters (named, detached actors)
         if self._owns:
             self.ray.shutdown()
 

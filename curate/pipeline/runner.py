@@ -128,10 +128,13 @@ class Runner:
             shutil.rmtree(self.layout.workdir(step.name), ignore_errors=True)
 
     def _sink(self, msg: tuple) -> None:
-        key, rows, tokens = msg
+        key, rows, tokens = msg[:3]
         bar = self._bars.get(key.removesuffix("/tokens"))
         if bar is not None:
-            bar.update(rows, tokens)
+            if len(msg) > 3:   # LLM requests of a worker (curate/pipeline/worker.py)
+                bar.llm(msg[3])
+            else:
+                bar.update(rows, tokens)
 
     def _error_problem(self, step_names: list[str], limit: float | None = None) -> str | None:
         """Why these steps failed on errors (more than ``max_error_fraction`` of their documents,
@@ -332,15 +335,17 @@ class Runner:
         return True
 
     # -- segments ----------------------------------------------------------------------------------
-    def _head_tasks(self, head: Step) -> list[InputSlice]:
+    def _head_tasks(self, head: Step, llm: bool = False) -> list[InputSlice]:
         """One task per shard of the materialised input; shards are split into row ranges when
-        there are fewer of them than workers."""
+        there are fewer of them than workers. A chain with an LLM stage is split into
+        ``LLM_TASKS_PER_WORKER`` tasks per worker: the work of a row varies a lot (chunks, retries,
+        answer lengths), and small tasks pulled as workers free up keep every worker busy."""
         shards = self._shards[head.name]
         urls = self.outputs[head.name]
         total = sum(s["rows"] for s in shards)
-        if len(shards) >= self.workers or total < 2:
+        if total < 2 or (len(shards) >= self.workers and not llm):
             return [InputSlice(u) for u in urls]
-        chunk = max(1, math.ceil(total / self.workers))
+        chunk = max(1, math.ceil(total / (self.workers * (LLM_TASKS_PER_WORKER if llm else 1))))
         tasks = []
         for url, sh in zip(urls, shards):
             starts = range(0, sh["rows"], chunk)
@@ -374,7 +379,7 @@ class Runner:
             tasks: list[Any] = seg.source.stage.tasks()
             task_ids = [t.id for t in tasks]
         else:
-            tasks = self._head_tasks(seg.head)
+            tasks = self._head_tasks(seg.head, llm=any(_calls_llm(s.stage) for s in seg.chain))
             task_ids = [t.id for t in tasks]
         records, stale = read_task_records(self.layout, target.name, target.fingerprint, task_ids)
         if stale:
@@ -429,6 +434,7 @@ class Runner:
             while futures:
                 done, _ = wait(list(futures), timeout=0.25, return_when=FIRST_COMPLETED)
                 self._executor.drain()
+                bar.update(0)   # a log line every interval, also while no batch finishes
                 for f in done:
                     i = futures.pop(f)
                     try:
@@ -542,6 +548,15 @@ class Runner:
         S.status = "done"
         self._check_errors([step.name], step)
         self._finish(step, shards, [step.name])
+
+
+LLM_TASKS_PER_WORKER = 4
+
+
+def _calls_llm(stage: Any) -> bool:
+    from curate.llm.stage import LLMStage
+
+    return isinstance(stage, LLMStage)
 
 
 def make_executor(runner: str, workers: int, preload: list[str] | None = None) -> Any:

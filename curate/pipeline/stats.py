@@ -138,6 +138,10 @@ class Progress:
         self._last = self.start
         self._bar = None
         self.enabled = enabled
+        self._tasks: tuple[int, int] | None = None
+        self._n0: int | None = None      # rows finished by earlier runs (set by the first tasks())
+        self.req: dict[str, Any] | None = None   # LLM requests (see llm())
+        self._req_at_n = 0               # requests answered when rows were last reported
         tty = sys.stderr.isatty() if tty is None else tty
         if enabled and tty:
             from tqdm import tqdm
@@ -145,14 +149,58 @@ class Progress:
 
     def tasks(self, done: int, total: int) -> None:
         """Show finished/total tasks (an estimate of progress when the row total is unknown)."""
+        if self._n0 is None:
+            self._n0 = self.n   # rows finished by earlier runs: not part of this run's rate
         self._tasks = (done, total)
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=True)
 
+    def llm(self, delta: dict[str, Any]) -> None:
+        """LLM requests reported by workers (sums since their last report): ``sent``, ``done``,
+        ``failed``, ``tokens``, ``cost``. Shown as requests done / in flight / failed, tokens and
+        cost; the ETA then comes from the answers, before any batch of rows is finished."""
+        if self.req is None:
+            self.req = {"sent": 0, "done": 0, "failed": 0, "tokens": 0, "cost": 0.0}
+        for k in self.req:
+            self.req[k] += delta.get(k, 0)
+        if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+        else:
+            self.update(0)
+
+    def _llm_text(self) -> str:
+        r = self.req
+        if not r:
+            return ""
+        flying = max(0, r["sent"] - r["done"] - r["failed"])
+        msg = f"LLM requests {r['done']:,} done, {flying:,} in flight, {r['failed']:,} failed, {r['tokens']:,} tokens"
+        if r["cost"]:
+            msg += f", cost {r['cost']:,.4f}"
+        return msg
+
+    def eta(self, now: float | None = None) -> float | None:
+        """Seconds left, from the rows done in this run, or, for an LLM step, from the answers so
+        far (rows done estimated from requests answered per row; one per row before any batch)."""
+        if not self.total:
+            return None
+        now = time.monotonic() if now is None else now
+        n0 = self._n0 or 0
+        est = self.n
+        r = self.req
+        if r and r["done"]:
+            per_row = self._req_at_n / (self.n - n0) if self.n > n0 and self._req_at_n else 1.0
+            est = max(self.n, min(self.total, n0 + r["done"] / per_row))
+        done = est - n0
+        if done <= 0 or est >= self.total:
+            return None
+        return (self.total - est) * (now - self.start) / done
+
     def _postfix(self) -> str:
         parts = []
-        if getattr(self, "_tasks", None):
+        if self._tasks:
             parts.append(f"tasks {self._tasks[0]}/{self._tasks[1]}")
+        if self.req:
+            parts.append(self._llm_text())
         if self.tokens:
             parts.append(f"{self.tokens / max(time.monotonic() - self.start, 1e-9):.1f} tok/s")
         return ", ".join(parts)
@@ -160,6 +208,8 @@ class Progress:
     def update(self, n: int, tokens: int = 0) -> None:
         self.n += n
         self.tokens += tokens
+        if n and self.req:
+            self._req_at_n = self.req["done"]
         if self._bar is not None:
             self._bar.update(n)
             if self.tokens:
@@ -174,12 +224,14 @@ class Progress:
         el = max(now - self.start, 1e-9)
         msg = f"[{self.step}] {self.n:,} docs, {self.n / el:,.1f} docs/s"
         if self.total:
-            rate = self.n / el
             msg += f", {100 * self.n / self.total:.0f}% of {self.total:,}"
-            if 0 < self.n < self.total:
-                msg += f", ETA {(self.total - self.n) / rate:,.0f}s"
-        if getattr(self, "_tasks", None):
+            eta = self.eta(now)
+            if eta is not None:
+                msg += f", ETA {eta:,.0f}s"
+        if self._tasks:
             msg += f", tasks {self._tasks[0]}/{self._tasks[1]}"
+        if self.req:
+            msg += ", " + self._llm_text()
         if self.tokens:
             msg += f", {self.tokens / el:,.1f} generated tok/s"
         log.info(msg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -106,6 +107,22 @@ def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str],
     _WORKER["queue"] = queue
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     _die_with_parent(parent_pid)
+    from curate.engines.base import set_send_guard
+
+    set_send_guard(lambda: _exit_if_orphan(parent_pid))
+    _listen_to_requests()
+
+
+def _exit_if_orphan(parent_pid: int) -> None:
+    """Before each LLM request: exit now if the run that started this worker is gone (killed).
+    The watchdog below notices within half a second, but in that time an orphan would send new
+    requests that the resumed run then sends again (duplicates, paid twice)."""
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        os._exit(70)
+    except PermissionError:
+        pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -136,6 +153,51 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def set_progress_sink(queue: Any) -> None:
     _WORKER["queue"] = queue
+    _listen_to_requests()
+
+
+# LLM requests of this worker, summed between progress messages (see curate.engines.base)
+_LLM: dict[str, Any] = {"sent": 0, "done": 0, "failed": 0, "tokens": 0, "cost": 0.0, "at": 0.0}
+_LLM_LOCK = threading.Lock()
+
+
+def _listen_to_requests() -> None:
+    from curate.engines.base import set_request_listener
+
+    set_request_listener(_on_request)
+
+
+def _on_request(engine: Any, event: str, c: Any, n: int) -> None:
+    with _LLM_LOCK:
+        if event == "sent":
+            _LLM["sent"] += n
+        elif event == "done" and c is not None:
+            _LLM["done"] += 1
+            _LLM["tokens"] += c.prompt_tokens + c.completion_tokens
+            cfg = getattr(engine, "config", None)
+            pp, pc = getattr(cfg, "price_prompt", None), getattr(cfg, "price_completion", None)
+            if pp or pc:
+                _LLM["cost"] += (c.prompt_tokens * (pp or 0) + c.completion_tokens * (pc or 0)) / 1e6
+        else:
+            _LLM["failed"] += n
+        due = time.monotonic() - _LLM["at"] >= 0.5
+    if due:
+        _flush_requests()
+
+
+def _flush_requests() -> None:
+    """Send the summed request counts to the runner's progress line."""
+    q, key = _WORKER.get("queue"), _WORKER.get("key")
+    with _LLM_LOCK:
+        delta = {k: _LLM[k] for k in ("sent", "done", "failed", "tokens", "cost")}
+        if not any(delta.values()):
+            return
+        for k in delta:
+            _LLM[k] = 0
+        _LLM["cost"] = 0.0
+        _LLM["at"] = time.monotonic()
+    if q is not None and key is not None:
+        q.put((key, 0, 0, delta))
 
 
 def _teardown_stages() -> None:
@@ -229,6 +291,7 @@ def run_task(job: Job, index: int, item: Any) -> TaskRecord:
                 _report(job.key + "/tokens", 0, tokens)
         writer.write(t)
         _report(job.key, head)
+    _flush_requests()
     shards = [s.to_dict() for s in writer.close()]
     for st in stages:
         steps[st.step_name].counters = st.counters.take()

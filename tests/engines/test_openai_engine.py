@@ -89,7 +89,10 @@ def test_network_error_is_a_failed_request():
     eng = make_engine({"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1",
                        "max_retries": 1, "backoff": 0.01, "timeout": 2})
     [c] = eng.generate([chat("abc")])
-    assert not c.ok and "network error" in c.error
+    assert not c.ok and "cannot connect" in c.error
+    # the error names the endpoint and, as nothing ever answered, says it looks unreachable
+    assert "http://127.0.0.1:9/v1/chat/completions" in c.error and "unreachable or misconfigured" in c.error
+    assert c.endpoint_dead and not c.transient
 
 
 def test_concurrency_limit(openai_server):

@@ -220,30 +220,24 @@ def test_template_naming_a_missing_column_fails_validation(prompts, tmp_path):
 
 
 def test_rate_limiter():
-    from curate.engines.openai_engine import RateLimiter
+    """The GCRA behind requests_per_minute/tokens_per_minute: a burst of ~2 s worth, then the rate.
+    ``acquire`` returns 0 (go: charged) or the seconds to wait."""
+    from curate.llm.ratelimit import LocalLimiter
 
     now = [0.0]
-    lim = RateLimiter(rpm=60, tpm=600, clock=lambda: now[0])
-    assert lim.wait_time(100) == 0  # buckets start full
-    for _ in range(5):
-        assert lim.wait_time(100) == 0
-    assert lim.wait_time(100) == pytest.approx(10.0)  # tokens: 0 left, 10/s refill
-    now[0] = 10.0
-    assert lim.wait_time(100) == 0
-    lim2 = RateLimiter(rpm=2, tpm=None, clock=lambda: now[0])
-    assert lim2.wait_time(1) == 0 and lim2.wait_time(1) == 0
-    assert lim2.wait_time(1) == pytest.approx(30.0)
-
-    async def timed():
-        real = RateLimiter(rpm=600, tpm=None)  # 10 per second, bucket of 600
-        real.req = 0.0
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for _ in range(3):
-            await real.acquire(1)
-        return loop.time() - t0
-
-    assert 0.25 <= asyncio.run(timed()) <= 1.0
+    lim = LocalLimiter(rpm=60, tpm=600, clock=lambda: now[0])  # 1 request/s, 10 tokens/s
+    assert lim.acquire(5) == 0 and lim.acquire(5) == 0     # 2 s worth of requests at once
+    assert lim.acquire(5) == pytest.approx(1.0)            # then one per second
+    assert lim.acquire(5) == pytest.approx(1.0)            # (nothing was charged for the refusal)
+    now[0] = 1.0
+    assert lim.acquire(5) == 0 and lim.acquire(5) == pytest.approx(1.0)
+    tok = LocalLimiter(rpm=None, tpm=600, clock=lambda: now[0])
+    assert tok.acquire(100) == 0                           # a request bigger than the burst still goes
+    assert tok.acquire(10) == pytest.approx(10.0 - 2.0)    # ... and the next waits for its tokens
+    slow = LocalLimiter(rpm=2, tpm=None, clock=lambda: now[0])
+    assert slow.acquire(1) == 0 and slow.acquire(1) == pytest.approx(30.0)  # no minute-long burst
+    slow.hold(100.0)                                       # a 429's Retry-After holds everyone
+    assert slow.acquire(1) == pytest.approx(99.0)
 
 
 def test_openai_rate_limit_option(openai_server):
@@ -257,14 +251,15 @@ def test_openai_rate_limit_option(openai_server):
     t0 = time.monotonic()
     out = eng.generate([Request(prompt=f"p{i}", params=SamplingParams(max_tokens=2)) for i in range(30)])
     assert all(c.ok for c in out)
-    assert time.monotonic() - t0 < 5  # the bucket starts full: a short burst is not slowed
-    # the buckets carry over from one call (batch) to the next: the limit holds across batches
-    eng = make_engine(engine(openai_server, requests_per_minute=60, concurrency=8))
+    assert time.monotonic() - t0 < 5  # a burst of 2 s worth (40 requests at 1200/min) is not slowed
+    # the bucket carries over from one call (batch) to the next, and its burst is 2 s worth, not a
+    # minute's: 31 requests at 600/min (burst 20) take at least (31 - 20) / 10 s
+    eng = make_engine(engine(openai_server, requests_per_minute=600, concurrency=8))
     t0 = time.monotonic()
     assert all(c.ok for c in eng.generate([Request(prompt=f"q{i}", params=SamplingParams(max_tokens=2))
-                                           for i in range(60)]))
+                                           for i in range(30)]))
     [c] = eng.generate([Request(prompt="one more", params=SamplingParams(max_tokens=2))])
-    assert c.ok and 0.95 <= time.monotonic() - t0 < 5  # 61 requests at 60/min: the 61st waits for the bucket
+    assert c.ok and 1.0 <= time.monotonic() - t0 < 4
     eng.close()
     assert eng._loop is None and not eng._thread.is_alive()
 
