@@ -17,10 +17,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/curate run configs/quickstart.yaml
 
+# the default suite (every stage, under 5 minutes on a quiet 2-core machine); CI (.ci/run) runs it,
+# then the slow tests (`make test-slow`): real LLM generation, kill-and-resume, Ray clusters, big corpora
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
 
-.PHONY: setup demo test
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+.PHONY: setup demo test test-slow
 
 # Containers and Airflow (see README): minutes each, so not part of `make test`.
 # container-test: Podman builds docker/Dockerfile on a debootstrap Debian root and runs the quickstart
