@@ -36,7 +36,9 @@ def engine_class(kind: str) -> type[Engine]:
         from curate.engines.transformers_engine import TransformersEngine
         return TransformersEngine
     if kind == "openai":
+        from curate.engines.base import quiet_http_logs
         from curate.engines.openai_engine import OpenAIEngine
+        quiet_http_logs()
         return OpenAIEngine
     if kind == "vllm":
         from curate.engines.vllm_engine import VLLMEngine

@@ -16,13 +16,15 @@ The API key is read from the environment variable named by ``api_key_env``; it i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import queue
 import random
 import threading
 from typing import Any
 
-from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob
+from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob, _Backend
 from curate.engines.cache import RequestCache
 from curate.engines.config import OpenAIConfig
 
@@ -159,6 +161,14 @@ class OpenAIEngine(Engine):
                 self._rate = self._limiter()
             return self._loop
 
+    def window(self, hint: int = 64) -> int:
+        """Requests a stream keeps submitted: twice ``concurrency``, so a slot freed by an answer
+        finds the next request already waiting (the stage's ``batch_size`` does not matter)."""
+        return 2 * self.config.concurrency
+
+    def _backend(self) -> "_AsyncBackend":
+        return _AsyncBackend(self)
+
     def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
         # works from any thread, also one that runs an event loop itself (Jupyter)
         loop = self._event_loop()
@@ -263,6 +273,56 @@ class OpenAIEngine(Engine):
 
 class _Fatal(Exception):
     pass
+
+
+class _AsyncBackend(_Backend):
+    """A stream's requests as tasks on the engine's event loop (at most ``concurrency`` of them in
+    HTTP at a time, through the client pool); answers come back through a thread-safe queue as each
+    finishes. Submissions are handed to the loop in groups (one wake-up per ``wait``)."""
+
+    def __init__(self, engine: OpenAIEngine):
+        self.engine = engine
+        self.loop = engine._event_loop()
+        self.answers: "queue.SimpleQueue[tuple[int, Completion]]" = queue.SimpleQueue()
+        self.batch: list[tuple[int, Request]] = []
+        self.tasks: set[asyncio.Task] = set()  # touched in the loop thread only
+
+    def submit(self, number: int, request: Request) -> None:
+        self.batch.append((number, request))
+
+    def _start(self, batch: list[tuple[int, Request]]) -> None:  # in the loop thread
+        eng = self.engine
+        for number, request in batch:
+            task = self.loop.create_task(eng._one(eng._clients, request, eng._rate))  # type: ignore[arg-type]
+            self.tasks.add(task)
+            task.add_done_callback(functools.partial(self._done, number))
+
+    def _done(self, number: int, task: asyncio.Task) -> None:  # in the loop thread
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        c = Completion.failed(f"{type(exc).__name__}: {exc}"[:500]) if exc is not None else task.result()
+        self.answers.put((number, c))
+
+    def wait(self) -> list[tuple[int, Completion]]:
+        if self.batch:
+            batch, self.batch = self.batch, []
+            self.loop.call_soon_threadsafe(self._start, batch)
+        out = [self.answers.get()]
+        while True:
+            try:
+                out.append(self.answers.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        def cancel() -> None:
+            for t in list(self.tasks):
+                t.cancel()
+
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(cancel)
 
 
 class _Lease:
