@@ -205,3 +205,14 @@ class InstructionSynth(LLMStage):
         chain = res.job.meta["chain"] + [(unit.row[self.config.text_column], res.job.meta["pairs"])] \
             if res.status == "ok" else []
         return [self._job(batch[v], chain, (batch, v, per_round))]
+
+    def _chain(self, shots: list[tuple[str, list[tuple[str, str]]]], text: str | None, doc_id: Any):
+        """The longest tail of ``shots`` whose prompt with ``text`` fits the context (reference rule:
+        the chain is kept only while the whole fits context - max_tokens)."""
+        if text is None or not shots:
+            return list(shots)
+        limit = self.config.context_tokens - self.config.max_tokens
+        for start in range(len(shots)):
+            if self._prompt_tokens(self.request(text, shots[start:], doc_id)) <= limit:
+                return shots[start:]
+        return []

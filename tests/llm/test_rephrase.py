@@ -4,6 +4,7 @@ answers are dropped (counted), the rest become rows with provenance."""
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from curate.stages.rephrase import Rephrase
 
