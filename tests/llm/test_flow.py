@@ -181,3 +181,29 @@ def test_httpx_request_lines_are_quiet(openai_server, prompts, caplog):
         Facts(engine=engine(openai_server), prompts_dir=str(prompts), max_tokens=32)(docs(2))
     assert logging.getLogger("httpx").level == logging.WARNING
     assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+
+
+def test_provenance_names_the_prompt_content_and_annotation_rows_carry_it(openai_server, prompts):
+    """template_hash follows the prompt file's content (template_version is whatever the file
+    says); annotation stages carry a JSON provenance column."""
+    import json
+
+    from curate.stages.generate import Generate
+
+    st = openai_server.state
+    st.backend, st.responder = "script", facts_answer
+    first = Facts(engine=engine(openai_server), prompts_dir=str(prompts), max_tokens=32)(docs(1)).to_pylist()[0]
+    path = prompts / "facts" / "list.yaml"
+    path.write_text(path.read_text().replace("up to three", "at most three"))  # same `version: 1`
+    second = Facts(engine=engine(openai_server), prompts_dir=str(prompts), max_tokens=32)(docs(1)).to_pylist()[0]
+    assert first["template_version"] == second["template_version"] == 1
+    assert len(first["template_hash"]) == 64 and first["template_hash"] != second["template_hash"]
+    st.backend = "echo"
+    g = Generate(engine=engine(openai_server), template="Say {text}", output_column="summary", max_tokens=8)
+    out = g(docs(2))
+    prov = [json.loads(p) for p in out.column("summary_provenance").to_pylist()]
+    assert all(p["engine"] == "openai" and p["model"].endswith("|m") and p["sampling"]["max_tokens"] == 8
+               for p in prov)
+    assert prov[0]["hash"] and prov[0]["hash"] != json.loads(
+        Generate(engine=engine(openai_server), template="Tell {text}", output_column="summary", max_tokens=8)(
+            docs(1)).column("summary_provenance")[0].as_py())["hash"]
