@@ -27,7 +27,8 @@ def test_registered_and_config():
     assert Generate(template="Q: {question}\nA: {answer}").reads == ("question", "answer")
     assert Generate(prompt_column="p", output_column="summary").writes == {
         "summary": pa.string(), "summary_finish_reason": pa.string(),
-        "summary_prompt_tokens": pa.int32(), "summary_tokens": pa.int32()}
+        "summary_prompt_tokens": pa.int32(), "summary_tokens": pa.int32(),
+        "summary_provenance": pa.string()}
     assert template_fields("$a and ${b}", "dollar") == ["a", "b"]
     with pytest.raises(Exception):
         Generate(prompt_column="x", template="{text}")
