@@ -43,7 +43,8 @@ def test_library_call(smol, tmp_path):
                  cache_path=str(tmp_path / "c.sqlite"))
     out = g(table)
     assert out.schema.names == ["id", "text", "source", "metadata", "completion",
-                                "completion_finish_reason", "completion_prompt_tokens", "completion_tokens"]
+                                "completion_finish_reason", "completion_prompt_tokens", "completion_tokens",
+                                "completion_provenance"]
     rows = out.to_pylist()
     assert all(r["completion"] and r["completion_finish_reason"] in ("stop", "length") for r in rows)
     assert all(0 < r["completion_tokens"] <= 6 and r["completion_prompt_tokens"] > 10 for r in rows)
