@@ -207,3 +207,25 @@ def test_provenance_names_the_prompt_content_and_annotation_rows_carry_it(openai
     assert prov[0]["hash"] and prov[0]["hash"] != json.loads(
         Generate(engine=engine(openai_server), template="Tell {text}", output_column="summary", max_tokens=8)(
             docs(1)).column("summary_provenance")[0].as_py())["hash"]
+
+
+def test_the_readme_recipe_runs(openai_server, tmp_path):
+    """The recipe written in README.md ("Writing an LLM recipe"), as it is printed there."""
+    import re
+
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("### Writing an LLM recipe", 1)[1]
+    prompt = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "glossary").mkdir()
+    (tmp_path / "glossary" / "terms.yaml").write_text(prompt)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)  # noqa: S102  (our own README)
+    st = openai_server.state
+    st.backend = "script"
+    st.responder = lambda body: "- cache: a store of answers\n- budget: a cap on spending\n- nothing here"
+    s = ns["Glossary"](engine=engine(openai_server), prompts_dir=str(tmp_path))
+    out = s(docs(2))
+    assert out.column("text").to_pylist() == ["cache: a store of answers", "budget: a cap on spending"] * 2
+    assert out.column("id").to_pylist()[:2] == ["d0#glossary-0", "d0#glossary-1"]
+    assert out.column("template_id").to_pylist()[0] == "glossary/terms"
