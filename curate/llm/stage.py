@@ -442,10 +442,19 @@ class LLMStage(MapStage):
         return None
 
     def annotation_provenance(self, res: JobResult) -> str:
-        p = self.provenance({}, res)
-        return json.dumps({"engine": p["engine_kind"], "model": p["engine_model"], "template": p["template_id"],
-                           "version": p["template_version"], "hash": p["template_hash"],
-                           "sampling": json.loads(p["sampling"])}, sort_keys=True)
+        """The JSON provenance of an annotated row (one string per template and sampling)."""
+        t = res.job.template
+        params = res.job.requests[0].params if res.job.requests else self.sampling()
+        key = (t.id if t else None, t.hash if t else None, params)
+        memo = self.__dict__.setdefault("_provenance_memo", {})
+        out = memo.get(key)
+        if out is None:
+            eng = self.engine
+            out = memo[key] = json.dumps(
+                {"engine": eng.kind, "model": eng.model_id, "template": t.id if t else None,
+                 "version": t.version if t else None, "hash": t.hash if t else self.prompt_hash(),
+                 "sampling": params.model_dump(mode="json")}, sort_keys=True)
+        return out
 
     def assemble(self, table: pa.Table, outputs: list[tuple[int, dict[str, Any]]]) -> pa.Table:
         """The output table: input row ``i`` (all its columns) with the columns of each dict."""
