@@ -338,12 +338,10 @@ class _AsyncBackend(_Backend):
                 return out
 
     def close(self) -> None:
-        def cancel() -> None:
-            for t in list(self.tasks):
-                t.cancel()
-
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(cancel)
+        """Requests still out (a stage that stopped early) finish on the loop and are dropped:
+        cancelling one mid-request would leave its pooled connection broken for the next."""
+        if self.batch:
+            self.batch = []
 
 
 class _Lease:

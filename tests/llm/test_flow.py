@@ -229,3 +229,21 @@ def test_the_readme_recipe_runs(openai_server, tmp_path):
     assert out.column("text").to_pylist() == ["cache: a store of answers", "budget: a cap on spending"] * 2
     assert out.column("id").to_pylist()[:2] == ["d0#glossary-0", "d0#glossary-1"]
     assert out.column("template_id").to_pylist()[0] == "glossary/terms"
+
+
+def test_a_stage_stopped_mid_flight_leaves_the_shared_engine_usable(openai_server, prompts):
+    """A failure-rate stop with requests still out: they finish on the engine's loop (not cut
+    mid-request), so the next stage on the same engine gets every answer."""
+    from curate.pipeline.stage import StageError
+
+    st = openai_server.state
+    st.backend, st.delay = "echo", 0.2  # never JSON; slow, so that many requests are out at the stop
+    s = Facts(engine=engine(openai_server, concurrency=16), prompts_dir=str(prompts), max_tokens=8,
+              parse_retries=0, min_requests=2)
+    with pytest.raises(StageError, match="LLM requests failed"):
+        s(docs(40))
+    st.backend, st.responder, st.delay = "script", facts_answer, 0.0
+    s2 = Facts(engine=engine(openai_server, concurrency=16), prompts_dir=str(prompts), max_tokens=8)
+    out = s2(docs(40))
+    c = s2.counters.to_dict()
+    assert out.num_rows == 120 and not [k for k in c if k.startswith("errors/")] and s2.deferred == 0
