@@ -10,6 +10,13 @@ budgets, prompt templates) lives in :mod:`curate.llm`.
     [c] = engine.generate([Request(messages=[{"role": "user", "content": "Hi"}],
                                    params=SamplingParams(max_tokens=16))])
     c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens
+
+``engine.stream(cache)`` is the streaming form the LLM stages use: ``submit(tag, request)`` as
+long as ``stream.pending < engine.window()``, ``stream.next()`` for the answers ready (at least
+one) as (tag, completion), each request looked up in the cache once and each answer cached as it
+arrives (see :class:`curate.engines.base.Stream`). What differs by kind lives on the engine config
+(``resources()``, ``check()``) and class (``window``, ``prompt_tokens``, ``hf_tokenizer``,
+``max_logprobs``).
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ def engine_class(kind: str) -> type[Engine]:
         from curate.engines.transformers_engine import TransformersEngine
         return TransformersEngine
     if kind == "openai":
+        from curate.engines.base import quiet_http_logs
         from curate.engines.openai_engine import OpenAIEngine
+        quiet_http_logs()
         return OpenAIEngine
     if kind == "vllm":
         from curate.engines.vllm_engine import VLLMEngine

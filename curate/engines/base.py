@@ -144,6 +144,8 @@ class Completion:
     throttled: int = field(default=0, repr=False)
     # the endpoint never answered in this run and looks unreachable or misconfigured
     endpoint_dead: bool = field(default=False, repr=False)
+    # not sent: the caller's budget did not admit it (``Stream`` with ``admit``)
+    denied: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -253,6 +255,17 @@ def cache_key(kind: str, model: str, request: Request, extra: str = "") -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def quiet_http_logs() -> None:
+    """httpx/httpcore log one INFO line per request: keep them at WARNING unless the ``curate``
+    logger is at DEBUG (then the per-request lines show)."""
+    if logging.getLogger("curate").isEnabledFor(logging.DEBUG):
+        return
+    for name in ("httpx", "httpcore"):
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+
+
 class Engine(ABC):
     """Base class of the backends. Subclasses implement ``_generate`` (uncached requests, in order,
     one Completion each, never raising for a single bad request) and set ``kind``/``model_id``."""
@@ -289,6 +302,30 @@ class Engine(ABC):
         when the engine has none (an HTTP server): exact token cuts use it, else ``count_tokens``."""
         return None
 
+    def window(self, hint: int = 64) -> int:
+        """How many requests a :class:`Stream` keeps submitted at once. Batch backends run what is
+        pending in one call, so ``hint`` (the stage's ``batch_size``) sizes their calls; an HTTP
+        backend overrides this with its own concurrency."""
+        return max(1, hint)
+
+    def prompt_tokens(self, request: Request) -> int:
+        """Tokens of a request's prompt as the backend sees it (chat template applied when the
+        engine has one, else each message counted plus a few tokens of framing)."""
+        if request.prompt is not None:
+            return self.count_tokens(request.prompt)
+        return sum(self.count_tokens(m["content"]) + 4 for m in request.messages or ())
+
+    def stream(self, cache: "RequestCache | None" = None, admit: "Callable[[Request], bool | None] | None" = None,
+               charge: "Callable[[list[tuple[Request, Completion]]], None] | None" = None,
+               stats: "Sequence[dict[str, int]]" = ()) -> "Stream":
+        """A :class:`Stream` over this engine: requests in, answers out as they finish."""
+        return Stream(self, cache if cache is not None else self.cache, admit, charge, stats)
+
+    def _backend(self) -> "_Backend":
+        """What a stream sends its misses to (default: pending requests run in one ``_generate``
+        call when the stream waits)."""
+        return _BatchBackend(self)
+
     def cached(self, requests: Sequence[Request], cache: "RequestCache | None" = None) -> list[Completion | None]:
         """The cached completion of each request, or None (no cache: all None). Does not generate."""
         cache = cache if cache is not None else self.cache
@@ -309,71 +346,26 @@ class Engine(ABC):
     def generate(self, requests: Sequence[Request | dict], cache: "RequestCache | None" = None) -> list[Completion]:
         """One completion per request, in order. ``cache`` overrides the engine's own cache (an
         engine shared by several stages, each with its cache). New answers are written to the cache
-        as each one arrives, so an interrupted call keeps what finished."""
+        as they arrive, so an interrupted call keeps what finished. (A :class:`Stream` with every
+        request submitted at once.)"""
         reqs = [r if isinstance(r, Request) else Request.model_validate(r) for r in requests]
-        cache = cache if cache is not None else self.cache
-        out = self.cached(reqs, cache)
-        todo = [i for i, c in enumerate(out) if c is None]
-        self.stats["requests"] += len(reqs)
-        self.stats["cached"] += len(reqs) - len(todo)
-        self.stats["generated"] += len(todo)
-        if todo:
-            extra = self.cache_extra()
-            # identical requests (same cache key: same prompt, sampling and seed) go out once; the
-            # copies get the same answer, marked cached (no new tokens)
-            keys = {i: cache_key(self.kind, self.model_id, reqs[i], extra) for i in todo}
-            first: dict[str, int] = {}
-            for i in todo:
-                first.setdefault(keys[i], i)
-            uniq = list(first.values())
-            sub = [reqs[i] for i in uniq]
-
-            told: set[int] = set()
-
-            def store(j: int, c: Completion) -> None:
-                if c.ok and cache is not None:
-                    cache.put(keys[uniq[j]], c.to_dict())
-                told.add(j)
-                _notify(self, "done" if c.ok else "failed", c)
-
-            _notify(self, "sent", None, len(uniq))
-            done: list[Completion] | None = None
-            try:
-                done = self._generate(sub, store)
-            finally:  # batch backends, and failed requests, report at the end
-                if done is None:
-                    _notify(self, "failed", None, len(uniq) - len(told))
-                else:
-                    for j, c in enumerate(done):
-                        if j not in told:
-                            _notify(self, "done" if c.ok else "failed", c)
-            if len(done) != len(uniq):
-                raise RuntimeError(f"{type(self).__name__} returned {len(done)} completions "
-                                   f"for {len(uniq)} requests")
-            new: dict[str, dict[str, Any]] = {}
-            answer = dict(zip(uniq, done))
-            for i in todo:
-                c = answer.get(i)
-                if c is None:  # a copy of an earlier request of this call
-                    orig = answer[first[keys[i]]]
-                    c = replace(orig, cached=orig.ok, throttled=0)
-                    self.stats["generated"] -= 1
-                    self.stats["cached"] += 1
-                c.request_id = reqs[i].id
-                out[i] = c
-                if not c.ok:
-                    self.stats["failed"] += 1
-                elif cache is not None and not c.stored and not c.cached:
-                    new[keys[i]] = c.to_dict()
-            if new and cache is not None:
-                cache.put_many(new)
+        stream = self.stream(cache)
+        out: list[Completion | None] = [None] * len(reqs)
+        try:
+            for i, r in enumerate(reqs):
+                stream.submit(i, r)
+            while stream.pending:
+                for i, c in stream.next():
+                    out[i] = c
+        finally:
+            stream.close()
         return out  # type: ignore[return-value]
 
     @abstractmethod
     def _generate(self, requests: list[Request], on_done: "Callable[[int, Completion], None] | None" = None
                   ) -> list[Completion]:
         """Generate uncached requests. A backend that finishes requests one at a time (HTTP) calls
-        ``on_done(index, completion)`` for each as it arrives and sets ``stored``."""
+        ``on_done(index, completion)`` for each as it arrives (the stream stores it at once)."""
         ...
 
     def close(self) -> None:
@@ -386,6 +378,176 @@ class Engine(ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _Backend:
+    """Where a :class:`Stream` sends requests: ``submit`` may queue, ``wait`` blocks until at least
+    one submitted request is answered and returns every answer ready then as (number, completion).
+    ``on_done(number, completion)`` set by the stream stores an answer as soon as the backend has
+    it (in the stream's thread); answers stored that way are marked ``stored``."""
+
+    on_done: "Callable[[int, Completion], None] | None" = None
+
+    def submit(self, number: int, request: Request) -> None:
+        raise NotImplementedError
+
+    def wait(self) -> list[tuple[int, Completion]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _BatchBackend(_Backend):
+    """Local engines (transformers, vLLM): everything pending goes to one ``_generate`` call."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.pending: list[tuple[int, Request]] = []
+
+    def submit(self, number: int, request: Request) -> None:
+        self.pending.append((number, request))
+
+    def wait(self) -> list[tuple[int, Completion]]:
+        todo, self.pending = self.pending, []
+        if not todo:
+            return []
+        numbers = [n for n, _ in todo]
+
+        def done(j: int, c: Completion) -> None:
+            if self.on_done is not None:
+                self.on_done(numbers[j], c)
+
+        out = self.engine._generate([r for _, r in todo], done)
+        if len(out) != len(todo):
+            raise RuntimeError(f"{type(self.engine).__name__} returned {len(out)} completions "
+                               f"for {len(todo)} requests")
+        return list(zip(numbers, out))
+
+
+class Stream:
+    """Requests in, answers out as they finish (the loop of the LLM stages).
+
+    ``submit(tag, request)`` looks the request up in the cache once (a hit is ready at once, marked
+    ``cached``); a miss is offered to ``admit`` (a budget) which answers True (send it), False (not
+    sent: answered with a failed completion marked ``denied``) or None (not now: held, offered
+    again when answers have come back) and goes to the backend. ``next()`` blocks until at least
+    one answer is ready and returns all ready answers as (tag, completion). New answers are charged
+    (``charge``) *before* they are written to the cache, so a kill between the two can only
+    over-count, never lose a charge. ``pending`` is the number of submitted requests not yet
+    returned; a caller keeps it under ``engine.window()``. ``stats`` dicts (besides the engine's
+    own) count ``requests``, ``cached``, ``generated`` and ``failed``."""
+
+    def __init__(self, engine: "Engine", cache: "RequestCache | None" = None,
+                 admit: "Callable[[Request], bool | None] | None" = None,
+                 charge: "Callable[[list[tuple[Request, Completion]]], None] | None" = None,
+                 stats: "Sequence[dict[str, int]]" = ()):
+        self.engine, self.cache, self.admit, self.charge = engine, cache, admit, charge
+        self.stats = [engine.stats, *stats]
+        self.extra = engine.cache_extra()
+        self.backend = engine._backend()
+        self.backend.on_done = self._store_one
+        self.ready: list[tuple[Any, Completion]] = []
+        self.held: list[tuple[Any, Request, str | None]] = []
+        self.sent: dict[int, tuple[Any, Request, str | None]] = {}
+        # identical requests (same cache key: prompt, sampling, seed) go out once: the number in
+        # flight per key, and the (tag, request) copies waiting for its answer
+        self.inflight: dict[str, int] = {}
+        self.copies: dict[int, list[tuple[Any, Request]]] = {}
+        self.n = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self.ready) + len(self.held) + len(self.sent) + sum(len(v) for v in self.copies.values())
+
+    def _count(self, key: str) -> None:
+        for st in self.stats:
+            st[key] = st.get(key, 0) + 1
+
+    def submit(self, tag: Any, request: Request) -> None:
+        self._count("requests")
+        key = cache_key(self.engine.kind, self.engine.model_id, request, self.extra)
+        if self.cache is not None:
+            hit = self.cache.get(key)  # type: ignore[union-attr]
+            if hit is not None:
+                c = Completion.from_dict(hit)
+                c.cached, c.request_id = True, request.id
+                self._count("cached")
+                self.ready.append((tag, c))
+                return
+        self._offer(tag, request, key)
+
+    def _offer(self, tag: Any, request: Request, key: str | None) -> None:
+        if key is not None and key in self.inflight:   # the same request is out: share its answer
+            self.copies.setdefault(self.inflight[key], []).append((tag, request))
+            return
+        verdict = self.admit(request) if self.admit is not None else True
+        if verdict is None:
+            self.held.append((tag, request, key))
+        elif not verdict:
+            self.ready.append((tag, Completion(choices=[], error="budget", request_id=request.id, denied=True)))
+        else:
+            self._count("generated")
+            self.n += 1
+            self.sent[self.n] = (tag, request, key)
+            if key is not None:
+                self.inflight[key] = self.n
+            _notify(self.engine, "sent", None, 1)
+            self.backend.submit(self.n, request)
+
+    def _reoffer(self) -> None:
+        held, self.held = self.held, []
+        for tag, request, key in held:
+            self._offer(tag, request, key)
+
+    def _store(self, done: list[tuple[Request, Completion, str | None]]) -> None:
+        new = [(r, c, k) for r, c, k in done if not c.stored]
+        if new and self.charge is not None:
+            self.charge([(r, c) for r, c, _ in new])  # failed ones too: they end a reservation
+        if self.cache is not None:
+            items = {k: c.to_dict() for _, c, k in new if k is not None and c.ok}
+            if items:
+                self.cache.put_many(items)
+        for _, c, _ in new:
+            c.stored = True
+
+    def _store_one(self, number: int, c: Completion) -> None:
+        entry = self.sent.get(number)
+        if entry is not None:
+            self._store([(entry[1], c, entry[2])])
+
+    def next(self) -> list[tuple[Any, Completion]]:
+        """All answers ready now (at least one; waits for the backend when none is)."""
+        if not self.ready and not self.sent and self.held:
+            self._reoffer()
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
+        if not self.sent:
+            raise RuntimeError("Stream.next() with nothing submitted")
+        done, out = [], []
+        for number, c in self.backend.wait():
+            tag, req, key = self.sent.pop(number)
+            if key is not None and self.inflight.get(key) == number:
+                del self.inflight[key]
+            c.request_id = req.id
+            if not c.ok:
+                self._count("failed")
+            _notify(self.engine, "done" if c.ok else "failed", c)
+            done.append((req, c, key))
+            out.append((tag, c))
+            for tag2, req2 in self.copies.pop(number, ()):   # copies: the same answer, no new tokens
+                copy = replace(c, cached=c.ok, throttled=0, stored=True)
+                copy.request_id = req2.id
+                self._count("cached")
+                out.append((tag2, copy))
+        self._store(done)
+        if self.held:
+            self._reoffer()
+        return out
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 from curate.engines.cache import RequestCache  # noqa: E402  (typing + runtime use)

@@ -29,6 +29,14 @@ class _EngineConfigBase(BaseModel):
         return json.dumps(self.model_dump(mode="json", exclude={"price_prompt", "price_completion"}),
                           sort_keys=True)
 
+    def resources(self) -> dict[str, float]:
+        """What a worker running this engine needs beyond a stage's defaults ({} = nothing more)."""
+        return {}
+
+    def check(self) -> list[tuple[str, str]]:
+        """Problems found without loading anything: (option, message)."""
+        return []
+
 
 class TransformersConfig(_EngineConfigBase):
     """CPU (or single GPU) generation with Hugging Face transformers; batched with left padding."""
@@ -50,6 +58,15 @@ class TransformersConfig(_EngineConfigBase):
     num_threads: int | None = Field(
         None, ge=1, description="torch CPU threads (default: torch's; 1 inside a runner's worker process, "
                                 "where the pool already uses every core)")
+
+    def check(self) -> list[tuple[str, str]]:
+        from curate.engines.transformers_engine import ModelNotFound, resolve_model
+
+        try:
+            resolve_model(self.model, self.gguf_file)
+        except ModelNotFound as exc:
+            return [("model", str(exc))]
+        return []
 
 
 class OpenAIConfig(_EngineConfigBase):
@@ -99,6 +116,16 @@ class VLLMConfig(_EngineConfigBase):
         None, description="vLLM speculative decoding, e.g. {method: ngram, num_speculative_tokens: 4, "
                           "prompt_lookup_max: 4} or {model: /models/draft, num_speculative_tokens: 4}")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) arguments")
+
+    def resources(self) -> dict[str, float]:
+        return {"cpus": 1.0, "gpus": float(self.tensor_parallel_size)}
+
+    def check(self) -> list[tuple[str, str]]:
+        import os
+
+        if not os.path.exists(os.path.expanduser(self.model)):
+            return [("model", f"{self.model!r} is not a local path")]
+        return []
 
 
 EngineConfig = Annotated[Union[TransformersConfig, OpenAIConfig, VLLMConfig], Field(discriminator="kind")]

@@ -284,6 +284,9 @@ class TransformersEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def prompt_tokens(self, request: Request) -> int:
+        return self.count_tokens(self.render(request))  # the chat template applied, exactly
+
     def hf_tokenizer(self) -> Any:
         return self.tokenizer
 

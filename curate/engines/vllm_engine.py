@@ -398,6 +398,14 @@ class VLLMEngine(Engine):
     def count_tokens(self, text: str) -> int:
         return len(self.llm.get_tokenizer().encode(text, add_special_tokens=False))
 
+    def window(self, hint: int = 64) -> int:
+        """Requests per ``LLM.generate`` call: at least 1,024, so vLLM's scheduler stays full (it
+        batches continuously inside one call; fewer prompts leave it idle between calls)."""
+        return max(hint, 1024)
+
+    def prompt_tokens(self, request: Request) -> int:
+        return self.count_tokens(self.render(request))  # the chat template applied, exactly
+
     def hf_tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
 

@@ -101,12 +101,24 @@ class LLMAccounting:
 
 
 class Budget:
-    """Request/token/cost caps of one step that survive a resume.
+    """Request/token/cost caps of one step that survive a resume, even a ``kill -9``.
 
     Usage is kept in SQLite (``path``; in memory for library calls without a work folder) and only
-    new generations count (cached answers are free). ``allow(n)`` reserves up to ``n`` requests and
-    returns how many may go; ``add`` records what they used. Several worker processes share the
-    file (one transaction per reservation).
+    new generations count (cached answers are free). Each request is charged twice over its life:
+
+    - ``reserve(tokens, cost)`` before it is sent: one request and an estimate (prompt tokens plus
+      ``max_tokens``) are added at once, in one transaction; a request may go while the step's
+      usage (reservations included) is under every limit;
+    - ``settle(d_tokens, d_cost)`` when its answer arrives, *before* the answer is cached: the
+      estimate is replaced by what the answer used.
+
+    A kill before ``settle`` leaves the estimate charged (at least what the answer used, unless a
+    prompt has more tokens than estimated); a kill after it leaves the answer uncached, so a rerun
+    pays (and charges) it again: the store can over-count, never under-count, and no number of
+    kills lets a run go past a budget. ``reserve`` answers None (wait) when only this process's
+    own requests in flight stand in the way: their answers may leave room. Several worker
+    processes share the file (one transaction per reservation); another process's reservations
+    count as used.
     """
 
     def __init__(self, path: str | None, key: str, max_requests: int | None = None,
@@ -117,6 +129,7 @@ class Budget:
         self._mem = [0, 0, 0.0]
         self._conn: sqlite3.Connection | None = None
         self._pid = os.getpid()
+        self.in_flight = [0, 0, 0.0]  # this process's reservations not settled yet
 
     @property
     def active(self) -> bool:
@@ -138,49 +151,77 @@ class Budget:
         row = self._db().execute("SELECT requests, tokens, cost FROM usage WHERE key = ?", (self.key,)).fetchone()
         return (int(row[0]), int(row[1]), float(row[2])) if row else (0, 0, 0.0)
 
-    def _room(self, used: tuple[int, int, float], n: int) -> int:
+    def _under(self, used: tuple[int, int, float] | list) -> bool:
         max_req, max_tok, max_cost = self.limits
-        if (max_tok is not None and used[1] >= max_tok) or (max_cost is not None and used[2] >= max_cost):
-            return 0
-        return n if max_req is None else max(0, min(n, max_req - used[0]))
+        return not ((max_req is not None and used[0] >= max_req) or (max_tok is not None and used[1] >= max_tok)
+                    or (max_cost is not None and used[2] >= max_cost))
 
-    def allow(self, n: int) -> int:
-        if not self.active or n == 0:
-            return n
+    def _update(self, fn: Any) -> Any:
+        """Run ``fn(used) -> (result, delta)`` in one transaction and add ``delta`` to the usage."""
         if self.path is None:
-            k = self._room(self.used(), n)
-            self._mem[0] += k
-            return k
+            result, delta = fn(tuple(self._mem))
+            for i, d in enumerate(delta):
+                self._mem[i] += d
+            return result
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             used = self.used()
-            k = self._room(used, n)
-            db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?)",
-                       (self.key, used[0] + k, used[1], used[2], time.time()))
+            result, delta = fn(used)
+            if any(delta):
+                db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?)",
+                           (self.key, used[0] + delta[0], used[1] + delta[1], used[2] + delta[2], time.time()))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return result
+
+    def reserve(self, tokens: int = 0, cost: float = 0.0) -> bool | None:
+        """Charge one request and its estimated ``tokens``/``cost`` if the budget has room: True
+        (charged), None (no room while this process has requests in flight: ask again after an
+        answer), False (no room)."""
+        if not self.active:
+            return True
+
+        def fn(used: tuple[int, int, float]) -> tuple[bool | None, tuple]:
+            if self._under(used):
+                return True, (1, tokens, cost)
+            return (None if self.in_flight[0] else False), (0, 0, 0.0)
+
+        ok = self._update(fn)
+        if ok:
+            self.in_flight[0] += 1
+            self.in_flight[1] += tokens
+            self.in_flight[2] += cost
+        return ok
+
+    def settle(self, est_tokens: int, est_cost: float, tokens: int, cost: float) -> None:
+        """A reserved request answered: its estimate replaced by what it used."""
+        if not self.active:
+            return
+        self.in_flight[0] = max(0, self.in_flight[0] - 1)
+        self.in_flight[1] -= est_tokens
+        self.in_flight[2] -= est_cost
+        if tokens != est_tokens or cost != est_cost:
+            self._update(lambda used: (None, (0, tokens - est_tokens, cost - est_cost)))
+
+    def release(self) -> None:
+        """Forget this process's in-flight reservations (their requests failed or were abandoned:
+        the estimates stay charged)."""
+        self.in_flight = [0, 0, 0.0]
+
+    def allow(self, n: int) -> int:
+        """Reserve up to ``n`` requests at once (no token estimate); how many may go."""
+        k = 0
+        while k < n and self.reserve():
+            k += 1
         return k
 
     def add(self, tokens: int, cost: float) -> None:
-        if not self.active or (not tokens and not cost):
-            return
-        if self.path is None:
-            self._mem[1] += tokens
-            self._mem[2] += cost
-            return
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            r, t, c = self.used()
-            db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?)",
-                       (self.key, r, t + tokens, c + cost, time.time()))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        """Charge tokens/cost after the fact (requests reserved with ``allow``)."""
+        if self.active and (tokens or cost):
+            self._update(lambda used: (None, (0, tokens, cost)))
 
     def describe(self) -> str:
         r, t, c = self.used()

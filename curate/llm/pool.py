@@ -53,7 +53,8 @@ def loaded() -> dict[str, tuple[Engine, int]]:
 
 class EngineHandle:
     """A stage's view of a shared engine: its own request cache and its own ``stats``; everything
-    else (``kind``, ``model_id``, ``count_tokens``, ``tokenizer``...) is the shared engine's."""
+    else (``kind``, ``model_id``, ``count_tokens``, ``prompt_tokens``, ``hf_tokenizer``, ``window``,
+    ``stream``...) is the shared engine's."""
 
     def __init__(self, engine: Engine, cache: Any = None):
         self.shared = engine
@@ -62,9 +63,6 @@ class EngineHandle:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.shared, name)
-
-    def cached(self, requests: Any) -> list:
-        return self.shared.cached(requests, self.cache)
 
     def generate(self, requests: Any) -> list:
         before = dict(self.shared.stats)

@@ -5,35 +5,60 @@
         name = "summaries"
         recipe = "summaries"
         Config = SummariesConfig              # LLMStageConfig + the recipe's own options
+        reads = ("{text_column}",)
+        writes = {"text": pa.string()}
+        chunked = True                        # long texts in ``text_column`` split to fit the context
 
         def template_ids(self):
             return [self.config.template]     # e.g. "summaries/short" -> curate/prompts/summaries/short.yaml
 
-        def requests(self, row):              # 0..N requests per input row
-            return [self.ask(self.config.template, text=row["text"])]
+        def requests(self, row):              # 0..N requests per input row (per chunk: row[text_column] is the chunk)
+            return [self.ask(self.config.template, row=row, text=row["text"])]
 
         def parse(self, row, completions):    # 0..N output rows; ParseError(reason) when unusable
             return [{"text": parse_bullets(completions[0].text)[0]}]
 
+No LLM stage overrides ``process()``: the base owns the loop, so deferral, the failed side output
+and accounting cannot be forgotten. What a recipe may give besides ``requests``/``parse``:
+
+- ``chunked = True``: the base splits ``config.text_column`` into chunks that fit
+  ``context_tokens`` (``chunk_budget()``); ``requests``/``parse``/``jobs`` see one chunk at a time
+  (``row[text_column]`` is the chunk, ``unit.chunk`` its index, ``chunk_index`` in provenance);
+- ``jobs(unit) -> [Job]`` instead of ``requests``/``parse``, when a row's requests are parsed
+  separately; a ``Job`` may carry ``then(result) -> [Job]``, a follow-up phase run as soon as
+  that job is finished (entigraph's relation requests after its entity answer; instruction_synth's
+  next round), with ``emit=False`` when its own rows are only input to the follow-up;
+- annotation stages (``synthetic = False``: the parse result becomes new columns of the input row)
+  name what a row without text (``empty_row``) or with a failed request (``failed_row``) becomes.
+
 The base class does the rest:
 
 - engine: built from the ``engine`` option, shared in the process by stages with the same engine
-  config (:mod:`curate.llm.pool`); a request cache in the step's work folder (or ``cache_path``);
+  config (:mod:`curate.llm.pool`); a request cache in the step's work folder (or ``cache_path``),
+  looked up once per request; what the engine kind needs (resources, checks, tokenizer) comes from
+  the engine config/class;
+- continuous flow: requests go to an engine :class:`~curate.engines.base.Stream` that keeps the
+  engine's window full across rows (``concurrency`` x 2 for the openai engine; ``batch_size``
+  requests per call for the local engines), a row's follow-up requests leave as soon as its first
+  answer parsed, and output rows are written in input order;
 - one definition of the sampling options (``temperature``, ``top_p``, ``max_tokens``, ``stop``,
   ``seed``) -> :meth:`LLMStage.sampling`;
-- all requests of a batch go to the engine in one call (the openai engine keeps a window of
-  ``concurrency`` requests in flight over all of them; vLLM batches them);
-- an answer that fails to parse is asked again (``parse_retries`` times, each with a new seed, and
-  ``retry_temperature`` when decoding is greedy), then counted ``errors/parse/<reason>`` and saved
-  with the raw answer in the side output ``failed``;
+- an answer that fails to parse, or a synthetic answer that parses to nothing, is asked again
+  (``parse_retries`` times, each with a new seed, and ``retry_temperature`` when decoding is
+  greedy), then counted ``errors/parse/<reason>`` and saved with the raw answer in the side output
+  ``failed``; ``DropAnswer(reason)`` from a parse drops an answer on purpose (``dropped/<reason>``);
 - a request that failed transiently (timeouts, HTTP 5xx after the engine's retries) or that the
   budget did not allow is deferred (``Stage.defer``): the task is not recorded as complete and the
   next plain run redoes exactly those rows, finished answers coming from the cache;
-- budgets (``max_requests``, ``max_total_tokens``, ``max_cost``) persist in the work folder, so
-  they hold across resumes; raising them and rerunning continues where the run stopped;
+- budgets (``max_requests``, ``max_total_tokens``, ``max_cost``) persist in the work folder and are
+  charged per answer, before the answer is cached (:class:`~curate.llm.accounting.Budget`), so
+  they hold across resumes and kills; raising them and rerunning continues where the run stopped;
 - the failure-rate stop (``max_failure_rate`` after ``min_requests``) names the failure reasons;
-- provenance columns on every synthetic row (``PROVENANCE``), prompt templates whose content hash
-  is part of the step fingerprint, and chunking of long documents to a token budget.
+  ``min_yield``: a batch where fewer input rows produced output is counted ``warnings/low_yield``
+  and logged; a library call logs a WARNING with what it dropped and what failed;
+- provenance on every row an LLM touched: the ``PROVENANCE`` columns on synthetic rows (model,
+  prompt id, version and content hash, sampling), one ``<...>_provenance`` JSON column on
+  annotation stages; prompt templates whose content hash is part of the step fingerprint.
 """
 
 from __future__ import annotations
@@ -41,8 +66,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import Field, field_validator
@@ -62,7 +88,7 @@ PROVENANCE: dict[str, pa.DataType] = {
     "source_id": pa.string(), "recipe": pa.string(), "template_id": pa.string(),
     "template_version": pa.int32(), "engine_kind": pa.string(), "engine_model": pa.string(),
     "sampling": pa.string(), "prompt_tokens": pa.int32(), "completion_tokens": pa.int32(),
-    "chunk_index": pa.int32(),
+    "chunk_index": pa.int32(), "template_hash": pa.string(),
 }
 
 
@@ -75,14 +101,18 @@ class LLMStageConfig(StageConfig):
     max_tokens: int = Field(256, ge=1, description="maximum generated tokens per request")
     stop: list[str] = Field(default_factory=list, description="stop strings (not included in the output)")
     seed: int | None = Field(None, description="sampling seed (temperature > 0)")
-    # batching, cache, failures
-    batch_size: int = Field(256, ge=1, description="input rows whose requests go to the engine in one call")
+    # flow, cache, failures
+    batch_size: int = Field(256, ge=1, description="local engines (transformers, vllm): requests per engine call; "
+                                                   "the openai engine keeps 2 x concurrency in flight instead")
     cache: bool = Field(True, description="cache answers in the stage work folder (runner) or cache_path")
     cache_path: str | None = Field(None, description="explicit SQLite cache file (also for library calls)")
     parse_retries: int = Field(2, ge=0, description="new tries (new seed) for an answer that does not parse")
     retry_temperature: float = Field(0.7, ge=0.0, description="temperature of retries when decoding is greedy")
     max_failure_rate: float = Field(0.5, ge=0.0, le=1.0, description="stop when more requests than this fail")
     min_requests: int = Field(8, ge=1, description="requests made before the failure rate is checked")
+    min_yield: float | None = Field(
+        None, ge=0.0, le=1.0, description="fraction of input rows that must produce output, else "
+                                          "warnings/low_yield (default 0.5 for synthetic stages, 0 for annotation)")
     # budgets (new generations only; kept in the work folder across resumes)
     max_requests: int | None = Field(None, ge=0, description="stop after this many new requests")
     max_total_tokens: int | None = Field(None, ge=0, description="stop after this many new prompt+completion tokens")
@@ -95,9 +125,33 @@ class LLMStageConfig(StageConfig):
         return {"kind": v} if isinstance(v, str) else v
 
 
+class DropAnswer(Exception):
+    """Raised by a parse function: a well-formed answer the recipe drops on purpose (counted
+    ``dropped/<reason>``, not retried, not a failure)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Unit:
+    """One piece of work of the input row ``index``: the row, or one chunk of its text (``chunk``;
+    ``row[text_column]`` is then the chunk)."""
+
+    index: int
+    row: dict[str, Any]
+    chunk: int | None = None
+
+
 @dataclass
 class Job:
-    """Requests whose answers are parsed together, for the input row ``row``."""
+    """Requests whose answers are parsed together, for the input row ``row``.
+
+    ``then(result) -> [Job]``: a follow-up phase, called when this job is finished (any status);
+    its jobs go to the engine at once. ``emit``: this job's parsed rows are output rows (False: they
+    are only for ``then``). ``order``: where its rows go among the row's outputs (default: in the
+    order jobs were made; a follow-up after its parent)."""
 
     row: int
     requests: list[Request]
@@ -105,6 +159,9 @@ class Job:
     template: PromptTemplate | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     attempt: int = 0
+    then: Callable[["JobResult"], list["Job"]] | None = None
+    emit: bool = True
+    order: tuple = ()
 
 
 @dataclass
@@ -117,11 +174,11 @@ class JobResult:
 
     @property
     def prompt_tokens(self) -> int:
-        return sum(c.prompt_tokens for c in self.completions)
+        return sum(c.prompt_tokens for c in self.completions if c is not None)
 
     @property
     def completion_tokens(self) -> int:
-        return sum(c.completion_tokens for c in self.completions)
+        return sum(c.completion_tokens for c in self.completions if c is not None)
 
 
 class LLMStage(MapStage):
@@ -130,18 +187,26 @@ class LLMStage(MapStage):
     Config: ClassVar[type[StageConfig]] = LLMStageConfig
     recipe: ClassVar[str] = ""
     # output rows are new synthetic documents (one input row -> 0..N rows, with provenance columns);
-    # False: each input row gets the parse result as new columns (``generate``)
+    # False: each input row gets the parse result as new columns (annotation stages)
     synthetic: ClassVar[bool] = True
+    # split ``config.text_column`` into chunks that fit the context (one unit of work per chunk)
+    chunked: ClassVar[bool] = False
     # template variables the stage itself supplies (others must be listed in the `columns` option)
     provided_variables: ClassVar[frozenset[str]] = frozenset()
+    # exceptions of ``jobs()``/``requests()`` that mean "this row cannot become a request" (counted
+    # ``errors/llm/prompt``, the row failed); others propagate
+    invalid_prompt_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    # annotation stages: count ``<stage>/scored`` (rows whose answer parsed)
+    count_scored: ClassVar[bool] = False
     # engines isolate failing requests; an exception from a batch is a real problem
     isolate_errors = False
 
     def __init__(self, config: Any = None, **options: Any):
         super().__init__(config, **options)
         cfg = self.config
-        if cfg.engine.kind == "vllm":
-            self.resources = Resources(cpus=1.0, gpus=float(cfg.engine.tensor_parallel_size))
+        res = cfg.engine.resources()
+        if res:
+            self.resources = Resources(**res)
         self.engine: Any = None
         self.cache: RequestCache | None = None
         self.budget: Budget | None = None
@@ -161,6 +226,37 @@ class LLMStage(MapStage):
 
     def parse(self, row: dict[str, Any], completions: list[Completion]) -> list[dict[str, Any]]:
         raise NotImplementedError
+
+    def jobs(self, unit: Unit) -> list[Job]:
+        """The jobs of one unit. Default: all of ``requests(row)`` in one job parsed by ``parse``."""
+        reqs = self.requests(unit.row)
+        if not reqs:
+            return []
+        tids = self.template_ids()
+        t = self.template(tids[0]) if tids else None
+        return [Job(unit.index, list(reqs), lambda cs, row=unit.row: self.parse(row, cs), t)]
+
+    def empty_row(self, unit: Unit) -> dict[str, Any] | None:
+        """Annotation stages: the columns of a row whose ``text_column`` is empty (None: drop it).
+        Default: kept with null columns, counted ``<stage>/empty_text``."""
+        self.count(f"{self.name}/empty_text")
+        return {}
+
+    def failed_row(self, row: dict[str, Any], result: JobResult) -> dict[str, Any] | None:
+        """Annotation stages: the columns of a row whose job failed (None: drop it, counted
+        ``dropped/llm_failed``). Default: ``on_error`` keep (null columns) or drop."""
+        if getattr(self.config, "on_error", "keep") == "drop":
+            self.drop("llm_failed")
+            return None
+        return {}
+
+    def finish_table(self, table: pa.Table, out: pa.Table, kept: list[int]) -> pa.Table:
+        """Last touch on a batch's output (``kept``: the input rows in it, annotation stages)."""
+        return out
+
+    def provenance_column(self) -> str:
+        """Annotation stages: the JSON provenance column (model, prompt id/version/hash, sampling)."""
+        return f"{self.name}_provenance"
 
     # -- templates -------------------------------------------------------------------------------------
     def template(self, template_id: str) -> PromptTemplate:
@@ -212,29 +308,10 @@ class LLMStage(MapStage):
             overhead += sum(self.engine.count_tokens(m["content"]) + 4 for m in msgs)
         return max(32, self.config.context_tokens - answer_tokens - overhead)
 
-    def chunks_of(self, rows: list[dict[str, Any]], indices: range, column: str,
-                  budget: int) -> list[tuple[int, int, str]]:
-        """(row, chunk index, chunk text) for the rows ``indices``; empty texts are dropped and
-        counted (``dropped/empty_text``)."""
-        out: list[tuple[int, int, str]] = []
-        for i in indices:
-            text = rows[i].get(column)
-            if text is None or not str(text).strip():
-                self.drop("empty_text")
-                continue
-            out += [(i, k, c) for k, c in enumerate(self.split(str(text), budget))]
-        return out
-
-    def finish(self, table: pa.Table, rows: list[dict[str, Any]], results: Sequence[JobResult],
-               numbering: dict[int, int] | None = None) -> list[tuple[int, dict[str, Any]]]:
-        """End of a batch: failed rows to the side output, deferred rows counted, outputs collected."""
-        self.failed_side(table, results)
-        self.defer_rows(results)
-        return self.collect(rows, results, numbering)
-
-    def batches(self, rows: list[dict[str, Any]]) -> list[range]:
-        n, size = len(rows), self.config.batch_size
-        return [range(s, min(n, s + size)) for s in range(0, n, size)]
+    def chunk_budget(self) -> int:
+        """Tokens of text per chunk (chunked stages). Default: ``text_budget`` of the first template."""
+        tids = self.template_ids()
+        return self.text_budget(self.template(tids[0]) if tids else None, self.config.max_tokens)
 
     def split(self, text: str, budget: int) -> list[str]:
         """``text`` in chunks of at most ``budget`` engine tokens, cut at paragraph/sentence
@@ -247,17 +324,8 @@ class LLMStage(MapStage):
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def check(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        eng = self.config.engine
-        if eng.kind == "transformers":
-            from curate.engines.transformers_engine import ModelNotFound, resolve_model
-
-            try:
-                resolve_model(eng.model, eng.gguf_file)
-            except ModelNotFound as exc:
-                problems.append(("engine.model", str(exc)))
-        elif eng.kind == "vllm" and not os.path.exists(os.path.expanduser(eng.model)):
-            problems.append(("engine.model", f"{eng.model!r} is not a local path"))
+        problems: list[tuple[str, str]] = [(f"engine.{k}" if k else "engine", msg)
+                                           for k, msg in self.config.engine.check()]
         allowed = set(self.provided_variables) | set(self.extra_columns())
         for tid in self.template_ids():
             try:
@@ -317,7 +385,37 @@ class LLMStage(MapStage):
             self.budget.close()
         self._is_setup = False
 
-    # -- the engine loop -----------------------------------------------------------------------------
+    # -- budget hooks of the stream ------------------------------------------------------------------
+    def _estimate(self, request: Request) -> tuple[int, float]:
+        """Tokens and cost a request may use: its prompt plus ``max_tokens`` per answer."""
+        prompt = self.engine.prompt_tokens(request)
+        answer = request.params.max_tokens * request.params.n
+        return prompt + answer, self.accounting.cost(prompt, answer)
+
+    def _admit(self, request: Request) -> bool | None:
+        budget = self.budget
+        if budget is None or not budget.active:
+            return True
+        return budget.reserve(*self._estimate(request))
+
+    def _charge(self, answers: list[tuple[Request, Completion]]) -> None:
+        budget = self.budget
+        if budget is None or not budget.active:
+            return
+        for req, c in answers:
+            est_tokens, est_cost = self._estimate(req)
+            if c.ok:
+                budget.settle(est_tokens, est_cost, c.prompt_tokens + c.completion_tokens,
+                              self.accounting.cost(c.prompt_tokens, c.completion_tokens))
+            else:  # a failed request may have cost something: its estimate stays charged
+                budget.settle(est_tokens, est_cost, est_tokens, est_cost)
+
+    # -- rows in, rows out ---------------------------------------------------------------------------
+    def rows(self, table: pa.Table) -> list[dict[str, Any]]:
+        cols = [c for c in dict.fromkeys((*self.reads, "id")) if c in table.schema.names]
+        data = {c: table.column(c).to_pylist() for c in cols}
+        return [{c: data[c][i] for c in cols} for i in range(table.num_rows)]
+
     def _retry(self, job: Job) -> Job:
         cfg = self.config
         n = job.attempt + 1
@@ -328,73 +426,7 @@ class LLMStage(MapStage):
             if p.temperature == 0.0:
                 upd["temperature"] = cfg.retry_temperature
             reqs.append(r.model_copy(update={"params": p.model_copy(update=upd)}))
-        return Job(job.row, reqs, job.parse, job.template, job.meta, n)
-
-    def complete(self, jobs: Sequence[Job], row_ids: Sequence[Any]) -> list[JobResult]:
-        """Run jobs to completion: one engine call per round (parse retries are further rounds)."""
-        results: dict[int, JobResult] = {}
-        pending = list(enumerate(jobs))
-        budget_stop = False
-        retry_round = False
-        while pending:
-            reqs = [r for _, j in pending for r in j.requests]
-            comps: list[Completion | None] = self.engine.cached(reqs) if reqs else []
-            misses = [k for k, c in enumerate(comps) if c is None]
-            allowed = self.budget.allow(len(misses)) if self.budget else len(misses)
-            send, denied = misses[:allowed], set(misses[allowed:])
-            if send:
-                new = self.engine.generate([reqs[k] for k in send])
-                for k, c in zip(send, new):
-                    comps[k] = c
-                if self.budget is not None:
-                    used = [c for c in new if c.ok and not c.cached]
-                    self.budget.add(sum(c.prompt_tokens + c.completion_tokens for c in used),
-                                    sum(self.accounting.cost(c.prompt_tokens, c.completion_tokens) for c in used))
-            self.accounting.record([c for c in comps if c is not None], count_failures=False, retry=retry_round)
-            nxt: list[tuple[int, Job]] = []
-            k = 0
-            for idx, job in pending:
-                span = range(k, k + len(job.requests))
-                k += len(job.requests)
-                cs = [comps[i] for i in span]
-                doc = row_ids[job.row]
-                if any(i in denied for i in span):
-                    budget_stop = True
-                    results[idx] = JobResult(job, "deferred", error="budget")
-                    continue
-                bad = [c for c in cs if c is not None and not c.ok]
-                if bad:
-                    err = bad[0].error or "failed"
-                    transient = all(c.transient for c in bad)
-                    self.accounting.request_failed(doc, err, transient=transient)
-                    status = "deferred" if transient else "failed"
-                    results[idx] = JobResult(job, status, completions=cs, error=err)  # type: ignore[arg-type]
-                    continue
-                try:
-                    rows = job.parse(cs)  # type: ignore[arg-type]
-                except ParseError as exc:
-                    if job.attempt < self.config.parse_retries:
-                        self.count("llm/parse_retries")
-                        nxt.append((idx, self._retry(job)))
-                        continue
-                    self.accounting.parse_failed(doc, f"{exc}; answer: {cs[0].text if cs else ''!r}"[:300],
-                                                 reason=exc.reason)
-                    results[idx] = JobResult(job, "failed", completions=cs,  # type: ignore[arg-type]
-                                             error=f"parse/{exc.reason}: {exc.detail}")
-                    continue
-                results[idx] = JobResult(job, "ok", rows=rows, completions=cs)  # type: ignore[arg-type]
-            self.accounting.check()
-            pending, retry_round = nxt, True
-        if budget_stop and self.budget is not None:
-            log.warning("%s: budget reached (%s); rows left for the next run (raise the budget and run "
-                        "again to continue)", self.step_name, self.budget.describe())
-        return [results[i] for i in range(len(jobs))]
-
-    # -- rows in, rows out ---------------------------------------------------------------------------
-    def rows(self, table: pa.Table) -> list[dict[str, Any]]:
-        cols = [c for c in dict.fromkeys((*self.reads, "id")) if c in table.schema.names]
-        data = {c: table.column(c).to_pylist() for c in cols}
-        return [{c: data[c][i] for c in cols} for i in range(table.num_rows)]
+        return Job(job.row, reqs, job.parse, job.template, job.meta, n, job.then, job.emit, job.order)
 
     def provenance(self, row: dict[str, Any], res: JobResult) -> dict[str, Any]:
         t = res.job.template
@@ -405,57 +437,26 @@ class LLMStage(MapStage):
                 "engine_kind": eng.kind, "engine_model": eng.model_id,
                 "sampling": json.dumps(params.model_dump(mode="json"), sort_keys=True),
                 "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                "chunk_index": res.job.meta.get("chunk")}
+                "chunk_index": res.job.meta.get("chunk"), "template_hash": t.hash if t else self.prompt_hash()}
 
-    def failed_side(self, table: pa.Table, results: Sequence[JobResult]) -> None:
-        """Rows whose job failed (request error, or no parse after retries), with the reason and
-        the raw answer, to the side output ``failed``."""
-        bad = [r for r in results if r.status != "ok" and r.error != "budget"]
-        if not bad:
-            return
-        side = table.take(pa.array([r.job.row for r in bad], pa.int64()))
-        side = side.append_column("llm_error", pa.array([r.error for r in bad], pa.string()))
-        raw = [r.completions[0].text if r.completions and r.completions[0] is not None else None for r in bad]
-        side = side.append_column("llm_answer", pa.array(raw, pa.string()))
-        self.side("failed", side)
+    def prompt_hash(self) -> str | None:
+        """Content hash of a prompt that is not a template file (``generate``'s template option)."""
+        return None
 
-    def score_rows(self, table: pa.Table, column: str, make_job: Callable[[int, dict[str, Any], str], Job],
-                   on_error: str = "keep") -> pa.Table:
-        """The loop of annotation stages (``synthetic = False``; one job per row, its parse result
-        as new columns): ``make_job(i, row, text)`` for each row with text in ``column``. Rows with
-        an empty text (counted ``<stage>/empty_text``) and rows whose job failed are kept with null
-        columns, or failed rows are dropped with ``on_error: drop`` (``dropped/llm_failed``);
-        deferred rows are left for the next run. Counted: ``<stage>/scored``."""
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        for batch in self.batches(rows):
-            jobs, empty = [], []
-            for i in batch:
-                text = rows[i].get(column)
-                if text is None or not str(text).strip():
-                    self.count(f"{self.name}/empty_text")
-                    empty.append(i)
-                    continue
-                jobs.append(make_job(i, rows[i], str(text)))
-            results = self.complete(jobs, ids)
-            outputs.extend(self.finish(table, rows, results))
-            self.count(f"{self.name}/scored", sum(r.status == "ok" for r in results))
-            failed = [r.job.row for r in results if r.status == "failed"]
-            if on_error == "drop" and failed:
-                self.drop("llm_failed", len(failed))
-                failed = []
-            outputs.extend((i, {}) for i in [*empty, *failed])
-        return self.assemble(table, outputs)
-
-    def defer_rows(self, results: Sequence[JobResult]) -> None:
-        rows_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
-        rows_transient = {r.job.row for r in results if r.status == "deferred" and r.error != "budget"} - rows_budget
-        if rows_budget:
-            self.defer("budget", len(rows_budget), detail=self.budget.describe() if self.budget else "")
-        if rows_transient:
-            last = next(r.error for r in results if r.status == "deferred" and r.error != "budget")
-            self.defer("llm_request", len(rows_transient), detail=last)
+    def annotation_provenance(self, res: JobResult) -> str:
+        """The JSON provenance of an annotated row (one string per template and sampling)."""
+        t = res.job.template
+        params = res.job.requests[0].params if res.job.requests else self.sampling()
+        key = (t.id if t else None, t.hash if t else None, params)
+        memo = self.__dict__.setdefault("_provenance_memo", {})
+        out = memo.get(key)
+        if out is None:
+            eng = self.engine
+            out = memo[key] = json.dumps(
+                {"engine": eng.kind, "model": eng.model_id, "template": t.id if t else None,
+                 "version": t.version if t else None, "hash": t.hash if t else self.prompt_hash(),
+                 "sampling": params.model_dump(mode="json")}, sort_keys=True)
+        return out
 
     def assemble(self, table: pa.Table, outputs: list[tuple[int, dict[str, Any]]]) -> pa.Table:
         """The output table: input row ``i`` (all its columns) with the columns of each dict."""
@@ -476,40 +477,254 @@ class LLMStage(MapStage):
                 out = out.append_column(name, arr)
         return out
 
-    def jobs_for(self, i: int, row: dict[str, Any]) -> list[Job]:
-        """Default: all of the row's requests in one job parsed by ``parse``."""
-        reqs = self.requests(row)
-        if not reqs:
-            return []
-        tids = self.template_ids()
-        t = self.template(tids[0]) if tids else None
-        return [Job(i, list(reqs), lambda cs, row=row: self.parse(row, cs), t)]
+    def units(self, rows: list[dict[str, Any]], empty: list[int]) -> Iterator[Unit]:
+        """The units of work, lazily (chunking as it goes). Rows whose ``text_column`` is empty are
+        appended to ``empty``."""
+        column = getattr(self.config, "text_column", None)
+        budget = None
+        for i, row in enumerate(rows):
+            if column is not None:
+                text = row.get(column)
+                if text is None or not str(text).strip():
+                    empty.append(i)
+                    continue
+                if self.chunked:
+                    if budget is None:
+                        budget = self.chunk_budget()
+                    for k, chunk in enumerate(self.split(str(text), budget)):
+                        yield Unit(i, {**row, column: chunk}, k)
+                    continue
+            yield Unit(i, row)
 
     def process(self, table: pa.Table) -> pa.Table:
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        for batch in self.batches(rows):
-            jobs = [j for i in batch for j in self.jobs_for(i, rows[i])]
-            outputs.extend(self.finish(table, rows, self.complete(jobs, ids)))
-        return self.assemble(table, outputs)
+        return _Flow(self, table).run()
 
-    def collect(self, rows: list[dict[str, Any]], results: Sequence[JobResult],
-                numbering: dict[int, int] | None = None) -> list[tuple[int, dict[str, Any]]]:
-        """Output dicts of the finished jobs; synthetic stages get ids (``<source id>#<recipe>-<k>``,
-        k counting a row's outputs; pass one ``numbering`` dict to several calls for one batch) and
-        provenance."""
-        out: list[tuple[int, dict[str, Any]]] = []
-        n_per_row: dict[int, int] = {} if numbering is None else numbering
-        for res in results:
-            if res.status != "ok":
-                continue
-            row = rows[res.job.row]
-            for d in res.rows:
-                if self.synthetic:
-                    k = n_per_row.get(res.job.row, 0)
-                    n_per_row[res.job.row] = k + 1
-                    prov = self.provenance(row, res)
-                    d = {**prov, **d, "id": f"{row.get('id')}#{self.recipe or self.name}-{k}"}
-                out.append((res.job.row, d))
+    # -- library calls ---------------------------------------------------------------------------------
+    def __call__(self, data: Any) -> pa.Table:
+        """Library call; logs a WARNING naming what was dropped and what failed (counts by reason)."""
+        before = dict(self.counters.data)
+        out = super().__call__(data)
+        delta = {k: v - before.get(k, 0) for k, v in self.counters.data.items() if v != before.get(k, 0)}
+        lost = {k: v for k, v in delta.items() if k.startswith(("dropped/", "errors/", "warnings/"))}
+        if lost:
+            log.warning("%s: %d row(s) out; %s", self.step_name, out.num_rows,
+                        ", ".join(f"{k} {v:g}" for k, v in sorted(lost.items(), key=lambda kv: -kv[1])))
         return out
+
+
+class _Flow:
+    """One ``process()`` call: units -> jobs -> engine stream -> parse/retry/follow-ups -> output."""
+
+    def __init__(self, stage: LLMStage, table: pa.Table):
+        self.stage, self.table = stage, table
+        self.rows = stage.rows(table)
+        self.results: list[tuple[tuple, int, JobResult]] = []  # (sort key, seq, result)
+        self.live: dict[int, tuple[Job, list[Completion | None]]] = {}
+        self.todo: deque[Job] = deque()
+        self.seq = 0
+
+    def run(self) -> pa.Table:
+        st = self.stage
+        cfg = st.config
+        empty: list[int] = []
+        units = st.units(self.rows, empty)
+        eng = st.engine
+        stream = eng.shared.stream(eng.cache, st._admit, st._charge, stats=[eng.stats])
+        window = eng.window(cfg.batch_size)
+        more = True
+        try:
+            while True:
+                while stream.pending < window:
+                    if not self.todo:
+                        if not more:
+                            break
+                        unit = next(units, None)
+                        if unit is None:
+                            more = False
+                            continue
+                        self.todo.extend(self._jobs(unit))
+                        continue
+                    self._submit(stream, self.todo.popleft())
+                if not stream.pending:
+                    if self.todo or more:
+                        continue
+                    break
+                for (jid, k), c in stream.next():
+                    job, comps = self.live[jid]
+                    comps[k] = c
+                    if all(x is not None for x in comps):
+                        del self.live[jid]
+                        self._resolve(job, comps)  # type: ignore[arg-type]
+        finally:
+            stream.close()
+            if st.budget is not None:
+                st.budget.release()
+        return self._output(empty)
+
+    def _jobs(self, unit: Unit) -> list[Job]:
+        st = self.stage
+        try:
+            jobs = st.jobs(unit)
+        except st.invalid_prompt_errors as exc:  # type: ignore[misc]
+            reason = f"prompt: {type(exc).__name__}: {exc}"
+            st.accounting.invalid_prompt(self.rows[unit.index].get("id"), reason)
+            res = JobResult(Job(unit.index, [], lambda cs: []), "failed", error=reason)
+            self.results.append(((unit.index,), self._next_seq(), res))
+            st.accounting.check()
+            return []
+        for n, job in enumerate(jobs):
+            if unit.chunk is not None:
+                job.meta.setdefault("chunk", unit.chunk)
+            if not job.order:
+                job.order = (unit.chunk or 0, n)
+        return jobs
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def _submit(self, stream: Any, job: Job) -> None:
+        if not job.requests:
+            return
+        jid = self._next_seq()
+        self.live[jid] = (job, [None] * len(job.requests))
+        for k, r in enumerate(job.requests):
+            stream.submit((jid, k), r)
+
+    def _finished(self, res: JobResult) -> None:
+        job = res.job
+        self.results.append(((job.row, *job.order), self._next_seq(), res))
+        if job.then is not None:
+            follow = job.then(res)
+            for n, f in enumerate(follow):
+                if not f.order:
+                    f.order = (*job.order, n)
+            self.todo.extendleft(reversed(follow))  # before new rows: finish what was started
+
+    def _resolve(self, job: Job, cs: list[Completion]) -> None:
+        st = self.stage
+        acc = st.accounting
+        doc = self.rows[job.row].get("id")
+        acc.record([c for c in cs if not c.denied], count_failures=False, retry=job.attempt > 0)
+        if any(c.denied for c in cs):
+            self._finished(JobResult(job, "deferred", completions=cs, error="budget"))
+            return
+        bad = [c for c in cs if not c.ok]
+        if bad:
+            err = bad[0].error or "failed"
+            transient = all(c.transient for c in bad)
+            acc.request_failed(doc, err, transient=transient)
+            self._finished(JobResult(job, "deferred" if transient else "failed", completions=cs, error=err))
+            acc.check()
+            return
+        try:
+            rows = job.parse(cs)
+            if not rows and job.emit and job.then is None and st.synthetic:
+                raise ParseError("no_output", "the answer gave no output row")
+        except DropAnswer as exc:
+            st.drop(exc.reason)
+            self._finished(JobResult(job, "ok", rows=[], completions=cs))
+            return
+        except ParseError as exc:
+            if job.attempt < st.config.parse_retries:
+                st.count("llm/parse_retries")
+                self.todo.appendleft(st._retry(job))
+                return
+            acc.parse_failed(doc, f"{exc}; answer: {cs[0].text if cs else ''!r}"[:300], reason=exc.reason)
+            self._finished(JobResult(job, "failed", completions=cs, error=f"parse/{exc.reason}: {exc.detail}"))
+            acc.check()
+            return
+        self._finished(JobResult(job, "ok", rows=rows, completions=cs))
+
+    # -- the batch's output --------------------------------------------------------------------------
+    def _output(self, empty: list[int]) -> pa.Table:
+        st = self.stage
+        rows, table = self.rows, self.table
+        results = [r for _, _, r in sorted(self.results, key=lambda x: (x[0], x[1]))]
+        deferred_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
+        transient = [r for r in results if r.status == "deferred" and r.error != "budget"]
+        deferred = deferred_budget | {r.job.row for r in transient}
+        if deferred_budget:
+            log.warning("%s: budget reached (%s); rows left for the next run (raise the budget and run "
+                        "again to continue)", st.step_name, st.budget.describe() if st.budget else "")
+            st.defer("budget", len(deferred_budget), detail=st.budget.describe() if st.budget else "")
+        rows_transient = {r.job.row for r in transient} - deferred_budget
+        if rows_transient:
+            st.defer("llm_request", len(rows_transient), detail=transient[0].error)
+        # failed jobs (request errors, no parse after retries) to the side output, with the raw answer
+        bad = [r for r in results if r.status != "ok" and r.error != "budget"]
+        if bad:
+            side = table.take(pa.array([r.job.row for r in bad], pa.int64()))
+            side = side.append_column("llm_error", pa.array([r.error for r in bad], pa.string()))
+            raw = [r.completions[0].text if r.completions and r.completions[0] is not None else None for r in bad]
+            side = side.append_column("llm_answer", pa.array(raw, pa.string()))
+            st.side("failed", side)
+        outputs: list[tuple[int, dict[str, Any]]] = []
+        if st.synthetic:
+            n_per_row: Counter[int] = Counter()
+            for res in results:
+                if res.status != "ok" or not res.job.emit:
+                    continue
+                row = rows[res.job.row]
+                for d in res.rows:
+                    k = n_per_row[res.job.row]
+                    n_per_row[res.job.row] = k + 1
+                    d = {**st.provenance(row, res), **d, "id": f"{row.get('id')}#{st.recipe or st.name}-{k}"}
+                    outputs.append((res.job.row, d))
+            if empty:
+                st.drop("empty_text", len(empty))
+            produced = len(n_per_row)
+            out = st.assemble(table, outputs)
+        else:
+            per_row: dict[int, dict[str, Any]] = {}
+            failed: dict[int, JobResult] = {}
+            pcol = st.provenance_column()
+            for res in results:
+                i = res.job.row
+                if res.status == "failed":
+                    failed.setdefault(i, res)
+                elif res.status == "ok" and res.job.emit:
+                    d = per_row.setdefault(i, {})
+                    for r in res.rows:
+                        d.update(r)
+                    d[pcol] = st.annotation_provenance(res)
+            produced = 0
+            for i in range(len(rows)):
+                if i in deferred:
+                    continue
+                if i in failed:
+                    d = st.failed_row(rows[i], failed[i])
+                elif i in per_row:
+                    d = per_row[i]
+                    produced += 1
+                else:
+                    continue
+                if d is not None:
+                    outputs.append((i, d))
+            for i in empty:
+                d = st.empty_row(Unit(i, rows[i]))
+                if d is not None:
+                    outputs.append((i, d))
+            if st.count_scored:
+                st.count(f"{st.name}/scored", produced)
+            if pcol not in st.writes:
+                st.writes = {**st.writes, pcol: pa.string()}
+            out = st.assemble(table, outputs)
+            out = st.finish_table(table, out, sorted(i for i, _ in outputs))
+        self._check_yield(len(rows) - len(deferred), produced, results)
+        return out
+
+    def _check_yield(self, n_in: int, produced: int, results: list[JobResult]) -> None:
+        st = self.stage
+        min_yield = st.config.min_yield
+        if min_yield is None:
+            min_yield = 0.5 if st.synthetic else 0.0
+        if n_in <= 0 or produced >= min_yield * n_in:
+            return
+        st.count("warnings/low_yield")
+        reasons = Counter(r.error.split(":")[0] for r in results if r.status == "failed")
+        drops = {k[len("dropped/"):]: v for k, v in st.counters.data.items() if k.startswith("dropped/")}
+        log.warning("%s: only %d of %d input rows produced output (min_yield %.2f); failed: %s; dropped: %s",
+                    st.step_name, produced, n_in, min_yield,
+                    ", ".join(f"{k} {v}" for k, v in reasons.most_common(5)) or "none",
+                    ", ".join(f"{k} {v:g}" for k, v in sorted(drops.items(), key=lambda kv: -kv[1])[:5]) or "none")

@@ -39,7 +39,7 @@ from pydantic import Field, model_validator
 
 from curate.engines import Completion
 from curate.llm.parse import ParseError, parse_json_object, salvage_string, salvage_string_list, string_list
-from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig
+from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.schema import seeded_rng
 from curate.pipeline.stage import register
 
@@ -86,6 +86,7 @@ class EntiGraph(LLMStage):
     writes = {"text": pa.string(), "entities": pa.list_(pa.string()), "relation": pa.string(),
               "summary": pa.string()}
     provided_variables = frozenset({"text", "entities", "summary"})
+    chunked = True
 
     def template_ids(self) -> list[str]:
         cfg = self.config
@@ -157,50 +158,51 @@ class EntiGraph(LLMStage):
                  "summary": summary}]
 
     # -- work ----------------------------------------------------------------------------------------
-    def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        ent_t = self.template(cfg.entities_template)
+    def chunk_budget(self) -> int:
         # the relation prompts hold the document too: leave room for their entities and summary
-        budget = self.text_budget(self.template(cfg.pair_template), cfg.max_tokens, margin=64,
-                                  entities=["x" * 40] * 3, summary="x" * 400) if rows else 0
-        for batch in self.batches(rows):
-            jobs = [Job(i, [self.ask(cfg.entities_template, row=rows[i], text=chunk,
-                                     params=self.sampling(max_tokens=cfg.entities_max_tokens))],
-                        self.parse_entities, ent_t, {"chunk": k, "text": chunk})
-                    for i, k, chunk in self.chunks_of(rows, batch, cfg.text_column, budget)]
-            step1 = self.complete(jobs, ids)
-            rel_jobs: list[Job] = []
-            numbering: dict[int, int] = {}
-            for res in step1:
-                if res.status != "ok":
-                    continue
-                i, k, chunk = res.job.row, res.job.meta["chunk"], res.job.meta["text"]
-                summary, entities = res.rows[0]["summary"], res.rows[0]["entities"]
-                self.count("entigraph/entities", len(entities))
-                if cfg.emit_summary and summary:
-                    outputs.extend(self.collect(rows, [JobResult(res.job, "ok", completions=res.completions, rows=[
-                        {"text": summary, "entities": entities, "relation": "summary", "summary": summary}])], numbering))
-                cands = self.relation_sets(entities, ids[i], k)
-                reqs = []
-                for ents in cands:
-                    tid = cfg.pair_template if len(ents) == 2 else cfg.triple_template
-                    reqs.append((tid, ents, self.ask(tid, row=rows[i], text=chunk, entities=list(ents),
-                                                     summary=summary)))
-                    if len(reqs) >= (cfg.max_relations_per_doc or len(cands)):
-                        break
-                n = self.relation_budget(chunk, [self._tokens(r) for _, _, r in reqs])
-                self.count("entigraph/relations_planned", n)
-                if n < len(cands):
-                    self.count("entigraph/relations_over_budget", len(cands) - n)
-                for tid, ents, req in reqs[:n]:
-                    rel_jobs.append(Job(i, [req], lambda cs, e=ents, s=summary: self.parse_relation(e, s, cs),
-                                        self.template(tid), {"chunk": k}))
-            step2 = self.complete(rel_jobs, ids)
-            outputs.extend(self.finish(table, rows, [r for r in step1 if r.status != "ok"] + step2, numbering))
-        return self.assemble(table, outputs)
+        return self.text_budget(self.template(self.config.pair_template), self.config.max_tokens, margin=64,
+                                entities=["x" * 40] * 3, summary="x" * 400)
+
+    def jobs(self, unit: Unit) -> list[Job]:
+        """Step 1 (the entities of one chunk); its follow-up is step 2 for that chunk."""
+        cfg = self.config
+        chunk, k = unit.row[cfg.text_column], unit.chunk or 0
+        req = self.ask(cfg.entities_template, row=unit.row, text=chunk,
+                       params=self.sampling(max_tokens=cfg.entities_max_tokens))
+        meta: dict[str, Any] = {"chunk": k}
+        return [Job(unit.index, [req], lambda cs: self._entities(meta, cs), self.template(cfg.entities_template),
+                    meta, then=lambda res: self.relation_jobs(unit, res), order=(0, k))]
+
+    def _entities(self, meta: dict[str, Any], completions: list[Completion]) -> list[dict[str, Any]]:
+        parsed = self.parse_entities(completions)[0]
+        meta.update(parsed)
+        summary, entities = parsed["summary"], parsed["entities"]
+        if self.config.emit_summary and summary:
+            return [{"text": summary, "entities": entities, "relation": "summary", "summary": summary}]
+        return []
+
+    def relation_jobs(self, unit: Unit, res: JobResult) -> list[Job]:
+        """Step 2 for one chunk whose entities parsed: its relation requests, within the budget."""
+        if res.status != "ok":
+            return []
+        cfg = self.config
+        i, k, chunk = unit.index, unit.chunk or 0, unit.row[cfg.text_column]
+        summary, entities = res.job.meta["summary"], res.job.meta["entities"]
+        self.count("entigraph/entities", len(entities))
+        cands = self.relation_sets(entities, unit.row.get("id"), k)
+        reqs = []
+        for ents in cands:
+            tid = cfg.pair_template if len(ents) == 2 else cfg.triple_template
+            reqs.append((tid, ents, self.ask(tid, row=unit.row, text=chunk, entities=list(ents), summary=summary)))
+            if len(reqs) >= (cfg.max_relations_per_doc or len(cands)):
+                break
+        n = self.relation_budget(chunk, [self._tokens(r) for _, _, r in reqs])
+        self.count("entigraph/relations_planned", n)
+        if n < len(cands):
+            self.count("entigraph/relations_over_budget", len(cands) - n)
+        return [Job(i, [req], lambda cs, e=ents: self.parse_relation(e, summary, cs), self.template(tid),
+                    {"chunk": k}, order=(1, k, j))
+                for j, (tid, ents, req) in enumerate(reqs[:n])]
 
     def _tokens(self, req: Any) -> int:
         return sum(self.engine.count_tokens(m["content"]) for m in req.messages)

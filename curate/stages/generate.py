@@ -24,6 +24,8 @@ Library call::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import string
 from typing import Any, Literal
 
@@ -31,7 +33,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from curate.engines import Completion, Request
-from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig
+from curate.llm.stage import JobResult, LLMStage, LLMStageConfig
 from curate.pipeline.stage import register
 
 
@@ -44,7 +46,7 @@ class GenerateConfig(LLMStageConfig):
     system: str | None = Field(None, description="system prompt (chat mode)")
     chat: bool = Field(True, description="send chat messages (chat template applied); false: raw prompt")
     output_column: str = Field("completion", description="name of the completion column (and prefix of the others)")
-    batch_size: int = Field(64, ge=1, description="rows sent to the engine at once")
+    batch_size: int = Field(64, ge=1, description="local engines: requests per engine call")
     on_error: Literal["drop", "keep"] = Field("drop", description="rows whose request failed: drop or keep (null)")
     parse_retries: int = Field(0, ge=0, description="(generate accepts every answer)")
 
@@ -76,6 +78,7 @@ class Generate(LLMStage):
     name = "generate"
     Config = GenerateConfig
     synthetic = False
+    invalid_prompt_errors = (KeyError, ValueError, IndexError, TypeError)  # a row that cannot be a prompt
     writes = {"completion": pa.string(), "completion_finish_reason": pa.string(),
               "completion_prompt_tokens": pa.int32(), "completion_tokens": pa.int32()}
 
@@ -91,7 +94,8 @@ class Generate(LLMStage):
         self.out_cols = {"text": oc, "finish": f"{oc}_finish_reason",
                          "prompt_tokens": f"{oc}_prompt_tokens", "tokens": f"{oc}_tokens"}
         self.writes = {oc: pa.string(), f"{oc}_finish_reason": pa.string(),
-                       f"{oc}_prompt_tokens": pa.int32(), f"{oc}_tokens": pa.int32()}
+                       f"{oc}_prompt_tokens": pa.int32(), f"{oc}_tokens": pa.int32(),
+                       self.provenance_column(): pa.string()}
         self.params = self.sampling()
 
     # -- work --------------------------------------------------------------------------------------
@@ -126,29 +130,17 @@ class Generate(LLMStage):
         return [{oc["text"]: c.text, oc["finish"]: c.finish_reason,
                  oc["prompt_tokens"]: c.prompt_tokens, oc["tokens"]: c.completion_tokens}]
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def failed_row(self, row: dict[str, Any], result: JobResult) -> dict[str, Any] | None:
+        if self.config.on_error == "keep":
+            return {self.out_cols["finish"]: "error"}
+        self.drop("llm_failed")
+        return None
+
+    def provenance_column(self) -> str:
+        return f"{self.config.output_column}_provenance"
+
+    def prompt_hash(self) -> str:
+        """The prompt is the ``template``/``system`` options (or a column): their content hash."""
         cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        for start in range(0, len(rows), cfg.batch_size):
-            jobs: list[Job] = []
-            bad_prompts: list[JobResult] = []
-            for i in range(start, min(len(rows), start + cfg.batch_size)):
-                try:
-                    jobs.extend(self.jobs_for(i, rows[i]))
-                except (KeyError, ValueError, IndexError, TypeError) as exc:
-                    reason = f"prompt: {type(exc).__name__}: {exc}"
-                    self.accounting.invalid_prompt(ids[i], reason)
-                    bad_prompts.append(JobResult(Job(i, [], self.parse), "failed", error=reason))
-            results = self.complete(jobs, ids) + bad_prompts
-            outputs.extend(self.collect(rows, results))
-            self.failed_side(table, results)
-            self.defer_rows(results)
-            failed = [r.job.row for r in results if r.status == "failed"]
-            if cfg.on_error == "keep":
-                outputs.extend((i, {self.out_cols["finish"]: "error"}) for i in failed)
-            elif failed:
-                self.drop("llm_failed", len(failed))
-            self.accounting.check()
-        return self.assemble(table, outputs)
+        blob = json.dumps([cfg.template, cfg.template_style, cfg.system, cfg.chat, cfg.prompt_column])
+        return hashlib.sha256(blob.encode()).hexdigest()

@@ -19,26 +19,29 @@ chosen by a seed derived from the document id.
   is sent as an earlier turn) for the same tagged format; both are read by the reference parsing rules (:func:`curate.llm.parse.parse_tagged_pairs`:
   split on ``</END>``, drop an unfinished last piece, exactly one ``<ANS>``, ``<QUE>`` first, no
   empty answers, no case-insensitive duplicate questions).
-- Multi-round (``rounds`` > 1): the rows of a batch are split into rounds; a text of round r is
-  prompted after the text of round r-1 at the same position (and that one's own chain) with its
-  pairs, as few-shot examples, while the whole prompt fits ``context_tokens - max_tokens``.
+- Multi-round (``rounds`` > 1): the chunks of each ``batch_size`` rows are split into rounds; a
+  text of round r is prompted after the text of round r-1 at the same position (and that one's
+  own chain) with its pairs, as few-shot examples, while the whole prompt fits
+  ``context_tokens - max_tokens``; it is asked as soon as that one is answered.
 - Long documents are split at paragraph/sentence boundaries into chunks that fit the context with
   the prompt and the answer; one output row per chunk (``chunk_index``).
-- A text for which no pair parses is kept as raw text (``qa_count`` 0) and counted under
-  ``instruction_synth/no_pairs``.
+- An answer in which no pair parses is asked again (``parse_retries``, new seed), then counted
+  ``errors/parse/no_pairs`` and saved with the raw answer in the side output ``failed``; no row
+  is written for it (a small model that never closes a pair with ``</END>`` gives nothing, and
+  ``warnings/low_yield`` says so).
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import Field
 
 from curate.engines import Completion, Request
-from curate.llm.parse import format_tagged_pairs, parse_tagged_pairs
-from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.llm.parse import ParseError, format_tagged_pairs, parse_tagged_pairs
+from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.schema import seeded_rng
 from curate.pipeline.stage import register
 
@@ -87,6 +90,11 @@ class InstructionSynth(LLMStage):
     reads = ("{text_column}",)
     writes = {"text": pa.string(), "qa_pairs": QA_TYPE, "qa_count": pa.int32()}
     provided_variables = frozenset({"text"})
+    chunked = True
+
+    def __init__(self, config: Any = None, **options: Any):
+        super().__init__(config, **options)
+        self._plan: dict[int, Any] = {}  # rounds > 1: unit -> (its batch's units, position, units per round)
 
     def template_ids(self) -> list[str]:
         return [self.config.template] if self.config.mode == "instruct" else []
@@ -120,11 +128,7 @@ class InstructionSynth(LLMStage):
         return Request(messages=msgs, params=self.sampling(), id=doc_id)
 
     def _prompt_tokens(self, req: Request) -> int:
-        if req.prompt is not None:
-            return self.engine.count_tokens(req.prompt)
-        if hasattr(self.engine.shared, "render"):  # the chat template, exactly
-            return self.engine.count_tokens(self.engine.shared.render(req))
-        return sum(self.engine.count_tokens(m["content"]) + 4 for m in req.messages or ())
+        return self.engine.prompt_tokens(req)  # the chat template applied when the engine has one
 
     def chunk_budget(self) -> int:
         """Tokens of text per chunk: the context minus the answer and the prompt around the text
@@ -148,52 +152,59 @@ class InstructionSynth(LLMStage):
         intro = rng.choice(INTROS_AFTER)
         return "\n\n".join(x for x in (text, intro, body) if x)
 
-    def _parse(self, row: dict[str, Any], text: str, chunk: int, completions: list[Completion]) -> list[dict]:
+    def _parse(self, unit: Unit, meta: dict[str, Any], completions: list[Completion]) -> list[dict]:
         pairs = parse_tagged_pairs(completions[0].text or "")
         if not pairs:
-            self.count("instruction_synth/no_pairs")
-            return [{"text": text, "qa_pairs": [], "qa_count": 0, "pairs": []}]
+            raise ParseError("no_pairs", "no complete <QUE> ... <ANS> ... </END> pair")
         self.count("instruction_synth/pairs", len(pairs))
-        return [{"text": self.render(text, pairs, row.get("id"), chunk),
-                 "qa_pairs": [{"question": q, "answer": a} for q, a in pairs], "qa_count": len(pairs),
-                 "pairs": pairs}]
+        meta["pairs"] = pairs
+        text = unit.row[self.config.text_column]
+        return [{"text": self.render(text, pairs, unit.row.get("id"), unit.chunk or 0),
+                 "qa_pairs": [{"question": q, "answer": a} for q, a in pairs], "qa_count": len(pairs)}]
 
     # -- work ----------------------------------------------------------------------------------------
-    def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        budget = self.chunk_budget() if rows else 0
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        tmpl = self.template(cfg.template) if cfg.mode == "instruct" else None
-        for batch in self.batches(rows):
-            units = self.chunks_of(rows, batch, cfg.text_column, budget)  # (row, chunk index, text)
-            per_round = -(-len(units) // cfg.rounds) if units else 0
-            shots_of: dict[int, list[tuple[str, list[tuple[str, str]]]]] = {}  # unit -> its chain
-            all_results = []
-            for r in range(cfg.rounds):
-                idx = list(range(r * per_round, min(len(units), (r + 1) * per_round)))
-                jobs = []
-                for u in idx:
-                    i, k, text = units[u]
-                    shots = self._chain(shots_of.get(u - per_round, []) if r else [], text, ids[i])
-                    req = self.request(text, shots, ids[i])
-                    jobs.append(Job(i, [req], lambda cs, row=rows[i], t=text, k=k: self._parse(row, t, k, cs),
-                                    tmpl, {"chunk": k, "unit": u, "shots": len(shots)}))
-                    if shots:
-                        self.count("instruction_synth/chained")
-                results = self.complete(jobs, ids)
-                for res in results:
-                    if res.status == "ok" and res.rows[0]["pairs"]:
-                        u = res.job.meta["unit"]
-                        prev = shots_of.get(u - per_round, []) if r else []
-                        shots_of[u] = self._chain(prev, None, None) + [(units[u][2], res.rows[0]["pairs"])]
-                all_results += results
-            for res in all_results:
-                for d in res.rows:
-                    d.pop("pairs", None)
-            outputs.extend(self.finish(table, rows, all_results))
-        return self.assemble(table, outputs)
+    def units(self, rows: list[dict[str, Any]], empty: list[int]) -> Iterator[Unit]:
+        """With ``rounds`` > 1, the chunks of each ``batch_size`` rows are split into rounds: only
+        the first round's units start; each of them, once answered, starts the unit at the same
+        position of the next round (``then``), with its chain as few-shot examples."""
+        if self.config.rounds == 1:
+            yield from super().units(rows, empty)
+            return
+        size = self.config.batch_size
+        for start in range(0, len(rows), size):
+            sub: list[int] = []
+            batch = [Unit(u.index + start, u.row, u.chunk) for u in super().units(rows[start:start + size], sub)]
+            empty.extend(start + i for i in sub)
+            per_round = -(-len(batch) // self.config.rounds) if batch else 0
+            for u in range(per_round):
+                self._plan[id(batch[u])] = (batch, u, per_round)
+                yield batch[u]
+
+    def jobs(self, unit: Unit) -> list[Job]:
+        plan = self._plan.pop(id(unit), None)
+        return [self._job(unit, [], plan)]
+
+    def _job(self, unit: Unit, chain: list[tuple[str, list[tuple[str, str]]]], plan: Any) -> Job:
+        text = unit.row[self.config.text_column]
+        shots = self._chain(chain, text, unit.row.get("id"))
+        if shots:
+            self.count("instruction_synth/chained")
+        meta: dict[str, Any] = {"chunk": unit.chunk or 0, "chain": chain}
+        tmpl = self.template(self.config.template) if self.config.mode == "instruct" else None
+        return Job(unit.index, [self.request(text, shots, unit.row.get("id"))],
+                   lambda cs: self._parse(unit, meta, cs), tmpl, meta,
+                   then=(lambda res: self._next_round(unit, res, plan)) if plan else None,
+                   order=(unit.chunk or 0, 0))
+
+    def _next_round(self, unit: Unit, res: JobResult, plan: Any) -> list[Job]:
+        """The unit at the same position of the next round, after this one's answer."""
+        batch, u, per_round = plan
+        v = u + per_round
+        if v >= len(batch):
+            return []
+        chain = res.job.meta["chain"] + [(unit.row[self.config.text_column], res.job.meta["pairs"])] \
+            if res.status == "ok" else []
+        return [self._job(batch[v], chain, (batch, v, per_round))]
 
     def _chain(self, shots: list[tuple[str, list[tuple[str, str]]]], text: str | None, doc_id: Any):
         """The longest tail of ``shots`` whose prompt with ``text`` fits the context (reference rule:

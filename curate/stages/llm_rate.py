@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 from curate.engines import Completion
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
-from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.llm.stage import Job, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.stage import register
 
 CRITERIA = ["Accuracy", "Coherence", "Language Consistency", "Semantic Density", "Knowledge Novelty",
@@ -163,6 +163,7 @@ class LlmRate(LLMStage):
     recipe = "llm_rate"
     Config = LlmRateConfig
     synthetic = False
+    count_scored = True
     reads = ("{text_column}",)
     provided_variables = frozenset({"text"})
 
@@ -170,7 +171,8 @@ class LlmRate(LLMStage):
         super().__init__(config, **options)
         p = self.config.column_prefix
         self.columns = [p + k for k in KEYS]
-        self.writes = {**{c: pa.int8() for c in self.columns}, p + "domain": pa.string()}
+        self.writes = {**{c: pa.int8() for c in self.columns}, p + "domain": pa.string(),
+                       self.provenance_column(): pa.string()}
 
     @property
     def template_id(self) -> str:
@@ -201,8 +203,10 @@ class LlmRate(LLMStage):
         domain, scores = parse(completions[0].text)
         return [{**dict(zip(self.columns, scores)), self.config.column_prefix + "domain": domain}]
 
-    def process(self, table: pa.Table) -> pa.Table:
-        t = self.template(self.template_id)
-        return self.score_rows(table, self.config.text_column, lambda i, row, text: Job(
-            i, [self.ask(self.template_id, row=row, text=self.prepare(text))], self.parse_answer, t),
-            self.config.on_error)
+    def jobs(self, unit: Unit) -> list[Job]:
+        text = str(unit.row[self.config.text_column])
+        return [Job(unit.index, [self.ask(self.template_id, row=unit.row, text=self.prepare(text))],
+                    self.parse_answer, self.template(self.template_id))]
+
+    def provenance_column(self) -> str:
+        return self.config.column_prefix + "provenance"

@@ -46,7 +46,7 @@ from pydantic import Field
 from curate.engines import Completion, Request
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
-from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.llm.stage import Job, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.stage import StageError, register
 
 
@@ -86,6 +86,7 @@ class LmYesNoScore(LLMStage):
     recipe = "lm_yes_no_score"
     Config = LmYesNoScoreConfig
     synthetic = False
+    count_scored = True
     reads = ("{text_column}",)
     provided_variables = frozenset({"text", "domain"})
 
@@ -94,7 +95,8 @@ class LmYesNoScore(LLMStage):
         cfg = self.config
         self.score_columns = [f"{cfg.column}_q{k + 1}" for k in range(len(cfg.questions))] \
             if len(cfg.questions) > 1 else []
-        self.writes = {cfg.column: pa.float32(), **{c: pa.float32() for c in self.score_columns}}
+        self.writes = {cfg.column: pa.float32(), **{c: pa.float32() for c in self.score_columns},
+                       self.provenance_column(): pa.string()}
         self.yes = {w.strip().lower() for w in cfg.yes_words}
         self.no = {w.strip().lower() for w in cfg.no_words}
 
@@ -138,16 +140,14 @@ class LmYesNoScore(LLMStage):
         out.update(zip(self.score_columns, scores))
         return [out]
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def jobs(self, unit: Unit) -> list[Job]:
         cfg = self.config
-        t = self.template(cfg.questions[0])
-        tok = self.engine.hf_tokenizer() if table.num_rows else None
+        text, cut = cut_text(str(unit.row[cfg.text_column]), cfg.max_text_tokens, tokenizer=self.engine.hf_tokenizer(),
+                             count=self.engine.count_tokens, keep="head")
+        if cut:
+            self.count("lm_yes_no_score/cut_docs")
+        return [Job(unit.index, [self.request(tid, unit.row, text) for tid in cfg.questions], self.parse_answer,
+                    self.template(cfg.questions[0]))]
 
-        def job(i: int, row: dict[str, Any], text: str) -> Job:
-            text, cut = cut_text(text, cfg.max_text_tokens, tokenizer=tok, count=self.engine.count_tokens,
-                                 keep="head")
-            if cut:
-                self.count("lm_yes_no_score/cut_docs")
-            return Job(i, [self.request(tid, row, text) for tid in cfg.questions], self.parse_answer, t)
-
-        return self.score_rows(table, cfg.text_column, job, cfg.on_error)
+    def provenance_column(self) -> str:
+        return f"{self.config.column}_provenance"

@@ -36,7 +36,7 @@ from pydantic import Field, create_model
 
 from curate.engines import Completion
 from curate.llm.parse import parse_qa_pairs
-from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.stage import StageError, register
 from curate.stages.reading_comprehension import (SUBTYPES, ReadingComprehension, ReadingComprehensionConfig,
                                                  _set_column)
@@ -78,7 +78,8 @@ class RcLlm(LLMStage):
         self.rc = ReadingComprehension(rc, seed=cfg.seed or 0)
         self.count_columns = ([f"rc_{s}" for s in SUBTYPES] if cfg.mined_tasks else []) + \
             ["rc_llm_pairs", "rc_summarize", "rc_completion"]
-        self.writes = {cfg.output_column: pa.string(), **{c: pa.int32() for c in self.count_columns}}
+        self.writes = {cfg.output_column: pa.string(), **{c: pa.int32() for c in self.count_columns},
+                       self.provenance_column(): pa.string()}
 
     def input_columns(self) -> tuple[str, ...]:
         cols = super().input_columns()
@@ -148,39 +149,34 @@ class RcLlm(LLMStage):
             out.update({f"rc_{s}": raw.get(s, 0) for s in SUBTYPES})
         return out
 
-    def process(self, table: pa.Table) -> pa.Table:
+    def jobs(self, unit: Unit) -> list[Job]:
         cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get(cfg.id_column) for r in rows]
-        t = self.template(cfg.template)
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        for batch in self.batches(rows):
-            jobs = []
-            for i in batch:
-                text = rows[i].get(cfg.text_column)
-                if text is None or not str(text).strip():
-                    self.count("reading_comprehension/empty")
-                    outputs.append((i, {cfg.output_column: text, **{c: 0 for c in self.count_columns}}))
-                    continue
-                if ids[i] is None:
-                    raise StageError(f"rc_llm: a document has no {cfg.id_column!r}; ids seed the output")
-                title, body = self.rc.prepare(str(text), rows[i].get(cfg.title_column) if cfg.title_column else None)
-                req = self.ask(cfg.template, row=rows[i], text=body, title=title or "", domain=cfg.domain,
-                               max_pairs=cfg.max_pairs)
-                jobs.append(Job(i, [req], self.parse_answer, t, {"title": title, "body": body}))
-            results = self.complete(jobs, ids)
-            self.failed_side(table, results)
-            self.defer_rows(results)
-            for res in results:
-                if res.status == "deferred" or (res.status == "failed" and cfg.on_error == "drop"):
-                    if res.status == "failed":
-                        self.drop("llm_failed")
-                    continue
-                pairs = res.rows[0]["pairs"] if res.status == "ok" else []
-                m = res.job.meta
-                outputs.append((res.job.row, self.render(str(ids[res.job.row]), m["title"], m["body"], pairs)))
-        out = self.assemble(table, outputs)
+        row = unit.row
+        doc_id = row.get(cfg.id_column)
+        if doc_id is None:
+            raise StageError(f"rc_llm: a document has no {cfg.id_column!r}; ids seed the output")
+        title, body = self.rc.prepare(str(row[cfg.text_column]), row.get(cfg.title_column) if cfg.title_column else None)
+        req = self.ask(cfg.template, row=row, text=body, title=title or "", domain=cfg.domain, max_pairs=cfg.max_pairs)
+        return [Job(unit.index, [req],
+                    lambda cs: [self.render(str(doc_id), title, body, self.parse_answer(cs)[0]["pairs"])],
+                    self.template(cfg.template), {"title": title, "body": body})]
+
+    def empty_row(self, unit: Unit) -> dict[str, Any] | None:
+        self.count("reading_comprehension/empty")
+        return {self.config.output_column: unit.row.get(self.config.text_column),
+                **{c: 0 for c in self.count_columns}}
+
+    def failed_row(self, row: dict[str, Any], result: JobResult) -> dict[str, Any] | None:
+        """No pairs after the retries: the document with the mined tasks only, or dropped."""
+        if self.config.on_error == "drop":
+            self.drop("llm_failed")
+            return None
+        m = result.job.meta
+        return self.render(str(row.get(self.config.id_column)), m["title"], m["body"], [])
+
+    def finish_table(self, table: pa.Table, out: pa.Table, kept: list[int]) -> pa.Table:
+        cfg = self.config
         if cfg.source_text_column:
-            src = table.take(pa.array(sorted(i for i, _ in outputs), pa.int64())).column(cfg.text_column)
+            src = table.take(pa.array(kept, pa.int64())).column(cfg.text_column)
             out = _set_column(out, cfg.source_text_column, src)
         return out

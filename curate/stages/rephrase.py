@@ -27,9 +27,9 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.engines import Completion
+from curate.engines import Completion, Request
 from curate.llm.parse import ParseError, parse_bullets
-from curate.llm.stage import Job, LLMStage, LLMStageConfig
+from curate.llm.stage import DropAnswer, LLMStage, LLMStageConfig
 from curate.pipeline.stage import register
 
 _QA = re.compile(r"^\s*(?:\*\*)?Question\s*\d*\s*:(?:\*\*)?\s*\S.*?^\s*(?:\*\*)?Answer\s*\d*\s*:(?:\*\*)?\s*\S",
@@ -56,22 +56,21 @@ class Rephrase(LLMStage):
     reads = ("{text_column}",)
     writes = {"text": pa.string(), "style": pa.string()}
     provided_variables = frozenset({"text"})
-
-    @property
-    def template_id(self) -> str:
-        return self.config.template or f"rephrase/{self.config.style}"
+    chunked = True  # one request per chunk: row[text_column] is the chunk
 
     def template_ids(self) -> list[str]:
-        return [self.template_id]
+        return [self.config.template or f"rephrase/{self.config.style}"]
 
-    def parse_answer(self, source: str, completions: list[Completion]) -> list[dict[str, Any]]:
+    def requests(self, row: dict[str, Any]) -> list[Request]:
+        return [self.ask(self.template_ids()[0], row=row, text=row[self.config.text_column])]
+
+    def parse(self, row: dict[str, Any], completions: list[Completion]) -> list[dict[str, Any]]:
         cfg = self.config
         c = completions[0]
         answer = (c.text or "").strip()
         if c.finish_reason == "length" and not cfg.keep_truncated:
-            self.drop("truncated")
-            return []
-        prefix = (self.template(self.template_id).prefix or "").strip()
+            raise DropAnswer("truncated")
+        prefix = (self.template(self.template_ids()[0]).prefix or "").strip()
         if prefix:
             if not answer.lower().startswith(prefix.lower()):
                 raise ParseError("wrong_prefix", f"the answer does not start with {prefix!r}")
@@ -83,21 +82,7 @@ class Rephrase(LLMStage):
         elif cfg.style == "qa":
             if not _QA.search(answer):
                 raise ParseError("no_qa_pairs", "no 'Question: ... Answer: ...' pair")
-            text = f"{source}\n\n{answer}"
+            text = f"{row[cfg.text_column]}\n\n{answer}"
         else:
             text = answer
         return [{"text": text, "style": cfg.style}]
-
-    def process(self, table: pa.Table) -> pa.Table:
-        cfg = self.config
-        rows = self.rows(table)
-        ids = [r.get("id") for r in rows]
-        outputs: list[tuple[int, dict[str, Any]]] = []
-        t = self.template(self.template_id)
-        budget = self.text_budget(t, cfg.max_tokens) if rows else 0
-        for batch in self.batches(rows):
-            jobs = [Job(i, [self.ask(self.template_id, row=rows[i], text=chunk)],
-                        lambda cs, src=chunk: self.parse_answer(src, cs), t, {"chunk": k})
-                    for i, k, chunk in self.chunks_of(rows, batch, cfg.text_column, budget)]
-            outputs.extend(self.finish(table, rows, self.complete(jobs, ids)))
-        return self.assemble(table, outputs)

@@ -27,7 +27,8 @@ def test_registered_and_config():
     assert Generate(template="Q: {question}\nA: {answer}").reads == ("question", "answer")
     assert Generate(prompt_column="p", output_column="summary").writes == {
         "summary": pa.string(), "summary_finish_reason": pa.string(),
-        "summary_prompt_tokens": pa.int32(), "summary_tokens": pa.int32()}
+        "summary_prompt_tokens": pa.int32(), "summary_tokens": pa.int32(),
+        "summary_provenance": pa.string()}
     assert template_fields("$a and ${b}", "dollar") == ["a", "b"]
     with pytest.raises(Exception):
         Generate(prompt_column="x", template="{text}")
@@ -42,7 +43,8 @@ def test_library_call(smol, tmp_path):
                  cache_path=str(tmp_path / "c.sqlite"))
     out = g(table)
     assert out.schema.names == ["id", "text", "source", "metadata", "completion",
-                                "completion_finish_reason", "completion_prompt_tokens", "completion_tokens"]
+                                "completion_finish_reason", "completion_prompt_tokens", "completion_tokens",
+                                "completion_provenance"]
     rows = out.to_pylist()
     assert all(r["completion"] and r["completion_finish_reason"] in ("stop", "length") for r in rows)
     assert all(0 < r["completion_tokens"] <= 6 and r["completion_prompt_tokens"] > 10 for r in rows)

@@ -95,7 +95,8 @@ def test_wrong_format_every_time_stops_with_the_reasons(openai_server, prompts):
     st.backend = "echo"  # answers with the reversed prompt: never JSON
     s = Facts(engine=engine(openai_server), prompts_dir=str(prompts), max_tokens=8, parse_retries=1,
               min_requests=4)
-    with pytest.raises(StageError, match=r"4 of 4 LLM requests failed .*errors/parse/\w+_json: 4"):
+    # the stop comes as soon as most of the requests failed (3 or 4 of 4, by arrival order)
+    with pytest.raises(StageError, match=r"([34]) of 4 LLM requests failed .*errors/parse/\w+_json: \1"):
         s(docs())
 
 

@@ -81,7 +81,8 @@ def test_parse_named_malformed(answer, reason):
 
 def test_fifteen_domains_and_fourteen_criteria():
     assert len(DOMAINS) == 15 and len(CRITERIA) == 14
-    assert LlmRate().writes == {**{c: pa.int8() for c in COLS}, "dataman_domain": pa.string()}
+    assert LlmRate().writes == {**{c: pa.int8() for c in COLS}, "dataman_domain": pa.string(),
+                                "dataman_provenance": pa.string()}
 
 
 # -- the DataMan request and text cut --------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_smollm2_scores_and_product(smol):
     one = LmYesNoScore(engine=SMOL, domain="mathematics", questions=[Q1])(docs())
     two = LmYesNoScore(engine=SMOL, domain="mathematics", questions=[Q2])(docs())
     assert both.schema.field("lm_score").type == pa.float32()
-    assert set(one.schema.names) == {"id", "text", "lm_score"}  # one question: no per-question column
+    assert set(one.schema.names) == {"id", "text", "lm_score", "lm_score_provenance"}  # no per-question column
     s, s1, s2 = (t.column("lm_score").to_pylist() for t in (both, one, two))
     for k in range(2):
         assert 0.0 <= s[k] <= 1.0 and 0.0 < s1[k] < 1.0 and 0.0 < s2[k] < 1.0

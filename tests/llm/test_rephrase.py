@@ -4,6 +4,7 @@ answers are dropped (counted), the rest become rows with provenance."""
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from curate.stages.rephrase import Rephrase
 
@@ -59,8 +60,11 @@ def test_wrong_prefix_answers_are_retried_then_saved(openai_server):
 def test_truncated_answer_dropped():
     from curate.engines import Choice, Completion
 
+    from curate.llm.stage import DropAnswer
+
     s = Rephrase()
     cut = Completion(choices=[Choice("Here is a paraphrased version: Copper is", "length", 3)])
-    assert s.parse_answer(TEXT, [cut]) == [] and s.counters.to_dict() == {"dropped/truncated": 1}
+    with pytest.raises(DropAnswer, match="truncated"):
+        s.parse({"text": TEXT}, [cut])
     s2 = Rephrase(keep_truncated=True)
-    assert s2.parse_answer(TEXT, [cut])[0]["text"] == "Copper is"
+    assert s2.parse({"text": TEXT}, [cut])[0]["text"] == "Copper is"
