@@ -107,6 +107,10 @@ class VLLMConfig(_EngineConfigBase):
     chat_mode: Literal["tokenizer", "vllm"] = Field(
         "tokenizer", description="tokenizer: we render chat messages with the tokenizer's template and "
                                  "call LLM.generate; vllm: LLM.chat applies the template")
+    continuous: bool = Field(
+        True, description="feed the running engine from a background thread (LLMEngine.add_request/step), so it "
+                          "decodes while the stage parses and writes; false: one LLM.generate/chat call per "
+                          "batch of requests (always so with chat_mode: vllm)")
     # throughput settings (what datatrove's inference benchmarks sweep); None = vLLM's default
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV cache of a shared prompt head (template, instructions, few-shot examples)")

@@ -30,7 +30,7 @@ import sys
 import threading
 from typing import Any, Iterator, Sequence
 
-from curate.engines.base import Choice, Completion, Engine, Request, SamplingParams, TokenLogprob
+from curate.engines.base import Choice, Completion, Engine, Request, SamplingParams, TokenLogprob, _Backend
 from curate.engines.base import apply_chat_template, cache_key
 from curate.engines.cache import RequestCache
 from curate.engines.config import VLLMConfig
@@ -291,6 +291,38 @@ class _Feeder:
             stream._deliver(index, Completion.failed(f"{type(exc).__name__}: {exc}"[:500]))
 
 
+class _FeederBackend(_Backend):
+    """A :class:`~curate.engines.base.Stream`'s requests on the feeder thread: ``submit`` queues,
+    ``wait`` hands what was queued to the engine and blocks until at least one answer is back."""
+
+    def __init__(self, engine: "VLLMEngine"):
+        self.engine = engine
+        self.batch: list[tuple[int, Any, Any, SamplingParams]] = []
+        self._q: queue.Queue = queue.Queue()
+
+    def _deliver(self, index: int, completion: Completion) -> None:   # the feeder thread
+        self._q.put((index, completion))
+
+    def submit(self, number: int, request: Request) -> None:
+        eng = self.engine
+        try:
+            self.batch.append((number, eng._prompt(request), eng._sampling(request.params, final_only=True),
+                               request.params))
+        except Exception as exc:  # noqa: BLE001  (a broken template/message: this request fails)
+            self._deliver(number, Completion.failed(f"prompt: {type(exc).__name__}: {exc}"[:500]))
+
+    def wait(self) -> list[tuple[int, Completion]]:
+        if self.batch:
+            batch, self.batch = self.batch, []
+            self.engine.feeder.put(self, batch)  # type: ignore[arg-type]
+        out = [self._q.get()]
+        while True:
+            try:
+                out.append(self._q.get_nowait())
+            except queue.Empty:
+                return out
+
+
 class VLLMEngine(Engine):
     kind = "vllm"
     max_logprobs = 20  # vLLM's default ``max_logprobs``
@@ -378,10 +410,13 @@ class VLLMEngine(Engine):
             self.feeder.put(stream, items)
         return stream
 
-    def stream(self, requests: Sequence[Request | dict], cache: RequestCache | None = None
-               ) -> Iterator[tuple[int, Completion]]:
-        """``(index, Completion)`` for each request as it finishes (see :meth:`submit`)."""
-        return iter(self.submit(requests, cache))
+    def _backend(self) -> "_Backend":
+        """The LLM stages' :class:`~curate.engines.base.Stream` feeds the running engine through the
+        feeder thread (continuous batching across calls: the engine is never idle while the stage
+        parses or writes); ``chat_mode: vllm`` (``LLM.chat``) keeps one ``LLM`` call per wait."""
+        if self.config.chat_mode == "vllm" or not self.config.continuous:
+            return super()._backend()
+        return _FeederBackend(self)
 
     @property
     def feeder(self) -> _Feeder:

@@ -86,7 +86,9 @@ class FakeLLM:
 
 
 def fake_engine(monkeypatch, llm: FakeLLM, **cfg) -> VLLMEngine:
-    eng = VLLMEngine({"model": "/models/x", **cfg}, llm=llm)
+    # the batch path (one LLM.generate/chat call per batch); the continuous feeder is tested in
+    # test_vllm_stream.py on a fake of the whole vllm module
+    eng = VLLMEngine({"model": "/models/x", "continuous": False, **cfg}, llm=llm)
     eng._sampling_cls = FakeSamplingParams
     return eng
 

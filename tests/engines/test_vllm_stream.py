@@ -88,7 +88,7 @@ def test_results_come_back_as_they_finish_and_are_cached(monkeypatch, tmp_path):
           Request(prompt="short" + "z" * 50, params=SamplingParams(max_tokens=3)),
           Request(prompt="TOO LONG", params=SamplingParams(max_tokens=3)),
           Request(messages=[{"role": "user", "content": "hi"}], params=SamplingParams(max_tokens=5))]
-    order = [i for i, _ in eng.stream(rs)]
+    order = [i for i, _ in eng.submit(rs)]
     assert order.index(1) < order.index(0) and order[0] == 2       # the refused prompt fails at once
     out = eng.submit(rs).results()
     assert [c.cached for c in out] == [True, True, False, True]     # the failure is not cached
@@ -116,4 +116,32 @@ def test_generate_still_batches_through_llm_generate(monkeypatch):
     eng = VLLMEngine({"model": "/models/x"})
     out = eng.generate(reqs("a", 4, 3))
     assert [c.text for c in out] == ["xxx"] * 4
+    eng.close()
+
+
+def test_the_stages_stream_feeds_the_running_engine(monkeypatch, tmp_path):
+    """The LLM stages' loop (``Engine.stream``) goes through the feeder thread: requests submitted
+    to the stream keep the engine stepping while the caller parses earlier answers, answers are
+    cached as they come, and identical requests go out once."""
+    fake_vllm.install(monkeypatch, step_seconds=0.005)
+    eng = VLLMEngine({"model": "/models/x"}, cache=RequestCache(str(tmp_path / "c.sqlite")))
+    st = eng.stream()
+    for i, r in enumerate(reqs("a", 4, 2) + reqs("b", 4, 30) + reqs("a", 1, 2)):   # the last repeats a0
+        st.submit(i, r)
+    got = {}
+    parse_start = time.perf_counter()
+    while st.pending:
+        for i, c in st.next():
+            got[i] = c
+            time.sleep(0.05)        # parsing
+    parse_end = time.perf_counter()
+    st.close()
+    core = fake_vllm.LLM.instances[0].llm_engine
+    assert len(core.finished_at) == 8                               # a0 went out once
+    assert got[8].text == got[0].text == "xx" and got[8].cached
+    assert [got[i].text for i in range(4, 8)] == ["x" * 30] * 4
+    busy = [t for t, n in core.steps if parse_start <= t <= parse_end and n > 0]
+    assert len(busy) >= 25                                          # B decoded while A was parsed
+    again = eng.generate(reqs("b", 4, 30))
+    assert all(c.cached for c in again)                              # cached as they arrived
     eng.close()
