@@ -73,7 +73,7 @@ from curate.engines import Completion, Request
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
 from curate.llm.prompts import TemplateError, load_template
-from curate.llm.stage import PROVENANCE, LLMStage, LLMStageConfig
+from curate.llm.stage import PROVENANCE, DropAnswer, LLMStage, LLMStageConfig
 from curate.pipeline.stage import StageError, register
 from curate.text import prox
 
@@ -89,6 +89,8 @@ def _jinja(source: str) -> Any:
 
 
 class ProxRefineConfig(LLMStageConfig):
+    min_yield: float | None = Field(0.0, ge=0.0, le=1.0, description="dropping documents is what this stage is "
+                                    "for: no low-yield warning by default (set a fraction to get one)")
     level: Literal["doc", "chunk"] = Field(
         "chunk", description="doc: keep_doc()/drop_doc() per document; chunk: line programs per chunk")
     format: Literal["prox", "instruct"] = Field(
@@ -239,14 +241,15 @@ class ProxRefine(LLMStage):
         return self._parse_chunks(row, text, answers, completions)
 
     def _dropped(self, row: dict[str, Any], reason: str, program: str) -> list[dict[str, Any]]:
-        self.drop(reason)
+        """A document the program drops: a deliberate drop (``dropped/<reason>``, counted by the
+        LLM base from ``DropAnswer``), not an answer that gave nothing."""
         if self.config.save_dropped:
             self.side("dropped", pa.table({
                 "id": pa.array([row.get("id")], pa.string()),
                 self.config.text_column: pa.array([str(row[self.config.text_column])], pa.string()),
                 "drop_reason": pa.array([reason], pa.string()),
                 self.columns["program"]: pa.array([program], pa.string())}))
-        return []
+        raise DropAnswer(reason)
 
     def _common(self, text: str, completions: list[Completion]) -> None:
         self.count(f"{self.name}/chars_in", len(text))
