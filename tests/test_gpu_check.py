@@ -13,7 +13,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.slow
 def test_gpu_check_dry_run_writes_every_field(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

@@ -140,6 +140,7 @@ def test_s3_lease_lost_to_another_run_stops_the_run(tmp_path, s3):
     assert not s3.exists(f"{s3.bucket}/out/top")                  # no step started after the loss
 
 
+@pytest.mark.slow
 def test_local_lock_error_names_the_holder(tmp_path):
     out = str(tmp_path / "out")
     d = _slow_pipeline(tmp_path, out, seconds=0.5)

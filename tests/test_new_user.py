@@ -242,6 +242,7 @@ def check_char_counts(out: str, rows: int) -> None:
     assert t.column("n_chars").to_pylist() == [len(x) for x in t.column("text").to_pylist()]
 
 
+@pytest.mark.slow
 def test_readme_plugin_example_runs_from_the_project_folder_and_from_elsewhere(tmp_path, curate_cmd):
     p = plugin_project(tmp_path)
     proj = os.path.dirname(p)

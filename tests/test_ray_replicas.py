@@ -22,6 +22,9 @@ from curate.pipeline.runner import PipelineError, run_pipeline
 from curate.stages.read_parquet import ReadParquet
 from helpers import write_corpus, write_yaml
 
+# minutes of parity/cluster checks: in `make test-slow` (CI runs both)
+pytestmark = pytest.mark.slow
+
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
 
 FILES, ROWS = 8, 25

@@ -10,6 +10,7 @@ from helpers import pipeline_dict, read_step, write_corpus
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_runner_matches_local(tmp_path):
     write_corpus(str(tmp_path / "in"), files=3, rows=200)
@@ -27,6 +28,7 @@ def test_ray_runner_matches_local(tmp_path):
     assert all(s["status"] == "skipped" for s in c.stats.values())
 
 
+@pytest.mark.slow
 def test_gpu_stage_without_gpus_is_a_clear_error(tmp_path):
     """Checked before any work, as a config error naming the step (GPU replicas: test_ray_replicas.py)."""
     from curate.pipeline.config import ConfigError
@@ -42,6 +44,7 @@ def test_gpu_stage_without_gpus_is_a_clear_error(tmp_path):
     assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "out" / "gpu_probe")
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_plugin_next_to_the_pipeline_file_runs_on_ray_workers(tmp_path):
     """Ray workers do not inherit the driver's sys.path: the job names the plugin folders."""

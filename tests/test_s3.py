@@ -30,6 +30,7 @@ def s3(monkeypatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_s3_input_and_output_with_workers(tmp_path, s3):
     for p in write_corpus(str(tmp_path / "in"), files=3, rows=200):
         s3.put(p, f"curate-test/in/{os.path.basename(p)}")

@@ -182,6 +182,7 @@ stages:
     assert "eval_sets.x.paths" in r.stderr and "two" in r.stderr
 
 
+@pytest.mark.slow
 def test_recall_and_false_positives_on_planted_corpus(tmp_path):
     """Every planted item is found (verbatim, re-wrapped, case-changed); no fragment matches; the
     flagged documents are exactly those the plain-Python n-gram set flags."""

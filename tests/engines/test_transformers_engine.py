@@ -16,6 +16,7 @@ def chat(q: str, **params) -> Request:
     return Request(messages=[{"role": "user", "content": q}], params=SamplingParams(**params))
 
 
+@pytest.mark.slow
 def test_batched_equals_one_by_one_greedy(smol):
     reqs = [chat(q, max_tokens=8) for q in QUESTIONS]
     batched = smol.generate(reqs)
@@ -56,6 +57,7 @@ def test_stop_strings(smol):
     assert cut.completion_tokens < 8
 
 
+@pytest.mark.slow
 def test_mixed_params_in_one_call_keep_order(smol):
     reqs = [chat(QUESTIONS[0], max_tokens=4), Request(prompt="1, 2, 3,", params=SamplingParams(max_tokens=6)),
             chat(QUESTIONS[1], max_tokens=4)]
@@ -74,6 +76,7 @@ def test_logprobs(smol):
     assert "".join(t.token for t in c.logprobs) == c.text
 
 
+@pytest.mark.slow
 def test_seeded_sampling_reproducible(smol):
     req = Request(prompt="Once upon a time", params=SamplingParams(max_tokens=6, temperature=1.0, seed=7, n=2))
     a = smol.generate([req])[0]

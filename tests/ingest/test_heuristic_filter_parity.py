@@ -14,6 +14,9 @@ from curate.stages.heuristic_filter import HeuristicFilter, tokenizer_language
 
 from heuristic_docs import varied_documents
 
+# minutes of parity/cluster checks: in `make test-slow` (CI runs both)
+pytestmark = pytest.mark.slow
+
 RULE_SETS = ("gopher_repetition", "gopher_quality", "c4", "fineweb")
 ALL_OFF = {k: {"enabled": False} for k in RULE_SETS}
 

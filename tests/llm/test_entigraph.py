@@ -98,6 +98,7 @@ def test_bad_entity_answers_retried_then_saved(openai_server):
     assert side[0]["id"] == "d1" and "only one" in side[0]["llm_answer"]
 
 
+@pytest.mark.slow
 def test_smollm2_end_to_end(smol):
     s = EntiGraph(engine={"kind": "transformers", "num_threads": 1}, entities_max_tokens=80, max_tokens=16,
                   max_relations_per_doc=1, parse_retries=0, min_requests=100)

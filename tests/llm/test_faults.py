@@ -172,7 +172,6 @@ GENERATE = {"stage": "generate", "options": {"template": "Say: {text}", "batch_s
 REPHRASE = {"stage": "rephrase", "options": {"batch_size": 8, "max_tokens": 64, "context_tokens": 600}}
 
 
-@pytest.mark.slow
 def test_generate_survives_faults_and_kills(tmp_path):
     got = fault_run(tmp_path, GENERATE, "generate", ["id", "completion", "completion_finish_reason"],
                     n_docs=40, seed=3, kills=[(12, signal.SIGKILL), (10, signal.SIGTERM)])
@@ -182,14 +181,12 @@ def test_generate_survives_faults_and_kills(tmp_path):
           got["resent_in_flight"], "peak/s:", round(got["peak_per_s"], 1))
 
 
-@pytest.mark.slow
 def test_rephrase_survives_faults_and_a_kill(tmp_path):
     got = fault_run(tmp_path, REPHRASE, "rephrase", ["id", "text", "source_id"], n_docs=24, seed=5,
                     kills=[(10, signal.SIGKILL)], responder=rephrase_answer)
     assert got["stats"]["out"] == 24
 
 
-@pytest.mark.slow
 def test_budget_never_exceeded_across_kills(tmp_path):
     """max_requests holds across kills and faults: the server never answers more distinct requests."""
     tmp = str(tmp_path)

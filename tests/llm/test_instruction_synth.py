@@ -100,6 +100,7 @@ def test_no_pairs_is_a_parse_failure_and_long_documents_are_chunked(openai_serve
     assert "<QUE>" in msgs[2]["content"] and "tide" in msgs[1]["content"]
 
 
+@pytest.mark.slow
 def test_smollm2_end_to_end(smol, tmp_path):
     s = InstructionSynth(engine={"kind": "transformers", "num_threads": 1}, max_tokens=40, context_tokens=700,
                          cache_path=str(tmp_path / "c.sqlite"), parse_retries=0)

@@ -51,6 +51,7 @@ def test_single_forward_pass_matches_generation(smol):
     assert all(top_a[k] == pytest.approx(top_b[k], abs=1e-4) for k in list(top_a)[:5])
 
 
+@pytest.mark.slow
 def test_smollm2_scores_and_product(smol):
     both = LmYesNoScore(engine=SMOL, domain="mathematics", questions=[Q1, Q2])(docs())
     one = LmYesNoScore(engine=SMOL, domain="mathematics", questions=[Q1])(docs())

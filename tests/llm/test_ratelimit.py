@@ -81,6 +81,7 @@ def test_requests_per_minute_holds_across_workers(tmp_path):
     assert ts[-1] - ts[0] >= (40 - 20) / 10 - 0.3
 
 
+@pytest.mark.slow
 def test_tokens_per_minute_holds(tmp_path):
     """tokens_per_minute: each request is charged its estimate (prompt bytes / 4 + max_tokens)."""
     from curate.engines.openai_engine import estimate_tokens
@@ -100,6 +101,7 @@ def test_tokens_per_minute_holds(tmp_path):
     assert srv.max_in_window(1.0) <= (100 * 3) // per + 1
 
 
+@pytest.mark.slow
 def test_429_honours_retry_after_date_and_is_counted(tmp_path):
     """A 429 with an HTTP-date Retry-After: the retry waits for it, the stage counts
     llm/rate_limited, and concurrency is halved (AIMD) then grows back."""

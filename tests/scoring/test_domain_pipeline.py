@@ -39,6 +39,7 @@ def env(tmp_path_factory):
             "CORPUS": str(d / "corpus.parquet"), "CURATE_OUTPUT": str(d / "out")}
 
 
+@pytest.mark.slow
 def test_domain_classifier_config(env):
     out = env["CURATE_OUTPUT"]
     _run(env, "run", "-q", CONFIG)

@@ -169,6 +169,7 @@ def test_diverging_training_is_a_clear_error(domain_data):
         st([])
 
 
+@pytest.mark.slow
 def test_train_classifier_command(domain_data, tmp_path):
     import subprocess
 
