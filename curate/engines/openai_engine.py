@@ -23,6 +23,7 @@ The API key is read from the environment variable named by ``api_key_env``; it i
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
@@ -282,6 +283,9 @@ class OpenAIEngine(Engine):
                         if limiter is not None:  # every attempt counts (the server counts it)
                             await wait_for_slot(limiter, tokens)
                         before_send()  # a runner's worker whose run is gone stops here
+                        stream = _STREAM.get()
+                        if stream is not None and stream.closed:   # its stage stopped: not sent
+                            return Completion.failed("not sent: the stage stopped", request.id, transient=True)
                         c = await self._post(client, path, body, request.is_chat)
                 aimd.success()
                 self._ever_ok = True
@@ -361,6 +365,10 @@ class _Fatal(Exception):
         self.unreachable = unreachable
 
 
+# the _AsyncBackend a request task belongs to (set in the task's own context)
+_STREAM: "contextvars.ContextVar[_AsyncBackend | None]" = contextvars.ContextVar("curate_openai_stream", default=None)
+
+
 class _AsyncBackend(_Backend):
     """A stream's requests as tasks on the engine's event loop (at most ``concurrency`` of them in
     HTTP at a time, through the client pool); answers come back through a thread-safe queue.
@@ -381,6 +389,7 @@ class _AsyncBackend(_Backend):
         self.done: list[tuple[int, Completion]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.group = max(1, engine.config.concurrency // 8)
+        self.closed = False
 
     def submit(self, number: int, request: Request) -> None:
         self.batch.append((number, request))
@@ -388,9 +397,14 @@ class _AsyncBackend(_Backend):
     def _start(self, batch: list[tuple[int, Request]]) -> None:  # in the loop thread
         eng = self.engine
         for number, request in batch:
-            task = self.loop.create_task(eng._one(eng._clients, request, eng._rate))  # type: ignore[arg-type]
+            task = self.loop.create_task(self._one(request))
             self.tasks.add(task)
             task.add_done_callback(functools.partial(self._done, number))
+
+    async def _one(self, request: Request) -> Completion:
+        _STREAM.set(self)   # this task's context only: _one sends nothing once the stream closed
+        eng = self.engine
+        return await eng._one(eng._clients, request, eng._rate)  # type: ignore[arg-type]
 
     def _done(self, number: int, task: asyncio.Task) -> None:  # in the loop thread
         self.tasks.discard(task)
@@ -426,6 +440,7 @@ class _AsyncBackend(_Backend):
     def close(self) -> None:
         """Requests still out (a stage that stopped early) finish on the loop and are dropped:
         cancelling one mid-request would leave its pooled connection broken for the next."""
+        self.closed = True   # requests still waiting for a connection are not sent
         if self.batch:
             self.batch = []
 
