@@ -37,6 +37,8 @@ def test_step_warnings_from_counters():
     assert [x["code"] for x in w] == ["dropped_most", "rewrote_most"]
     assert "9 of the 10 kept documents" in w[1]["message"]
     assert step_warnings(_step(counters={"heuristic_filter/c4_modified": 50})) == []
+    # select keeping its top-k drops the rest by design: no warning
+    assert step_warnings(_step("select", n_out=7, dropped={"not_selected": 93})) == []
     # LLM / synthetic steps: a small output
     assert [x["code"] for x in step_warnings(_step("generate", n_out=5))] == ["low_output"]
     assert step_warnings(_step("generate", n_out=50)) == []

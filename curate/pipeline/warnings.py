@@ -25,6 +25,10 @@ DROPPED_MOST = 0.5        # one reason removed more than this share of the input
 REWROTE_MOST = 0.5        # more than this share of the kept documents was rewritten
 LOW_YIELD = 0.1           # an LLM / synthetic step's output below this share of its input
 
+# drop reasons that are a step's purpose, not a sign of a misconfigured rule: `select` keeping
+# its top-k / fraction / token budget drops the rest as `not_selected`
+BY_DESIGN = {"not_selected"}
+
 # stages that produce rows from model answers (or templates): few rows out means lost work
 SYNTHETIC_STAGES = {"generate", "instruction_synth", "entigraph", "rephrase", "rc_llm",
                     "reading_comprehension", "llm_rate", "lm_yes_no_score"}
@@ -51,7 +55,7 @@ def step_warnings(step: dict[str, Any]) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
 
     for reason, n in sorted((step.get("dropped") or {}).items(), key=lambda kv: -kv[1]):
-        if n_in and n > DROPPED_MOST * n_in:
+        if n_in and n > DROPPED_MOST * n_in and reason not in BY_DESIGN:
             out.append({"code": "dropped_most",
                         "message": f"dropped/{reason} removed {n:,} of its {n_in:,} documents "
                                    f"({_pct(n, n_in):.0f}%): check this rule's options (or a preset)"})
