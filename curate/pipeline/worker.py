@@ -141,12 +141,7 @@ def _die_with_parent(parent_pid: int) -> None:
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(70)
-            except PermissionError:
-                pass
+            _exit_if_orphan(parent_pid)
 
     threading.Thread(target=watch, name="curate-parent-watchdog", daemon=True).start()
 
