@@ -39,7 +39,8 @@ def test_every_config_is_tested():
               "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
               "prox_example.yaml",        # tests/llm/test_prox_example.py
               "domain_classifier.yaml",   # tests/scoring/test_domain_pipeline.py
-              "decontaminate_example.yaml"}   # tests/decont/test_decontaminate.py
+              "decontaminate_example.yaml",   # tests/decont/test_decontaminate.py
+              "route_by_score.yaml"}   # tests/scoring/test_route_by_score.py
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
 
