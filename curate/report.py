@@ -190,14 +190,14 @@ def _fmt(x: float) -> str:
     return f"{x:.0f}" if a >= 1000 or float(x).is_integer() else f"{x:.3g}" if a < 0.01 else f"{x:.3f}".rstrip("0").rstrip(".")
 
 
-def _svg_hist(column: str, h: dict, thresholds: list[dict]) -> str:
+def _svg_hist(column: str, h: dict, thresholds: list[dict], attrs: str = "") -> str:
     W, H, L, B, T = 560, 190, 48, 30, 14
     pw, ph = W - L - 10, H - B - T
     counts, edges = h["counts"], h["edges"]
     top = max(counts) or 1
     lo, hi = edges[0], edges[-1]
     bw = pw / len(counts)
-    parts = [f'<svg class="hist" data-column="{html.escape(column)}" viewBox="0 0 {W} {H}" width="{W}" '
+    parts = [f'<svg class="hist" data-column="{html.escape(column)}"{attrs} viewBox="0 0 {W} {H}" width="{W}" '
              f'height="{H}" role="img" aria-label="histogram of {html.escape(column)}">']
     parts.append(f'<line x1="{L}" y1="{T + ph}" x2="{L + pw}" y2="{T + ph}" class="axis"/>')
     for i, c in enumerate(counts):
@@ -253,6 +253,9 @@ svg .threshold{stroke:#d62728;stroke-width:2;stroke-dasharray:5 3}svg .threshold
 .warnings li{color:#b00020;font-weight:bold}
 .doc{white-space:pre-wrap;background:#f7f7f7;border-left:3px solid #4c78a8;padding:.4em .6em;margin:.4em 0;
 font-size:12.5px}.below .doc{border-left-color:#999}
+table.pairs{table-layout:fixed;width:100%}table.pairs td{vertical-align:top;width:50%}
+.doc.gen{border-left-color:#59a14f}.doc.dropped{border-left-color:#d62728}
+svg .target{fill:#bbb}details{margin:.3em 0}
 """
 
 
@@ -322,6 +325,318 @@ def _decontamination(fs, root: str, name: str, s: dict) -> str:
                    f"item {html.escape(m['item_id'])} · {m['matched_ngrams']} n-grams</span>\n"
                    f"{html.escape(m['doc_snippet'] or '')}</div>")
     return "".join(out)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# The data itself (issue 20 item 6): what synthetic steps made from what, score examples at low,
+# middle and high scores, dropped documents per reason, and a mixture's target vs achieved shares.
+# Every text is escaped and cut to SAMPLE_CHARS; every section shows at most a fixed number of rows.
+
+SCORE_BAND = 0.10            # the "low" and "high" examples come from the lowest / highest 10 %
+MAX_REASONS = 15             # drop reasons shown per filter step (most frequent first)
+
+
+def _stage_class(stage: str):
+    from curate.pipeline.stage import REGISTRY, load_builtin_stages
+
+    load_builtin_stages()
+    return REGISTRY.get(stage)
+
+
+def _is_filter(stage: str) -> bool:
+    from curate.pipeline.stage import FilterStage
+
+    cls = _stage_class(stage)
+    return cls is not None and issubclass(cls, FilterStage)
+
+
+def _is_synthetic(stage: str) -> bool:
+    cls = _stage_class(stage)
+    return cls is not None and bool(getattr(cls, "synthetic", False)) and hasattr(cls, "provenance")
+
+
+def _step_options(spec: dict) -> dict[str, dict]:
+    out = {name: dict(s.get("options") or {}) for name, s in (spec.get("inputs") or {}).items()}
+    for s in spec.get("stages") or []:
+        out[s.get("name") or s["stage"]] = dict(s.get("options") or {})
+    return out
+
+
+def _holder(name: str, inputs: dict[str, list[str]], shards: dict) -> str | None:
+    """The written step that holds ``name``'s rows: itself, or (a step fused into a chain) the step
+    that ends its chain."""
+    seen = set()
+    while name not in shards:
+        consumers = [n for n, v in inputs.items() if name in v]
+        if len(consumers) != 1 or name in seen:
+            return None
+        seen.add(name)
+        name = consumers[0]
+    return name
+
+
+def _upstream(name: str, inputs: dict[str, list[str]], shards: dict) -> str | None:
+    """The nearest written step at or above ``name`` (map steps keep document ids)."""
+    seen = set()
+    while name not in shards:
+        up = inputs.get(name) or []
+        if len(up) != 1 or name in seen:
+            return None
+        seen.add(name)
+        name = up[0]
+    return name
+
+
+def _cut(text: Any) -> str:
+    if text is None:
+        return "(no text)"
+    text = str(text)
+    return html.escape(text[:SAMPLE_CHARS] + ("…" if len(text) > SAMPLE_CHARS else ""))
+
+
+def _hash_sample(step: _Step, columns: list[str], k: int, keep=None) -> list[dict]:
+    """Up to ``k`` rows chosen by a hash of their id (the same rows in every report of a run),
+    among the rows where the polars expression ``keep`` holds; only ``id`` and the filter's column
+    are streamed, the rows are read from their row groups."""
+    import polars as pl
+
+    best: list[tuple[int, int, int]] = []
+    cols = ["id"] + [c for c in (keep[1] if keep else [])]
+    for fi, off, t in step.iter_columns(cols):
+        if any(c not in t.schema.names for c in cols):
+            return []
+        df = pl.from_arrow(t.select(cols)).with_row_index("r").with_columns(h=pl.col("id").hash(seed=0))
+        if keep:
+            df = df.filter(keep[0])
+        part = df.sort("h").head(k)
+        best = sorted(best + [(h, fi, off + r) for h, r in part.select(["h", "r"]).iter_rows()])[:k]
+    rows = step.rows([(fi, r) for _, fi, r in best], columns)
+    return [rows[(fi, r)] for _, fi, r in best if (fi, r) in rows]
+
+
+def _rows_by_id(step: _Step, ids: set[str], columns: list[str]) -> dict[str, dict]:
+    """The rows of ``step`` whose id is in ``ids`` (streams the id column, then reads those rows)."""
+    where: dict[str, tuple[int, int]] = {}
+    for fi, off, t in step.iter_columns(["id"]):
+        if "id" not in t.schema.names:
+            return {}
+        for r, v in enumerate(t.column("id").to_pylist()):
+            if v in ids and v not in where:
+                where[v] = (fi, off + r)
+    rows = step.rows(list(where.values()), columns)
+    return {i: rows[p] for i, p in where.items() if p in rows}
+
+
+def synthetic_section(fs, root: str, name: str, s: dict, inputs: dict, shards: dict, options: dict) -> str:
+    """Sample rows of a synthetic step beside the source document they were made from."""
+    head = f"<h2 id='synthetic-{html.escape(name)}'>synthetic step {html.escape(name)} ({html.escape(s['stage'])})</h2>"
+    holder = _holder(name, inputs, shards)
+    if holder is None:
+        return head + "<p class='muted'>its rows are not written out</p>"
+    step = _Step(fs, root, holder, shards[holder])
+    schema = step.schema()
+    if schema is None:
+        return head + f"<p class='muted'>no rows ({s['out']:,} written)</p>"
+    generate = s["stage"] == "generate"
+    opts = options.get(name, {})
+    if generate:
+        gen_col, src_col = opts.get("output_column") or "completion", opts.get("prompt_column") or "text"
+        cols = ["id", src_col, gen_col]
+    else:
+        gen_col, src_col = "text", (opts.get("text_column") or "text")
+        cols = ["id", "source_id", "text", "template_id", "chunk_index", "engine_model"]
+    if gen_col not in schema.names or (not generate and "source_id" not in schema.names):
+        return head + "<p class='muted'>no generated column in its rows</p>"
+    picked = _hash_sample(step, cols, SAMPLES)
+    src_step = None
+    sources: dict[str, dict] = {}
+    if not generate and (inputs.get(name) or []):
+        src_step = _upstream(inputs[name][0], inputs, shards)
+        if src_step is not None:
+            sources = _rows_by_id(_Step(fs, root, src_step, shards[src_step]),
+                                  {str(r["source_id"]) for r in picked}, ["id", src_col])
+    note = f" (rows as written by step {html.escape(holder)})" if holder != name else ""
+    out = [head, f"<p>{s['out']:,} rows made from {s['in']:,} input rows; {len(picked)} samples{note}; "
+                 + ("source: the same row's <code>" + html.escape(src_col) + "</code>" if generate else
+                    f"source: step {html.escape(src_step)}" if src_step else "source rows are not written out")
+           + "</p><table class='pairs'><tr><th>source</th><th>generated</th></tr>"]
+    for r in picked:
+        if generate:
+            src_id, src_text = r.get("id"), r.get(src_col)
+            meta = ""
+        else:
+            src_id = r.get("source_id")
+            src_text = (sources.get(str(src_id)) or {}).get(src_col)
+            meta = " · ".join(html.escape(str(r[k])) for k in ("template_id", "engine_model") if r.get(k))
+            if r.get("chunk_index") is not None:
+                meta += f" · chunk {int(r['chunk_index'])}"
+        out.append(f"<tr class='pair'><td><div class='doc src'><span class='muted'>{html.escape(str(src_id))}</span>\n"
+                   f"{_cut(src_text) if src_text is not None else '<i>(source row not found)</i>'}</div></td>"
+                   f"<td><div class='doc gen'><span class='muted'>{html.escape(str(r.get('id')))}"
+                   f"{' · ' + meta if meta else ''}</span>\n{_cut(r.get(gen_col))}</div></td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+SCORE_STAGES = ("language_id", "fasttext_score", "hf_classify", "llm_rate", "lm_yes_no_score")
+
+
+def _score_columns(stage: str, opts: dict, schema: pa.Schema) -> list[str]:
+    """The numeric columns a scoring step wrote, from its options (as in the stages' docs)."""
+    numeric = [f.name for f in schema if pa.types.is_floating(f.type) or pa.types.is_integer(f.type)]
+    if stage == "language_id":
+        return [c for c in numeric if c == "language_score"]
+    if stage == "fasttext_score":
+        named = set((opts.get("columns") or {}).values())
+        prefix = opts.get("column_prefix") or "fasttext_"
+        return [c for c in numeric if c in named or c.startswith(prefix)]
+    if stage == "hf_classify":
+        prefix = opts.get("prefix") or "hf_"
+        return [c for c in numeric if c.startswith(prefix)]
+    if stage == "llm_rate":
+        prefix = opts.get("column_prefix") or "dataman_"
+        return [c for c in numeric if c.startswith(prefix)]
+    if stage == "lm_yes_no_score":
+        col = opts.get("column") or "lm_score"
+        return [c for c in numeric if c == col or c.startswith(col + "_q")]
+    return []
+
+
+def score_bands(h: dict) -> dict[str, tuple[float, float]]:
+    """Score ranges of the low, middle and high examples, from a histogram: the bins that hold the
+    lowest SCORE_BAND of the values, the bin that holds the median, the bins of the highest."""
+    counts, edges = np.asarray(h["counts"]), h["edges"]
+    n = int(counts.sum())
+    cum = np.cumsum(counts)
+    lo_bin = int(np.searchsorted(cum, max(1, math.ceil(SCORE_BAND * n))))
+    mid_bin = int(np.searchsorted(cum, max(1, math.ceil(0.5 * n))))
+    hi_bin = int(np.searchsorted(cum, n - max(1, math.ceil(SCORE_BAND * n)) + 1))
+    return {"low": (edges[0], edges[lo_bin + 1]), "middle": (edges[mid_bin], edges[mid_bin + 1]),
+            "high": (edges[hi_bin], edges[-1])}
+
+
+def scoring_section(fs, root: str, name: str, s: dict, inputs: dict, shards: dict, options: dict) -> str:
+    """The histogram of each score column of a scoring step, with examples at low, middle and high
+    scores."""
+    import polars as pl
+
+    head = f"<h2 id='scores-{html.escape(name)}'>scores of step {html.escape(name)} ({html.escape(s['stage'])})</h2>"
+    holder = _holder(name, inputs, shards)
+    if holder is None:
+        return head + "<p class='muted'>its rows are not written out</p>"
+    step = _Step(fs, root, holder, shards[holder])
+    schema = step.schema()
+    cols = _score_columns(s["stage"], options.get(name, {}), schema) if schema is not None else []
+    if not cols:
+        return head + "<p class='muted'>no score values</p>"
+    hists = _histograms(step, cols)
+    note = f" <span class='muted'>(rows as written by step {html.escape(holder)})</span>" if holder != name else ""
+    out = [head + note]
+    for c in cols:
+        h = hists.get(c)
+        if h is None:
+            out.append(f"<p><b>{html.escape(c)}</b>: <span class='muted'>no values</span></p>")
+            continue
+        out.append(f"<div class='plot scores'><b>{html.escape(c)}</b> <span class='muted'>{h['n']:,} values, mean "
+                   f"{_fmt(h['mean'])}, min {_fmt(h['min'])}, max {_fmt(h['max'])}"
+                   + (f", {h['nulls']:,} null" if h["nulls"] else "") + "</span><br>"
+                   + _svg_hist(c, h, [], f' data-step="{html.escape(name)}" data-counts="'
+                               + ",".join(map(str, h["counts"])) + '"') + "</div>")
+        for band, (lo, hi) in score_bands(h).items():
+            v = pl.col(c).cast(pl.Float64)
+            docs = _hash_sample(step, ["id", "text", c], SAMPLES, (v.is_not_nan() & (v >= lo) & (v <= hi), [c]))
+            out.append(f"<details class='band' data-band='{band}' data-column='{html.escape(c)}'><summary>{band} "
+                       f"{html.escape(c)} ({_fmt(lo)} – {_fmt(hi)}): {len(docs)} examples</summary>"
+                       + "".join(_doc_html(d, c) for d in docs) + "</details>")
+    return "".join(out)
+
+
+def _drop_examples(fs, root: str, name: str) -> dict[str, list[dict]]:
+    """The kept examples of dropped documents of a filter step, per reason (bottom-k by their
+    seeded key over every task's side file; a document counted once)."""
+    from curate.pipeline.stage import DROP_SAMPLES, DROP_SAMPLES_SIDE
+
+    by_reason: dict[str, dict[str, dict]] = {}
+    for f in sorted(fs.glob(join(root, name, f"_{DROP_SAMPLES_SIDE}", "*.parquet"))):
+        with fs.open(f, "rb") as fh:
+            for r in pq.read_table(fh).to_pylist():
+                by_reason.setdefault(r["drop_reason"], {})[r["id"]] = r
+    return {reason: sorted(rows.values(), key=lambda r: r["sample_key"])[:DROP_SAMPLES]
+            for reason, rows in by_reason.items()}
+
+
+def filter_section(fs, root: str, name: str, s: dict) -> str:
+    """Examples of the documents a filter step dropped, per reason, with the reason's count."""
+    head = f"<h2 id='dropped-{html.escape(name)}'>dropped by step {html.escape(name)} ({html.escape(s['stage'])})</h2>"
+    counts = s.get("dropped") or {}
+    if not counts:
+        return head + f"<p class='muted'>nothing dropped ({s['in']:,} rows in)</p>"
+    examples = _drop_examples(fs, root, name)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    out = [head, f"<p>{sum(counts.values()):,} of {s['in']:,} rows dropped, for {len(counts)} reasons</p>"]
+    for reason, n in ranked[:MAX_REASONS]:
+        docs = examples.get(reason, [])
+        out.append(f"<details class='drop-reason' data-reason='{html.escape(reason)}'><summary><b>{html.escape(reason)}</b>"
+                   f" {n:,} dropped; {len(docs)} examples</summary>")
+        for d in docs:
+            chars = d.get("text_chars")
+            out.append(f"<div class='doc dropped'><span class='muted'>{html.escape(str(d['id']))}"
+                       + (f" · {chars:,} chars" if chars is not None else "") + f"</span>\n{_cut(d.get('text'))}</div>")
+        out.append("</details>")
+    if len(ranked) > MAX_REASONS:
+        out.append(f"<p class='muted'>{len(ranked) - MAX_REASONS} more reasons, "
+                   f"{sum(n for _, n in ranked[MAX_REASONS:]):,} rows: see stats.json</p>")
+    return "".join(out)
+
+
+def mix_section(name: str, s: dict) -> str:
+    """Target vs achieved token shares of each input of a ``mix`` step (its stats.json counters)."""
+    c = s.get("counters") or {}
+    names = list(dict.fromkeys(k.split("/", 2)[2] for k in c if k.startswith("mix/") and k.count("/") >= 2))
+    head = f"<h2 id='mix-{html.escape(name)}'>mixture {html.escape(name)}</h2>"
+    if not names:
+        return head + "<p class='muted'>no mixture counters</p>"
+    target_total = sum(c.get(f"mix/target_tokens/{n}", 0) for n in names) or 1
+    drawn_total = sum(c.get(f"mix/tokens/{n}", 0) for n in names) or 1
+    rows = ["<table class='mix'><tr><th>input</th><th>target share</th><th>achieved share</th><th>target tokens</th>"
+            "<th>drawn tokens</th><th>available tokens</th><th>rows</th><th>repeated rows</th><th></th></tr>"]
+    for n in names:
+        t, d = c.get(f"mix/target_tokens/{n}", 0), c.get(f"mix/tokens/{n}", 0)
+        ts, ds = t / target_total, d / drawn_total
+        bars = (f"<svg width='160' height='22' class='mixbar'><rect x='0' y='2' width='{150 * ts:.1f}' height='8' "
+                f"class='target'><title>target {100 * ts:.1f}%</title></rect><rect x='0' y='12' width='{150 * ds:.1f}' "
+                f"height='8' class='bar'><title>achieved {100 * ds:.1f}%</title></rect></svg>")
+        rows.append(f"<tr data-input='{html.escape(n)}'><td>{html.escape(n)}</td><td class=n>{100 * ts:.1f}%</td>"
+                    f"<td class=n>{100 * ds:.1f}%</td><td class=n>{t:,.0f}</td><td class=n>{d:,.0f}</td>"
+                    f"<td class=n>{c.get(f'mix/available_tokens/{n}', 0):,.0f}</td>"
+                    f"<td class=n>{c.get(f'mix/rows/{n}', 0):,}</td><td class=n>{c.get(f'mix/repeated_rows/{n}', 0):,}</td>"
+                    f"<td>{bars}{' <b>empty: left out</b>' if c.get(f'mix/empty_input/{n}') else ''}</td></tr>")
+    rows.append("</table><p class='muted'>shares by tokens; upper bar: target, lower bar: achieved</p>")
+    return head + "".join(rows)
+
+
+def data_sections(fs, root: str, steps: dict[str, dict], spec: dict, inputs: dict, shards: dict) -> list[str]:
+    """The report's sections that show the data, in step order."""
+    from curate.pipeline.stage import DROP_SAMPLES_SIDE
+
+    options = _step_options(spec)
+    out = []
+    for name, s in steps.items():
+        stage = s["stage"]
+        try:
+            if stage in SCORE_STAGES:
+                out.append(scoring_section(fs, root, name, s, inputs, shards, options))
+            if _is_filter(stage) or fs.exists(join(root, name, f"_{DROP_SAMPLES_SIDE}")):
+                out.append(filter_section(fs, root, name, s))
+            if stage == "generate" or _is_synthetic(stage):
+                out.append(synthetic_section(fs, root, name, s, inputs, shards, options))
+            if stage == "mix":
+                out.append(mix_section(name, s))
+        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:   # a report of what is there
+            out.append(f"<p class='warnings'>step {html.escape(name)}: this section could not be built: "
+                       f"{html.escape(type(exc).__name__)}: {html.escape(str(exc)[:300])}</p>")
+    return out
 
 
 def build_report(output: str) -> str:
@@ -400,6 +715,8 @@ def build_report(output: str) -> str:
     for name, s in steps.items():
         if s["stage"] == "decontaminate":
             body.append(_decontamination(fs, root, name, s))
+
+    body += data_sections(fs, root, steps, spec, inputs, shards)
 
     for name, s in steps.items():
         if name in consumed or s["stage"] == "select" or name not in shards or not inputs:

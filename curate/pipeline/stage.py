@@ -456,6 +456,18 @@ class MapStage(Stage):
         return pa.concat_tables(parts, promote_options="permissive")
 
 
+DROP_SAMPLES = 3            # dropped documents kept as examples, per reason and task
+DROP_SAMPLE_CHARS = 2000    # of each one's text
+DROP_SAMPLES_SIDE = "drop_samples"
+
+
+def drop_sample_key(doc_id: str) -> int:
+    """The seeded rank of a dropped document among the examples of its reason (lowest kept)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(f"drop-samples\x00{doc_id}".encode(), digest_size=8).digest(), "big")
+
+
 class FilterStage(MapStage):
     """A map stage that keeps or drops rows. Implement ``keep(table) -> (mask, reasons)``.
 
@@ -464,6 +476,12 @@ class FilterStage(MapStage):
     option ``save_dropped`` exists and is true, emits dropped rows (with a ``drop_reason`` column)
     as the side output ``dropped``. Score columns should be added in ``annotate`` so thresholds
     can be re-tuned later without recomputing.
+
+    Examples for the run report: of the documents a task drops, the ``DROP_SAMPLES`` per reason
+    with the lowest seeded hash of their id (a bottom-k sample: bounded memory, the same documents
+    whatever the batch sizes) are written as the side output ``drop_samples`` (``id``,
+    ``drop_reason``, ``text`` cut to ``DROP_SAMPLE_CHARS``, ``text_chars``, ``sample_key``), one
+    file per task like every side output, so a resumed or redone task replaces its file.
     """
 
     def annotate(self, table: pa.Table) -> pa.Table:
@@ -488,7 +506,46 @@ class FilterStage(MapStage):
                 dropped = dropped.append_column(
                     "drop_reason", pa.array([r for r in reasons if r is not None], pa.string()))
                 self.side("dropped", dropped)
+        self._sample_dropped(table, mask, reasons)
         return table.filter(mask)
+
+    def _sample_dropped(self, table: pa.Table, mask: pa.Array, reasons: list[str | None]) -> None:
+        kept: dict[str, dict[str, tuple[int, dict]]] = self.__dict__.setdefault("_drop_examples", {})
+        if not any(r is not None for r in reasons):
+            return
+        names = table.schema.names
+        ids = table.column("id") if "id" in names else None
+        texts = table.column("text") if "text" in names else None
+        dropped_rows = [i for i, m in enumerate(mask.to_pylist()) if not m]
+        for i, reason in zip(dropped_rows, (r for r in reasons if r is not None)):
+            doc_id = str(ids[i].as_py()) if ids is not None else None
+            text = texts[i].as_py() if texts is not None else None
+            if doc_id is None:
+                doc_id = f"text:{hashlib_hex(text or '')}"
+            key = drop_sample_key(doc_id)
+            got = kept.setdefault(reason, {})
+            if doc_id in got or (len(got) >= DROP_SAMPLES and key >= max(k for k, _ in got.values())):
+                continue
+            got[doc_id] = (key, {"id": doc_id, "drop_reason": reason,
+                                 "text": None if text is None else str(text)[:DROP_SAMPLE_CHARS],
+                                 "text_chars": None if text is None else len(str(text)), "sample_key": key})
+            if len(got) > DROP_SAMPLES:
+                del got[max(got, key=lambda d: got[d][0])]
+
+    def take_side(self) -> dict[str, pa.Table]:
+        kept = self.__dict__.pop("_drop_examples", None)
+        if kept:
+            rows = [row for reason in sorted(kept) for _, row in sorted(kept[reason].values(), key=lambda kv: kv[0])]
+            self.side(DROP_SAMPLES_SIDE, pa.Table.from_pylist(rows, schema=pa.schema([
+                ("id", pa.string()), ("drop_reason", pa.string()), ("text", pa.string()),
+                ("text_chars", pa.int64()), ("sample_key", pa.uint64())])))
+        return super().take_side()
+
+
+def hashlib_hex(text: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
 class GlobalStage(Stage):

@@ -23,6 +23,10 @@ loaders shuffle. Counters in stats.json: ``mix/tokens/<input>`` (drawn), ``mix/a
 <input>``, ``mix/target_tokens/<input>``, ``mix/proportion/<input>`` (achieved, by tokens),
 ``mix/rows/<input>`` and ``mix/repeated_rows/<input>``.
 
+An input with a positive proportion but no tokens (a branch that produced nothing) is an error;
+``empty_inputs: skip`` leaves it out instead, shares the mixture among the other inputs, and counts
+``mix/empty_input/<input>`` and the warning ``warnings/empty_input``.
+
 Which rows come from which input: the runner hands a global stage one list of Parquet files for
 all its inputs, each under ``<output>/<step>/``; ``mix`` groups the files by that folder name (the
 step name). A ``RunContext`` attribute ``inputs`` ({step name: [files]}), when a runner provides
@@ -32,10 +36,11 @@ or files laid out otherwise). As a library call, ``Mix(...).mix({"a": table_or_p
 
 from __future__ import annotations
 
+import logging
 import math
 import posixpath
 import re
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -45,6 +50,7 @@ from pydantic import Field, field_validator
 
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
 
+log = logging.getLogger("curate")
 _PAIR = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*[:=]\s*([^,]+?)\s*$")
 
 
@@ -91,6 +97,9 @@ class MixConfig(StageConfig):
     input_column: str | None = Field(None, description="a column naming each row's input (instead of "
                                      "the step folders)")
     columns: list[str] | None = Field(None, description="output columns (default: those all inputs share)")
+    empty_inputs: Literal["error", "skip"] = Field(
+        "error", description="an input with a positive proportion but no tokens: error (the default), or "
+        "skip: leave it out, share the mixture among the others, and warn (warnings/empty_input)")
 
     @field_validator("proportions", mode="before")
     @classmethod
@@ -218,12 +227,24 @@ class Mix(GlobalStage):
             info[name] = (np.concatenate(toks) if toks else np.zeros(0, np.int64),
                           np.concatenate(keys) if keys else np.zeros(0, np.uint64))
         weights = np.array([c.proportions[n] for n in names], float)
-        shares = weights / weights.sum()
         avail = {n: int(info[n][0].sum()) for n in names}
-        for n, s in zip(names, shares):
-            if s > 0 and avail[n] == 0:
-                raise StageError(f"mix: input {n!r} has no tokens (no rows, or only empty "
-                                 f"{c.text_column!r}) but its proportion is {c.proportions[n]}")
+        empty = [n for n, w in zip(names, weights) if w > 0 and avail[n] == 0]
+        if empty and c.empty_inputs == "error":
+            n = empty[0]
+            raise StageError(f"mix: input {n!r} has no tokens (no rows, or only empty "
+                             f"{c.text_column!r}) but its proportion is {c.proportions[n]} "
+                             "(empty_inputs: skip leaves such inputs out)")
+        for n in empty:   # empty_inputs: skip
+            log.warning("%s: input %r has no tokens: left out of the mixture (empty_inputs: skip)",
+                        self.step_name, n)
+            self.count(f"mix/empty_input/{n}")
+            self.count("warnings/empty_input")
+        weights = np.array([0.0 if n in empty else w for n, w in zip(names, weights)])
+        if not weights.any():
+            for n in names:
+                self.count(f"mix/available_tokens/{n}", avail[n])
+            return                          # every input is empty: an empty mixture, warned above
+        shares = weights / weights.sum()
         if c.total_tokens is not None:
             total = float(c.total_tokens)
         else:

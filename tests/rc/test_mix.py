@@ -113,6 +113,23 @@ def test_errors():
         Mix(proportions={"a": 1}, tokenizer="no/such/tokenizer").ensure_setup()
 
 
+def test_empty_inputs_skip():
+    """empty_inputs: skip leaves an input without tokens out, shares the mixture among the others,
+    and counts a warning; every input empty gives an empty mixture, warned."""
+    a, c = corpus("a", 200, 5, 15, 1), corpus("c", 200, 5, 15, 2)
+    empty = pa.table({"id": ["e1", "e2"], "text": ["", None]})
+    m = Mix(proportions={"a": 1, "b": 2, "c": 1}, total_tokens=1000, empty_inputs="skip")
+    out = m.mix({"a": a, "b": empty, "c": c})
+    cnt = m.counters.to_dict()
+    assert cnt["warnings/empty_input"] == 1 and cnt["mix/empty_input/b"] == 1
+    assert set(out.column("mix_input").to_pylist()) == {"a", "c"}
+    assert cnt["mix/target_tokens/a"] == cnt["mix/target_tokens/c"] == 500 and "mix/target_tokens/b" not in cnt
+    assert abs(tokens(out) - 1000) <= 15
+    m = Mix(proportions={"a": 1, "b": 1}, empty_inputs="skip")
+    out = m.mix({"a": empty, "b": empty.slice(0, 0)})
+    assert out.num_rows == 0 and m.counters.to_dict()["warnings/empty_input"] == 2
+
+
 def test_runner_groups_rows_by_input_step(tmp_path):
     a, b = corpus("a", 500, 20, 100, 10), corpus("b", 200, 10, 50, 11)
     for name, t in (("a", a), ("b", b)):

@@ -64,7 +64,7 @@ def test_report_in_headless_chromium(run_output):
     path = write_report(run_output)
     probe = """JSON.stringify({
       hists: [...document.querySelectorAll('svg.hist')].map(s => {const r = s.getBoundingClientRect();
-               return {col: s.dataset.column, w: r.width, h: r.height, bars: s.querySelectorAll('rect.bar').length,
+               return {col: s.dataset.column, step: s.dataset.step || null, w: r.width, h: r.height, bars: s.querySelectorAll('rect.bar').length,
                        thresholds: s.querySelectorAll('line.threshold').length}}),
       funnel: document.querySelectorAll('svg.funnel rect.bar').length,
       rows: document.querySelectorAll('table.funnel-table tr').length})"""
@@ -72,7 +72,7 @@ def test_report_in_headless_chromium(run_output):
     assert got["errors"] == []
     v = json.loads(got["value"])
     assert v["funnel"] == 4 and v["rows"] == 5
-    cols = {h["col"]: h for h in v["hists"]}
+    cols = {h["col"]: h for h in v["hists"] if h["step"] is None}   # the select step's (scoring steps' have data-step)
     assert {"domain_score", "language_score"} <= set(cols)
     assert all(h["w"] > 300 and h["h"] > 100 and h["bars"] >= 1 for h in v["hists"])
     assert cols["domain_score"]["thresholds"] == 2
