@@ -422,8 +422,8 @@ def _rows_by_id(step: _Step, ids: set[str], columns: list[str]) -> dict[str, dic
         if "id" not in t.schema.names:
             return {}
         for r, v in enumerate(t.column("id").to_pylist()):
-            if v in ids and v not in where:
-                where[v] = (fi, off + r)
+            if str(v) in ids and str(v) not in where:
+                where[str(v)] = (fi, off + r)
     rows = step.rows(list(where.values()), columns)
     return {i: rows[p] for i, p in where.items() if p in rows}
 
@@ -561,8 +561,11 @@ def _drop_examples(fs, root: str, name: str) -> dict[str, list[dict]]:
     for f in sorted(fs.glob(join(root, name, f"_{DROP_SAMPLES_SIDE}", "*.parquet"))):
         with fs.open(f, "rb") as fh:
             for r in pq.read_table(fh).to_pylist():
-                by_reason.setdefault(r["drop_reason"], {})[r["id"]] = r
-    return {reason: sorted(rows.values(), key=lambda r: r["sample_key"])[:DROP_SAMPLES]
+                got = by_reason.setdefault(r["drop_reason"], {})
+                got[r["id"]] = r
+                if len(got) > DROP_SAMPLES:           # bounded: the lowest keys so far
+                    del got[max(got, key=lambda i: got[i]["sample_key"])]
+    return {reason: sorted(rows.values(), key=lambda r: r["sample_key"])
             for reason, rows in by_reason.items()}
 
 
