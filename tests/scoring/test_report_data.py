@@ -197,6 +197,7 @@ def test_resumed_task_does_not_double_the_examples(run, tmp_path):
     before = sorted(os.listdir(side))
     assert len(before) == 4                                  # one file per task
     rows_before = table(out, "heuristic_filter", "_drop_samples").num_rows
+    mtimes = {f: os.stat(os.path.join(side, f)).st_mtime_ns for f in before}
     # a killed run: the last task of the chain has no record; the rerun redoes exactly that task
     state = os.path.join(out, "_curate", "state", "score")
     os.remove(os.path.join(state, "DONE.json"))
@@ -208,6 +209,9 @@ def test_resumed_task_does_not_double_the_examples(run, tmp_path):
         spec_["output"] = out
         run_pipeline(spec_, progress=False)
     assert sorted(os.listdir(side)) == before
+    redone = [f for f in before if os.stat(os.path.join(side, f)).st_mtime_ns != mtimes[f]]
+    assert redone == [before[-1]]                             # that task ran again and replaced its file
+    assert json.load(open(os.path.join(out, "stats.json")))["steps"]["heuristic_filter"]["status"] == "resumed"
     assert table(out, "heuristic_filter", "_drop_samples").num_rows == rows_before
     a, b = build_report(run["out"]), build_report(out)
     assert section(a, "dropped-heuristic_filter") == section(b, "dropped-heuristic_filter")
