@@ -161,6 +161,7 @@ def test_sigterm_writes_what_finished_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 143, err
     assert time.time() - t0 < 15              # the workers are stopped, not waited for
     assert "terminated: finished shards are kept" in err and "INCOMPLETE" in out
+    assert "leaked semaphore" not in err and "Traceback" not in err, err
     stats = json.load(open(tmp_path / "out" / "stats.json"))
     assert stats["complete"] is False and stats["failure"]["kind"] == "interrupted"
     assert stats["failure"]["step"] == "slow" and stats["steps"]["top"]["status"] == "done"

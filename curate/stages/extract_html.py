@@ -8,7 +8,8 @@ are kept as they are (the source wins); trafilatura's canonical URL is stored as
 
 The extracted text is exactly what ``trafilatura.extract(html, url=url, <same options>)`` returns:
 the stage runs trafilatura's own extraction once with metadata and serialises the body without the
-metadata header (checked by a test against the plain call).
+metadata header (checked by a test against the plain call). Two clean-ups before it, both on by
+default and both described below, change pages that have permalink anchors or code inside lists.
 
 Per-document time limit (``timeout_s``): trafilatura has no timeout and a thread cannot be killed,
 so the stage arms ``signal.setitimer(ITIMER_REAL)`` around each page when it runs in the main
@@ -21,7 +22,10 @@ parsing one huge document) finishes before the page is abandoned; trafilatura's 
 The ``html`` column is dropped from the output once the text is extracted (``keep_html: true``
 keeps it; dropped rows keep it in the ``_dropped/`` side output). Permalink anchors
 (``<a class="headerlink">¶</a>`` of Sphinx and MkDocs pages) are removed before extraction
-(``drop_headerlinks``), so headings and titles do not end in "¶".
+(``drop_headerlinks``), so headings and titles do not end in "¶". Lists whose items hold a ``<pre>`` (Python's documentation puts every
+function's examples in a ``<dd>``) are rendered as plain blocks before extraction
+(``keep_code_in_lists``; see :mod:`curate.ingest.code_blocks`): trafilatura joins a list item onto
+one line, which flattened the code.
 
 Rows are dropped (and counted) by reason, never lost silently:
 
@@ -50,6 +54,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
+from curate.ingest.code_blocks import has_code_in_list, unlist_code_blocks
 from curate.pipeline.library_logs import LibraryLogs
 from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
 from curate.pipeline.tables import set_column
@@ -105,6 +110,10 @@ class ExtractHtmlConfig(StageConfig):
     drop_headerlinks: bool = Field(True, description="remove permalink anchors (Sphinx's ¶, "
                                                      "class headerlink) before extraction, so that "
                                                      "titles and headings do not end in ¶")
+    keep_code_in_lists: bool = Field(True, description="render lists whose items hold a <pre> code "
+                                                       "block as plain blocks, so trafilatura keeps "
+                                                       "the code's lines (it joins a list item onto "
+                                                       "one line)")
 
     @field_validator("metadata_fields")
     @classmethod
@@ -220,7 +229,15 @@ class ExtractHtml(FilterStage):
         opts = self._options(url)
         if self.config.drop_headerlinks and "headerlink" in html:
             html = _HEADERLINK.sub("", html)
-        doc = bare_extraction(html, options=opts)
+        page = html
+        if self.config.keep_code_in_lists and has_code_in_list(html):
+            from trafilatura.utils import load_html
+
+            tree = load_html(html)
+            if tree is not None and unlist_code_blocks(tree):
+                self.count("extract_html/code_lists_unlisted")
+                page = tree
+        doc = bare_extraction(page, options=opts)
         if doc is None:
             return None, {}
         opts.with_metadata = False  # serialise the body only (no metadata header)
