@@ -417,6 +417,9 @@ class Estimator:
             "prices": {"prompt": eng.price_prompt, "completion": eng.price_completion},
             "input_rows": round(r.rows), "input_rows_from": "measured" if r.measured else "projected",
             "sample_rows": r.table.num_rows if r.table is not None else 0, "notes": []}
+        if r.measured and r.rows == 0:   # nothing to send: nothing to pay
+            est.update(method="no input rows", **{k: 0 for k in NUMBERS}, parse_failure_rate=None, output_rows=0)
+            return est, _Rows(None, 1.0, 0, True, why_not=f"step {step.name!r} has no input rows")
         if r.why_not:
             est.update(method="not estimated", why=r.why_not, **{k: None for k in NUMBERS},
                        parse_failure_rate=None, output_rows=None)

@@ -580,13 +580,24 @@ def make_executor(runner: str, workers: int, preload: list[str] | None = None) -
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
                  workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False, break_lock: str | None = None) -> RunResult:
-    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``."""
+                 print_funnel: bool = False, break_lock: str | None = None,
+                 estimate: str | dict | None = None) -> RunResult:
+    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``.
+    ``estimate``: a ``curate estimate`` JSON (path or dict) to compare the LLM steps with
+    (``RunResult.estimate``, ``stats.json``, the report)."""
     from curate.pipeline.config import load_pipeline
 
     pipe = source if isinstance(source, Pipeline) else load_pipeline(
         source, overrides={"runner": runner, "workers": workers, "output": output})
-    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
+    if isinstance(estimate, str):
+        from curate.pipeline.estimate import load_estimate
+
+        path, estimate = estimate, load_estimate(estimate)
+        if estimate is None:
+            raise ValueError(f"{path}: not an estimate JSON of `curate estimate`")
+        estimate["_path"] = path
+    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock,
+                    estimate=estimate).run()
     if print_funnel:
         print(funnel_table(result.stats))
         import sys

@@ -113,6 +113,13 @@ def test_configured_throughput_and_no_prices(server, tmp_path):
     assert g["cost"] is None and est["total"]["cost"] is None
     assert g["throughput_from"].startswith("configured") and g["throughput_tokens_per_s"] == 2.0
     assert g["seconds"] == pytest.approx(g["sample"]["startup_seconds"] + 60 * CT / 2.0, rel=1e-3)
+    # the library run compares with it too (no prices: no cost on either side)
+    from curate.pipeline.runner import run_pipeline
+
+    res = run_pipeline(s, progress=False, estimate=os.path.join(default_scratch(s["output"]), "estimate.json"))
+    cmp = res.estimate["steps"]["generate"]
+    assert cmp["actual"]["requests"] == cmp["estimated"]["requests"] == 60
+    assert cmp["actual"]["cost"] is None and cmp["estimated"]["cost"] is None
 
 
 def test_parse_failure_rate_of_the_sample(tmp_path):
@@ -265,3 +272,47 @@ def test_llm_numbers_from_counters():
                      "llm/parse_retries": 4, "llm/prompt_tokens": 100, "llm/completion_tokens": 40})
     # 10 sent; answers received 12 - (3 failed - 2 of them parse failures) = 11; 6 did not parse
     assert n["requests"] == 10 and n["parse_failure_rate"] == pytest.approx(6 / 11) and n["cost"] is None
+
+
+@pytest.mark.slow
+def test_quickstart_estimate_with_smollm2_then_run(tmp_path):
+    """The shipped quickstart with the real SmolLM2 engine: the estimate's sample (2 of the 3 rows
+    its generate step gets) against the run; the counted path (--no-call) gives the same prompt
+    tokens as the engine reported for the same sample."""
+    from curate.cli import quickstart_path
+
+    out = str(tmp_path / "qs")
+    r = CliRunner().invoke(main, ["estimate", quickstart_path(), "--output", out, "--sample", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    with open(os.path.join(out + ".estimate", "estimate.json")) as f:
+        g = json.load(f)["steps"]["generate"]
+    assert (g["input_rows"], g["input_rows_from"], g["sample_rows"]) == (3, "measured", 2)
+    assert g["requests"] == 3 and g["sample"]["requests"] == 2
+    assert 0 < g["sample"]["completion_tokens"] <= 2 * 48 and g["throughput_from"].startswith("measured")
+    assert not os.path.exists(out)
+    r = CliRunner().invoke(main, ["estimate", quickstart_path(), "--output", out, "--sample", "2", "--no-call", "-q",
+                                  "--json", str(tmp_path / "counted.json")])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "counted.json") as f:
+        c = json.load(f)["steps"]["generate"]
+    assert c["sample"]["prompt_tokens"] == g["sample"]["prompt_tokens"]
+    assert c["completion_tokens"] == 3 * 48 and "tokenizer" in c["method"]
+    r = CliRunner().invoke(main, ["run", quickstart_path(), "--output", out, "-q"])
+    assert r.exit_code == 0, r.output
+    with open(os.path.join(out, "stats.json")) as f:
+        cmp = json.load(f)["estimate"]["steps"]["generate"]
+    est, act = cmp["estimated"], cmp["actual"]
+    assert act["requests"] == est["requests"] == 3 and act["input_rows"] == 3
+    # 2 of the 3 documents were sampled: the projection is within half of what the run used
+    assert abs(est["prompt_tokens"] - act["prompt_tokens"]) <= 0.5 * act["prompt_tokens"]
+    assert 0 < act["completion_tokens"] <= 3 * 48
+
+
+def test_an_llm_step_without_input_rows_costs_nothing(server, tmp_path):
+    s = spec(tmp_path, server, stages=[{"stage": "select", "options": {"where": "text == 'nothing'"}},
+                                       {"stage": "generate", "options": {"engine": engine(server), "template": "{text}",
+                                                                         "output_column": "summary"}}])
+    est = estimate_pipeline(load_pipeline(s), sample=5)
+    g = est["steps"]["generate"]
+    assert (g["input_rows"], g["requests"], g["cost"], g["method"]) == (0, 0, 0, "no input rows")
+    assert len(server.log) == 0 and est["total"]["requests"] == 0
