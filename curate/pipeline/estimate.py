@@ -508,7 +508,7 @@ class Estimator:
                 return None
             gen = time.monotonic() - t1
             nums = llm_numbers(dict(st.counters.data))
-            window = st.engine.window(st.config.batch_size)
+            window = min(st.engine.window(st.config.batch_size), max(1, nums["requests"]))
             return {"method": "sampled (engine called)", "rows": table.num_rows, "output_rows": out.num_rows,
                     **nums, "completion_tokens_from": "measured",
                     "failed_requests": int(st.counters.data.get("llm/failed", 0)),
