@@ -198,6 +198,12 @@ def estimate(file: str, sample_size: int, seed: int, no_call: bool, json_path: s
 
     _setup_logging(quiet)
     pipe = _load_or_exit(file, {"workers": workers, "output": output})
+    from curate.pipeline.estimate import scratch_problem
+
+    problem = scratch_problem(scratch, pipe.output) if scratch else None
+    if problem:
+        click.echo(f"error: --scratch: {problem}", err=True)
+        sys.exit(2)
     try:
         est = estimate_pipeline(pipe, sample=sample_size, seed=seed, no_call=no_call, scratch=scratch,
                                 workers=workers, progress=not quiet, json_path=json_path)

@@ -60,6 +60,18 @@ def default_scratch(output: str) -> str:
     return output.rstrip("/") + ".estimate"
 
 
+def scratch_problem(scratch: str, output: str) -> str | None:
+    """Why ``scratch`` cannot hold an estimate for a run writing ``output`` (None: it can)."""
+    def norm(p: str) -> str:
+        return p.rstrip("/") if "://" in p else os.path.abspath(p)
+
+    s, o = norm(scratch), norm(output)
+    if s == o or s.startswith(o + "/") or o.startswith(s + "/"):
+        return (f"the scratch folder {scratch} overlaps the pipeline's output {output}: the estimate never "
+                "writes into the output (choose another --scratch)")
+    return None
+
+
 def is_llm(step: Step) -> bool:
     from curate.llm.stage import LLMStage
 
@@ -210,6 +222,9 @@ class Estimator:
 
     def __post_init__(self) -> None:
         self.scratch = self.scratch or default_scratch(self.pipe.output)
+        problem = scratch_problem(self.scratch, self.pipe.output)
+        if problem:
+            raise EstimateError(problem)
 
     # -- phase 1: the steps above every LLM step, run for real into the scratch output ------------
     def split(self) -> tuple[list[str], list[str]]:

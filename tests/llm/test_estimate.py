@@ -242,6 +242,8 @@ def test_cli_estimate_then_run_shows_estimate_vs_actual(server, tmp_path):
         assert json.load(f)["estimate"]["steps"]["generate"]["stale"] is True
     r = CliRunner().invoke(main, ["run", str(cfg), "-q", "--estimate", str(cfg)])
     assert r.exit_code == 2 and "not an estimate JSON" in r.output
+    r = CliRunner().invoke(main, ["estimate", str(cfg), "--scratch", str(tmp_path / "out" / "x")])
+    assert r.exit_code == 2 and "overlaps the pipeline's output" in r.output
 
 
 def test_pipeline_without_llm_steps(tmp_path):
