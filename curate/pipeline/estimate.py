@@ -265,6 +265,17 @@ class Estimator:
 
     # -- the whole estimate ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        import shutil
+        import tempfile
+
+        # the sample's own work (steps below an LLM step) on this machine's disk, removed at the end
+        self._local = tempfile.mkdtemp(prefix="curate-estimate-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self._local, ignore_errors=True)
+
+    def _run(self) -> dict[str, Any]:
         from curate.pipeline.runner import PipelineError, Runner
 
         t0 = time.monotonic()
@@ -365,7 +376,7 @@ class Estimator:
         if bad:
             return _Rows(None, 1.0, 0, False, why_not=bad[0])
         stage = step.stage
-        workdir = os.path.join(self.scratch, "sample", step.name)
+        workdir = os.path.join(self._local, step.name)
         os.makedirs(workdir, exist_ok=True)
         stage.workdir = workdir
         try:
@@ -378,6 +389,9 @@ class Estimator:
             why = f"step {step.name!r} failed on the sample: {type(exc).__name__}: {exc}"
             self.notes.append(why)
             return _Rows(None, 1.0, 0, False, why_not=why)
+        if stage.kind == "global":
+            self.notes.append(f"step {step.name!r} ({stage.name}, a global step) ran on the sample: the rows it "
+                              "keeps are projected linearly (a fixed limit such as `top` does not scale so)")
         rows_in = sum(r.table.num_rows for _, r in inputs)
         real_in = sum(r.rows for _, r in inputs)
         scale = real_in / rows_in if rows_in else 1.0
@@ -398,7 +412,7 @@ class Estimator:
 
         files: dict[str, list[str]] = {}
         for name, r in inputs:
-            d = os.path.join(self.scratch, "sample", "_inputs", step.name, name)
+            d = os.path.join(self._local, "_inputs", step.name, name)
             os.makedirs(d, exist_ok=True)
             path = os.path.join(d, "part-00000.parquet")
             pq.write_table(r.table, path)

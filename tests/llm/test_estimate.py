@@ -160,6 +160,7 @@ def test_a_step_below_an_llm_step_gets_a_projected_input(server, tmp_path):
     assert second["input_rows_from"] == "projected" and second["input_rows"] == round(kept * 3)
     assert second["requests"] == round(kept * 3)
     assert est["total"]["requests"] == 60 + second["requests"]
+    assert any("'half' (select, a global step) ran on the sample" in n for n in est["notes"])
 
 
 def test_no_call_counts_prompts_and_takes_max_tokens(server, tmp_path):
