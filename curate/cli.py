@@ -2,6 +2,7 @@
 
   curate run [FILE] [--force] [--runner local|ray] [--workers N] [--output PATH] [--break-lock HOST:PID]
   curate validate FILE
+  curate estimate FILE [--sample N] [--seed S] [--no-call] [--json OUT.json] [--scratch DIR]
   curate stages [NAME] [--plugins MODULE] [--file FILE]
   curate inspect PATH [--rows N]
   curate train-classifier --positive P --negative N --output DIR [--label L] [fastText options]
@@ -75,8 +76,11 @@ def main() -> None:
 @click.option("--break-lock", default=None, metavar="HOST:PID",
               help="Take over the output's lease held by this run (as the lock error names it), known "
                    "to be dead, without waiting for the lease to expire.")
+@click.option("--estimate", "estimate_file", default=None, metavar="FILE",
+              help="An estimate JSON of `curate estimate` to compare with (default: "
+                   "<output>.estimate/estimate.json when it exists).")
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
-        quiet: bool, break_lock: str | None) -> None:
+        quiet: bool, break_lock: str | None, estimate_file: str | None) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.config import ConfigError
     from curate.pipeline.runner import PipelineError, Runner
@@ -91,7 +95,18 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     from curate import exit_codes
     from curate.pipeline.stats import error_lines
 
-    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock)
+    from curate.pipeline.estimate import default_scratch, load_estimate
+
+    est_path = estimate_file or os.path.join(default_scratch(pipe.output), "estimate.json")
+    estimate = load_estimate(est_path)
+    if estimate_file and estimate is None:
+        click.echo(f"error: --estimate {estimate_file}: not an estimate JSON of `curate estimate`", err=True)
+        sys.exit(exit_codes.INVALID)
+    if estimate is not None:
+        estimate["_path"] = est_path
+        logging.getLogger("curate").info("comparing the LLM steps with the estimate %s", est_path)
+    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock,
+                     estimate=estimate)
 
     def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
         if runner_.partial is not None:
@@ -128,6 +143,10 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     if funnel_warnings(result.stats):
         click.echo("\n" + funnel_warnings(result.stats), err=True)
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
+    if result.estimate and result.estimate.get("steps"):
+        from curate.pipeline.estimate import comparison_table
+
+        click.echo("\nLLM steps, estimate vs actual:\n" + comparison_table(result.estimate))
     click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
     for line in error_lines(result.stats, result.output):
         click.echo(line, err=True)
@@ -155,6 +174,52 @@ def _restore_sigterm(previous) -> None:
 
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.argument("file")
+@click.option("--sample", "sample_size", type=click.IntRange(1), default=20, show_default=True,
+              help="Rows of each LLM step's input to run (a seeded random sample).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample.")
+@click.option("--no-call", is_flag=True,
+              help="Do not call the engines: count prompt tokens with the engine's tokenizer and take "
+                   "max_tokens as completion tokens (an upper bound).")
+@click.option("--json", "json_path", default=None, metavar="FILE", help="Also write the estimate here.")
+@click.option("--scratch", default=None, metavar="DIR",
+              help="Where the steps above the LLM steps run and estimate.json is written "
+                   "(default: <output>.estimate; never the output itself).")
+@click.option("--workers", type=int, default=None, help="Override `workers:` (processes).")
+@click.option("--output", default=None, help="Override `output:` (the run the estimate is for).")
+@click.option("--quiet", "-q", is_flag=True, help="Warnings and the table only.")
+def estimate(file: str, sample_size: int, seed: int, no_call: bool, json_path: str | None, scratch: str | None,
+             workers: int | None, output: str | None, quiet: bool) -> None:
+    """Estimate requests, tokens, cost and time of the LLM steps before a run (nothing is charged)."""
+    from curate.pipeline.estimate import EstimateError, estimate_notes, estimate_pipeline, estimate_table
+
+    _setup_logging(quiet)
+    pipe = _load_or_exit(file, {"workers": workers, "output": output})
+    from curate.pipeline.estimate import scratch_problem
+
+    problem = scratch_problem(scratch, pipe.output) if scratch else None
+    if problem:
+        click.echo(f"error: --scratch: {problem}", err=True)
+        sys.exit(2)
+    try:
+        est = estimate_pipeline(pipe, sample=sample_size, seed=seed, no_call=no_call, scratch=scratch,
+                                workers=workers, progress=not quiet, json_path=json_path)
+    except EstimateError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if not est["steps"]:
+        click.echo(f"{file}: no LLM steps; nothing to estimate")
+        return
+    click.echo(estimate_table(est))
+    click.echo("")
+    for line in estimate_notes(est):
+        click.echo(line)
+    where = os.path.join(est["scratch"], "estimate.json")
+    click.echo(f"\nestimate: {where}" + (f" and {json_path}" if json_path else "")
+               + f" (`curate run {file}` compares its LLM steps with it)")
 
 
 @main.command()

@@ -642,6 +642,31 @@ def data_sections(fs, root: str, steps: dict[str, dict], spec: dict, inputs: dic
     return out
 
 
+def _estimate_html(cmp: dict) -> str:
+    """LLM steps: what `curate estimate` projected against what the run used."""
+    from curate.pipeline.estimate import _num
+
+    cols = [("input_rows", "int", "input rows"), ("requests", "int", "requests"),
+            ("prompt_tokens", "int", "prompt tokens"), ("completion_tokens", "int", "completion tokens"),
+            ("cost", "cost", "cost"), ("seconds", "time", "time"), ("parse_failure_rate", "pct", "parse failures")]
+    rows = ["<tr><th>step</th><th></th>" + "".join(f"<th>{h}</th>" for _, _, h in cols) + "</tr>"]
+    for name, c in cmp["steps"].items():
+        if c.get("stale"):
+            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan='{len(cols) + 1}'>stale: "
+                        f"{html.escape(c.get('note', ''))}</td></tr>")
+            continue
+        for which in ("estimated", "actual"):
+            v = c[which]
+            rows.append(f"<tr class='{which}'><td>{html.escape(name) if which == 'estimated' else ''}</td>"
+                        f"<td>{which}</td>" + "".join(f"<td class='num'>{_num(v.get(k), kind)}</td>"
+                                                     for k, kind, _ in cols) + "</tr>")
+    src = html.escape(str(cmp.get("file") or ""))
+    return ("<h2 id='estimate'>LLM steps: estimate vs actual</h2>"
+            f"<p class='muted'>estimate {src} of {html.escape(str(cmp.get('created')))}, sample of "
+            f"{cmp.get('sample')} rows per LLM step; actual: this output's counters (new generations; "
+            "time: this run's wall time)</p><table class='estimate'>" + "".join(rows) + "</table>")
+
+
 def build_report(output: str) -> str:
     """The HTML of the report of the run in ``output``."""
     fs, root = get_fs(output)
@@ -668,6 +693,8 @@ def build_report(output: str) -> str:
                        f"in step {html.escape(str(f.get('step')))}: {html.escape(str(f.get('error', '')).rstrip('.'))}. "
                        "Steps marked failed or not run are not part of the output; run the same command "
                        "again to resume.</p>")
+    if (stats.get("estimate") or {}).get("steps"):
+        body.append(_estimate_html(stats["estimate"]))
     warned = warning_lines(steps)
     if warned:
         body.append("<h2 id='warnings'>Warnings</h2><ul class='warnings'>"

@@ -21,6 +21,12 @@ class _EngineConfigBase(BaseModel):
         None, ge=0, description="price per million prompt tokens (for cost in stats and `max_cost`)")
     price_completion: float | None = Field(
         None, ge=0, description="price per million completion tokens")
+    # not part of the options' dump (fingerprints, workers): it changes no output
+    throughput_tokens_per_s: float | None = Field(
+        None, gt=0, exclude=True,
+        description="completion tokens per second of one engine instance (a vllm/transformers engine on its "
+                    "GPU(s), or the whole openai endpoint): `curate estimate` projects time with it "
+                    "(default: measured on the estimate's sample)")
 
     def identity(self) -> str:
         """What makes two configs load the same engine (prices do not)."""

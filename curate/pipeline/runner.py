@@ -80,6 +80,7 @@ class RunResult:
     seconds: float
     complete: bool = True             # False: the run failed or was interrupted (see ``failure``)
     failure: dict | None = None       # {"kind", "step", "steps", "error"} of an incomplete run
+    estimate: dict | None = None      # LLM steps, estimate vs actual (``curate.pipeline.estimate.compare``)
 
     def dataset(self, step: str) -> Dataset:
         return Dataset(self.outputs[step])
@@ -96,8 +97,10 @@ def _record_errors(rec: TaskRecord) -> int:
 
 class Runner:
     def __init__(self, pipe: Pipeline, *, force: bool = False, workers: int | None = None,
-                 progress: bool = True, executor: Any = None, break_lock: str | None = None):
+                 progress: bool = True, executor: Any = None, break_lock: str | None = None,
+                 estimate: dict | None = None):
         self.pipe = pipe
+        self.estimate = estimate          # a `curate estimate` JSON: stats.json/report show estimate vs actual
         self.spec = pipe.spec
         self.layout = Layout(pipe.spec.output)
         self.force = force
@@ -265,12 +268,16 @@ class Runner:
     def _write_outputs(self, complete: bool, failure: dict | None = None) -> RunResult:
         """stats.json, manifest.json (the finished steps' shards) and report.html."""
         stats = {n: s.to_dict() for n, s in self.stats.items()}
+        cmp = None
+        if self.estimate:
+            from curate.pipeline.estimate import compare
+            cmp = compare(self.estimate, self.pipe, stats)
         result = RunResult(self.spec.output, stats, dict(self.outputs), time.monotonic() - self._t0,
-                           complete=complete, failure=failure)
+                           complete=complete, failure=failure, estimate=cmp)
         self.layout.write_json(join(self.layout.root, "stats.json"),
                                {"pipeline": self.spec.name, "seconds": round(result.seconds, 3),
                                 "complete": complete, **({"failure": failure} if failure else {}),
-                                "steps": stats})
+                                **({"estimate": cmp} if cmp else {}), "steps": stats})
         manifest = {"pipeline": self.spec.name, "complete": complete,
                     "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
                               for s in self.pipe.steps.values() if s.name in self._shards}}
@@ -404,6 +411,9 @@ class Runner:
                   replicas=res.replicas, max_retries=res.max_retries)
         total = self.stats[seg.head.name].rows_out if seg.head is not None else None
         bar = Progress(target.name, total=total, enabled=self.progress_enabled)
+        if self.estimate:
+            from curate.pipeline.estimate import progress_estimate
+            bar.estimate = progress_estimate(self.estimate, seg.chain)
         self._bars[job.key] = bar
 
         def head_rows(rec: TaskRecord) -> int:
@@ -570,13 +580,24 @@ def make_executor(runner: str, workers: int, preload: list[str] | None = None) -
 
 def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
                  workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False, break_lock: str | None = None) -> RunResult:
-    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``."""
+                 print_funnel: bool = False, break_lock: str | None = None,
+                 estimate: str | dict | None = None) -> RunResult:
+    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``.
+    ``estimate``: a ``curate estimate`` JSON (path or dict) to compare the LLM steps with
+    (``RunResult.estimate``, ``stats.json``, the report)."""
     from curate.pipeline.config import load_pipeline
 
     pipe = source if isinstance(source, Pipeline) else load_pipeline(
         source, overrides={"runner": runner, "workers": workers, "output": output})
-    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
+    if isinstance(estimate, str):
+        from curate.pipeline.estimate import load_estimate
+
+        path, estimate = estimate, load_estimate(estimate)
+        if estimate is None:
+            raise ValueError(f"{path}: not an estimate JSON of `curate estimate`")
+        estimate["_path"] = path
+    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock,
+                    estimate=estimate).run()
     if print_funnel:
         print(funnel_table(result.stats))
         import sys

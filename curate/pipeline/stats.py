@@ -142,6 +142,8 @@ class Progress:
         self._n0: int | None = None      # rows finished by earlier runs (set by the first tasks())
         self.req: dict[str, Any] | None = None   # LLM requests (see llm())
         self._req_at_n = 0               # requests answered when rows were last reported
+        # the step's LLM requests and cost projected by `curate estimate` ({"requests", "cost"})
+        self.estimate: dict[str, float] | None = None
         tty = sys.stderr.isatty() if tty is None else tty
         if enabled and tty:
             from tqdm import tqdm
@@ -173,17 +175,26 @@ class Progress:
         if not r:
             return ""
         flying = max(0, r["sent"] - r["done"] - r["failed"])
-        msg = f"LLM requests {r['done']:,} done, {flying:,} in flight, {r['failed']:,} failed, {r['tokens']:,} tokens"
-        if r["cost"]:
-            msg += f", cost {r['cost']:,.4f}"
+        est = self.estimate or {}
+        of = f" of ~{est['requests']:,.0f} estimated" if est.get("requests") else ""
+        msg = (f"LLM requests {r['done']:,}{of} done, {flying:,} in flight, {r['failed']:,} failed, "
+               f"{r['tokens']:,} tokens")
+        if r["cost"] or est.get("cost"):
+            msg += f", cost {r['cost']:,.4f}" + (f" of ~{est['cost']:,.4f} estimated" if est.get("cost") else "")
         return msg
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left, from the rows done in this run, or, for an LLM step, from the answers so
         far (rows done estimated from requests answered per row; one per row before any batch)."""
-        if not self.total:
-            return None
         now = time.monotonic() if now is None else now
+        r = self.req
+        if not self.total:
+            # no row total: from the requests answered against those `curate estimate` projected
+            est = (self.estimate or {}).get("requests")
+            answered = (r["done"] + r["failed"]) if r else 0
+            if not est or not answered or answered >= est:
+                return None
+            return (est - answered) * (now - self.start) / answered
         n0 = self._n0 or 0
         est = self.n
         r = self.req
@@ -203,6 +214,10 @@ class Progress:
             parts.append(self._llm_text())
         if self.tokens:
             parts.append(f"{self.tokens / max(time.monotonic() - self.start, 1e-9):.1f} tok/s")
+        if not self.total and self.req:   # tqdm shows its own ETA when the row total is known
+            eta = self.eta()
+            if eta is not None:
+                parts.append(f"ETA {eta:,.0f}s")
         return ", ".join(parts)
 
     def update(self, n: int, tokens: int = 0) -> None:
@@ -225,9 +240,9 @@ class Progress:
         msg = f"[{self.step}] {self.n:,} docs, {self.n / el:,.1f} docs/s"
         if self.total:
             msg += f", {100 * self.n / self.total:.0f}% of {self.total:,}"
-            eta = self.eta(now)
-            if eta is not None:
-                msg += f", ETA {eta:,.0f}s"
+        eta = self.eta(now)
+        if eta is not None:
+            msg += f", ETA {eta:,.0f}s"
         if self._tasks:
             msg += f", tasks {self._tasks[0]}/{self._tasks[1]}"
         if self.req:
