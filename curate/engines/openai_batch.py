@@ -145,7 +145,8 @@ class BatchRecords:
 
     def members(self, file_id: str) -> list[str]:
         with self._lock:
-            return [k for (k,) in self._db().execute("SELECT key FROM members WHERE file_id = ?", (file_id,))]
+            return [k for (k,) in self._db().execute("SELECT key FROM members WHERE file_id = ? ORDER BY rowid",
+                                                     (file_id,))]
 
     def all(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -16,6 +16,9 @@ then grows back by one per window of successes (AIMD), and is counted on the com
 and it refuses connections, cannot be resolved, or answers 404/401/403, the error says the endpoint
 looks unreachable or misconfigured (``endpoint_dead``) instead of asking for a rerun.
 
+``mode: batch`` sends a stream's requests through the provider's batch API instead (``/v1/files`` +
+``/v1/batches``, recorded in the step's work folder and polled; :mod:`curate.engines.openai_batch`).
+
 The API key is read from the environment variable named by ``api_key_env``; it is sent in the
 ``Authorization`` header only and never appears in logs, errors or outputs.
 """

@@ -194,6 +194,8 @@ def _flush_requests() -> None:
         if _LLM.get("batches"):   # not a sum: the latest status of each batch
             delta["batches"] = {k: list(v) for k, v in _BATCHES.items()}
             _LLM["batches"] = False
+            for k in [k for k, v in _BATCHES.items() if v[0] in ("completed", "expired", "failed", "cancelled")]:
+                del _BATCHES[k]   # sent once finished, then forgotten (the next step starts clean)
         if not any(delta.values()):
             return
         for k in ("sent", "done", "failed", "tokens"):

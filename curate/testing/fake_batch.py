@@ -22,8 +22,9 @@ lines answered per poll; None: all at once) -> ``finalizing`` -> ``completed``, 
 
 - ``expire={n: k}``: the n-th batch created (0-based) expires after answering k lines: its output
   file has those, its error file the rest with code ``batch_expired``;
-- ``fail_lines``: the probability that a line fails (drawn from ``seed``, the custom_id and how many
-  times that custom_id was run before, so a retried line may pass): an error-file line with
+- ``fail_lines``: the probability that a line fails (drawn from ``seed``, the request body and how
+  many times that body was run before, so a retried line may pass and a test gets the same draws
+  in every run): an error-file line with
   ``response.status_code`` ``fail_status`` (500), or with ``error.code`` ``request_timeout`` when
   ``fail_status`` is 0;
 - ``fail_batches={n}``: the n-th batch fails validation (status ``failed``, ``errors``);
@@ -44,7 +45,7 @@ import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from curate.testing.fake_openai import FakeOpenAI, _Handler, echo  # noqa: F401  (echo: re-exported)
+from curate.testing.fake_openai import FakeOpenAI, _Handler, body_hash, echo  # noqa: F401  (echo: re-exported)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -191,10 +192,11 @@ class FakeBatchOpenAI(FakeOpenAI):
 
     def _run_line(self, b: dict[str, Any], w: dict[str, Any], line: dict[str, Any]) -> None:
         cid = line["custom_id"]
-        n = self._runs.get(cid, 0)
-        self._runs[cid] = n + 1
+        h = body_hash(line["body"])   # not the custom_id: the draws do not depend on the server's port
+        n = self._runs.get(h, 0)
+        self._runs[h] = n + 1
         rid = "batch_req_" + uuid.uuid4().hex[:16]
-        if self.fail_lines and random.Random(f"{self.seed}:{cid}:{n}").random() < self.fail_lines:
+        if self.fail_lines and random.Random(f"{self.seed}:{h}:{n}").random() < self.fail_lines:
             if self.fail_status:
                 resp = {"status_code": self.fail_status, "request_id": rid,
                         "body": {"error": {"message": "injected line failure", "type": "server_error"}}}
