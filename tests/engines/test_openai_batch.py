@@ -350,3 +350,50 @@ def test_worker_forwards_batch_status_to_the_progress_line():
         worker._WORKER.clear()
         worker._WORKER.update(saved)
         worker._BATCHES.clear()
+
+
+@pytest.mark.slow   # ~20 s: two `curate run` processes with 2 workers each
+def test_curate_run_killed_while_polling_uploads_nothing_again(tmp_path):
+    """``curate run`` with 2 workers, SIGKILLed while its workers poll their batches; the rerun
+    polls the recorded batches (shared by the workers in the step's work folder), uploads only the
+    tasks not submitted yet and exits 0 with every row."""
+    import yaml
+
+    from helpers import curate_bin
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(docs().slice(0, 6), inp / "a.parquet")   # two files: a task each
+    pq.write_table(docs().slice(6), inp / "b.parquet")
+    with FakeBatchOpenAI(hold=True) as srv:
+        spec = {"name": "b", "output": str(tmp_path / "out"), "workers": 2, "batch_size": 4, "report": False,
+                "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": str(inp)}}},
+                "stages": [{"stage": "generate", "name": "gen",
+                            "options": {"engine": engine(srv), "template": "Rewrite: {text}", "max_tokens": 8}}]}
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        log1 = open(tmp_path / "run1.log", "w")
+        p = subprocess.Popen([curate_bin(), "run", str(cfg)], stdout=log1, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline and not (len(srv.created) >= 2 and srv.polls >= 10):
+                assert p.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+                time.sleep(0.05)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        first = list(srv.created)
+        assert len(first) == 2     # one task per worker, each waiting for the batch of its first 4 rows
+        time.sleep(1.5)            # orphaned workers end themselves (parent watchdog)
+        srv.hold = False
+        r = subprocess.run([curate_bin(), "run", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        out = pq.read_table(str(tmp_path / "out" / "gen")).sort_by("id")
+        assert out.num_rows == 12
+        assert sorted(out.column("completion").to_pylist()) == sorted(("Rewrite: " + t)[::-1] for t in TEXTS)
+        assert srv.created[:2] == first and srv.lines == 12 and len(srv.uploads) == len(srv.created)
+        recs = records(tmp_path / "out" / "_curate" / "work" / "gen" / "llm_batches.sqlite")
+        assert {r[0] for r in recs} == set(srv.created) and {r[1] for r in recs} == {"completed"}
+        stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+        assert '"llm/batches_resumed": 2' in json.dumps(stats)
