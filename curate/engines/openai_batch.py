@@ -30,9 +30,13 @@ What becomes of each request of a finished batch:
   request fails with the batch's errors and the stage stops at once (like an endpoint that looks
   misconfigured); the record is kept, a rerun uploads the requests again.
 
+- a recorded batch the server answers 404 for (deleted, another account) while its batch API
+  answers: forgotten (marked failed in the records), its requests go out again
+  (``llm/batches_lost``).
+
 Counted (stage counters ``llm/<name>``): ``batches`` (created), ``batch_requests`` (lines
 uploaded), ``batches_resumed`` (batches of an earlier run polled again), ``batch_expired``,
-``batch_line_retries``, ``batch_cancelled``. The progress line shows each batch's status and its
+``batch_line_retries``, ``batch_cancelled``, ``batches_lost``. The progress line shows each batch's status and its
 ``request_counts``.
 """
 
@@ -380,6 +384,12 @@ class BatchBackend(_Backend):
             try:
                 b = self._call("GET", f"/batches/{rec['batch_id']}").json()
             except BatchError as exc:
+                if "HTTP 404" in str(exc) and self._has_batch_api():
+                    # the server has a batch API but not this batch (deleted, another account):
+                    # forget it and send its requests again
+                    self._forget(rec, str(exc))
+                    finished = True
+                    continue
                 if not exc.unreachable:
                     log.warning("openai engine (mode: batch): polling %s: %s", rec["batch_id"], exc)
                     continue
@@ -398,6 +408,32 @@ class BatchBackend(_Backend):
                 self._harvest(rec, b)
                 finished = True
         return finished
+
+    def _has_batch_api(self) -> bool:
+        try:
+            self._call("GET", "/batches", params={"limit": 1})
+            return True
+        except BatchError:
+            return False
+
+    def _forget(self, rec: dict[str, Any], reason: str) -> None:
+        """A recorded batch the server does not know: marked failed in the records (no longer
+        covers its requests) and the requests waiting for it go out in a new batch."""
+        fid = rec["file_id"]
+        del self.active[fid]
+        log.warning("openai engine (mode: batch): batch %s is unknown to the server (%s); its requests go out "
+                    "again", rec["batch_id"], reason)
+        self.store.set_batch(fid, None, "failed", f"unknown to the server: {reason}")
+        keys = self.store.members(fid)
+        self.store.set_outcomes(fid, {k: "missing" for k in keys})
+        still = self.store.covering([k for k in keys if k in self.waiting])   # held by another batch
+        for f in dict.fromkeys(still.values()):
+            if f not in self.active:
+                self._track(f)
+        again = [k for k in keys if k in self.waiting and k not in still]
+        self.counters["batches_lost"] += 1
+        if again:
+            self._upload(again)
 
     def _lines(self, file_id: str | None) -> Iterator[dict[str, Any]]:
         if not file_id:

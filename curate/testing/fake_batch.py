@@ -307,7 +307,7 @@ class _BatchHandler(_Handler):
             q = parse_qs(u.query)
             limit = int(q.get("limit", ["20"])[0])
             with fake.lock:
-                ids = list(reversed(fake.created))
+                ids = [i for i in reversed(fake.created) if i in fake.batches]
             if "after" in q and q["after"][0] in ids:
                 ids = ids[ids.index(q["after"][0]) + 1:]
             page = [dict(fake.batches[i]) for i in ids[:limit]]

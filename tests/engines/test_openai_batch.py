@@ -397,3 +397,22 @@ def test_curate_run_killed_while_polling_uploads_nothing_again(tmp_path):
         assert {r[0] for r in recs} == set(srv.created) and {r[1] for r in recs} == {"completed"}
         stats = json.loads((tmp_path / "out" / "stats.json").read_text())
         assert '"llm/batches_resumed": 2' in json.dumps(stats)
+
+
+def test_recorded_batch_unknown_to_the_server_is_sent_again(tmp_path):
+    with FakeBatchOpenAI(hold=True, validate_polls=1) as srv:
+        eng = make_engine(engine(srv), cache=str(tmp_path / "e.sqlite"))
+        stream = eng.stream()
+        for i in range(3):
+            stream.submit(i, Request(prompt=f"p{i}"))
+        backend = stream.backend
+        backend._dispatch()   # uploaded and recorded; the run "dies" here
+        assert len(srv.created) == 1
+        del srv.batches[srv.created[0]]   # the provider no longer knows it
+        srv.hold = False
+        eng2 = make_engine(engine(srv), cache=str(tmp_path / "e.sqlite"))
+        out = eng2.generate([Request(prompt=f"p{i}") for i in range(3)])
+        assert [c.text for c in out] == ["0p", "1p", "2p"] and len(srv.created) == 2
+        assert [r[1] for r in records(tmp_path / "e.sqlite.batches")] == ["failed", "completed"]
+        eng.close()
+        eng2.close()
