@@ -214,16 +214,17 @@ class BatchBackend(_Backend):
                                         timeout=httpx.Timeout(self.config.timeout), **kwargs)
         return self._client
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(self, method: str, path: str, retries: int | None = None, **kwargs: Any) -> Any:
         """One batch API call, retried on network errors, 408/409/429 and 5xx (``max_retries``,
         exponential backoff); the response (2xx) or BatchError naming the URL."""
         import httpx
 
         cfg = self.config
+        retries = cfg.max_retries if retries is None else retries
         delay = cfg.backoff
         url = self.engine.url(path)
         reason, retryable = "", True
-        for attempt in range(cfg.max_retries + 1):
+        for attempt in range(retries + 1):
             if method == "POST":
                 before_send()   # a runner's worker whose run is gone uploads nothing
             try:
@@ -241,7 +242,7 @@ class BatchBackend(_Backend):
                 if not (st in RETRY_STATUS or st >= 500):
                     retryable = False
                     break
-            if attempt < cfg.max_retries and not (unreachable and attempt >= 2):
+            if attempt < retries and not (unreachable and attempt >= 2):
                 time.sleep(min(delay * (0.5 + random.random()), cfg.backoff_max))
                 delay = min(delay * 2, cfg.backoff_max)
             else:
@@ -313,6 +314,10 @@ class BatchBackend(_Backend):
 
     def _adopt(self, file_id: str, endpoint: str) -> str:
         """The batch created from an uploaded file (found with GET /batches), or a new one."""
+        return self._find(file_id) or self._create(file_id, endpoint)
+
+    def _find(self, file_id: str) -> str | None:
+        """The id of a batch made from ``file_id`` (GET /batches, newest first), recorded; or None."""
         after = None
         for _ in range(100):   # at most 10,000 batches back
             params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
@@ -324,12 +329,28 @@ class BatchBackend(_Backend):
             if not page.get("has_more") or not page.get("data"):
                 break
             after = page["data"][-1]["id"]
-        return self._create(file_id, endpoint)
+        return None
 
     def _create(self, file_id: str, endpoint: str) -> str:
-        b = self._call("POST", "/batches", json={
-            "input_file_id": file_id, "endpoint": endpoint, "completion_window": self.config.batch_completion_window,
-            "metadata": {"created_by": "curate"}}).json()
+        """POST /batches, once per try: a try whose answer was lost (timeout, 5xx) may have created
+        the batch, so before the next one the batch is looked for by its input file (a batch is
+        paid for; a second one for the same requests would be paid twice)."""
+        cfg = self.config
+        body = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": cfg.batch_completion_window,
+                "metadata": {"created_by": "curate"}}
+        delay = cfg.backoff
+        for attempt in range(cfg.max_retries + 1):
+            try:
+                b = self._call("POST", "/batches", retries=0, json=body).json()
+                break
+            except BatchError as exc:
+                if not exc.retryable or attempt >= cfg.max_retries:
+                    raise
+                time.sleep(min(delay * (0.5 + random.random()), cfg.backoff_max))
+                delay = min(delay * 2, cfg.backoff_max)
+                found = self._find(file_id)
+                if found:
+                    return found
         self.store.set_batch(file_id, b["id"], b.get("status") or "validating")
         self.counters["batches"] += 1
         return b["id"]

@@ -28,6 +28,8 @@ lines answered per poll; None: all at once) -> ``finalizing`` -> ``completed``, 
   ``response.status_code`` ``fail_status`` (500), or with ``error.code`` ``request_timeout`` when
   ``fail_status`` is 0;
 - ``fail_batches={n}``: the n-th batch fails validation (status ``failed``, ``errors``);
+- ``lose_create=n``: the next n ``POST /v1/batches`` create the batch but answer 503 (an answer
+  lost on the way: a client that simply retries pays twice);
 - ``hold=True`` keeps batches ``in_progress`` without answering (a slow provider); set it back to
   False to let them go on;
 - ``cancel`` (the endpoint): ``cancelling`` then ``cancelled``; lines not run go to the error file
@@ -53,7 +55,8 @@ ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 class FakeBatchOpenAI(FakeOpenAI):
     def __init__(self, *, validate_polls: int = 1, lines_per_poll: int | None = None,
                  expire: dict[int, int] | None = None, fail_lines: float = 0.0, fail_status: int = 500,
-                 fail_batches: set[int] | None = None, hold: bool = False, **kwargs: Any):
+                 fail_batches: set[int] | None = None, hold: bool = False, lose_create: int = 0,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.validate_polls = validate_polls
         self.lines_per_poll = lines_per_poll
@@ -62,6 +65,7 @@ class FakeBatchOpenAI(FakeOpenAI):
         self.fail_status = fail_status
         self.fail_batches = set(fail_batches or ())
         self.hold = hold
+        self.lose_create = lose_create
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self._work: dict[str, dict[str, Any]] = {}     # batch id -> lines, position, outputs
@@ -260,7 +264,14 @@ class _BatchHandler(_Handler):
                 req = json.loads(self._body())
             except ValueError:
                 return self._json(400, {"error": {"message": "not JSON"}})
-            self._json(*fake.create_batch(req))
+            status, data = fake.create_batch(req)
+            with fake.lock:
+                lose = status == 200 and fake.lose_create > 0
+                if lose:
+                    fake.lose_create -= 1
+            if lose:   # created, but the answer is lost on the way
+                return self._json(503, {"error": {"message": "upstream timeout (injected)"}})
+            self._json(status, data)
         elif path.startswith("/v1/batches/") and path.endswith("/cancel"):
             self._body()
             b = fake.cancel(path.split("/")[3])

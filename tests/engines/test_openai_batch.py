@@ -416,3 +416,11 @@ def test_recorded_batch_unknown_to_the_server_is_sent_again(tmp_path):
         assert [r[1] for r in records(tmp_path / "e.sqlite.batches")] == ["failed", "completed"]
         eng.close()
         eng2.close()
+
+
+def test_lost_create_answer_does_not_create_a_second_batch(tmp_path):
+    with FakeBatchOpenAI(lose_create=1) as srv:
+        g = stage(srv, tmp_path)
+        out = g(docs(4))
+        assert out.num_rows == 4 and len(srv.created) == 1 and srv.lines == 4
+        assert records(tmp_path / "c.sqlite.batches")[0][0] == srv.created[0]
