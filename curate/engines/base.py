@@ -452,7 +452,10 @@ class Stream:
     (``charge``) *before* they are written to the cache, so a kill between the two can only
     over-count, never lose a charge. ``pending`` is the number of submitted requests not yet
     returned; a caller keeps it under ``engine.window()``. ``stats`` dicts (besides the engine's
-    own) count ``requests``, ``cached``, ``generated`` and ``failed``."""
+    own) count ``requests``, ``cached``, ``generated`` and ``failed``. A request the backend says an
+    earlier run already submitted (``backend.covers``: a recorded batch) is sent without asking
+    ``admit`` (its reservation was made then) and its answer is marked ``prepaid``; ``records`` is
+    where a batch backend records its batches."""
 
     def __init__(self, engine: "Engine", cache: "RequestCache | None" = None,
                  admit: "Callable[[Request], bool | None] | None" = None,
