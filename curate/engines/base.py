@@ -146,6 +146,8 @@ class Completion:
     endpoint_dead: bool = field(default=False, repr=False)
     # not sent: the caller's budget did not admit it (``Stream`` with ``admit``)
     denied: bool = field(default=False, repr=False)
+    # sent without a new reservation: a batch recorded by an earlier run already holds one (batch mode)
+    prepaid: bool = field(default=False, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -317,9 +319,11 @@ class Engine(ABC):
 
     def stream(self, cache: "RequestCache | None" = None, admit: "Callable[[Request], bool | None] | None" = None,
                charge: "Callable[[list[tuple[Request, Completion]]], None] | None" = None,
-               stats: "Sequence[dict[str, int]]" = ()) -> "Stream":
-        """A :class:`Stream` over this engine: requests in, answers out as they finish."""
-        return Stream(self, cache if cache is not None else self.cache, admit, charge, stats)
+               stats: "Sequence[dict[str, int]]" = (), records: str | None = None) -> "Stream":
+        """A :class:`Stream` over this engine: requests in, answers out as they finish. ``records``:
+        where a batch backend records the batches it submitted (the step's work folder; default:
+        beside the cache file)."""
+        return Stream(self, cache if cache is not None else self.cache, admit, charge, stats, records)
 
     def _backend(self) -> "_Backend":
         """What a stream sends its misses to (default: pending requests run in one ``_generate``
@@ -387,6 +391,18 @@ class _Backend:
     it (in the stream's thread); answers stored that way are marked ``stored``."""
 
     on_done: "Callable[[int, Completion], None] | None" = None
+    # set by the stream: its request cache, and where a batch backend records its batches
+    cache: "RequestCache | None" = None
+    records: str | None = None
+    # what the backend counts besides answers (batch mode: batches, expired...); a stage adds them
+    # to its counters as ``llm/<name>``
+    counters: "dict[str, int]" = {}
+
+    def covers(self, key: str) -> bool:
+        """True when an earlier run already submitted (and paid for) this request and its answer
+        will come from there (batch mode: a recorded batch); the stream then sends it without a
+        new budget reservation."""
+        return False
 
     def submit(self, number: int, request: Request) -> None:
         raise NotImplementedError
@@ -436,17 +452,24 @@ class Stream:
     (``charge``) *before* they are written to the cache, so a kill between the two can only
     over-count, never lose a charge. ``pending`` is the number of submitted requests not yet
     returned; a caller keeps it under ``engine.window()``. ``stats`` dicts (besides the engine's
-    own) count ``requests``, ``cached``, ``generated`` and ``failed``."""
+    own) count ``requests``, ``cached``, ``generated`` and ``failed``. A request the backend says an
+    earlier run already submitted (``backend.covers``: a recorded batch) is sent without asking
+    ``admit`` (its reservation was made then) and its answer is marked ``prepaid``; ``records`` is
+    where a batch backend records its batches."""
 
     def __init__(self, engine: "Engine", cache: "RequestCache | None" = None,
                  admit: "Callable[[Request], bool | None] | None" = None,
                  charge: "Callable[[list[tuple[Request, Completion]]], None] | None" = None,
-                 stats: "Sequence[dict[str, int]]" = ()):
+                 stats: "Sequence[dict[str, int]]" = (), records: str | None = None):
         self.engine, self.cache, self.admit, self.charge = engine, cache, admit, charge
         self.stats = [engine.stats, *stats]
         self.extra = engine.cache_extra()
         self.backend = engine._backend()
         self.backend.on_done = self._store_one
+        self.backend.cache = cache
+        self.backend.records = records if records is not None else (
+            cache.path + ".batches" if cache is not None else None)
+        self.prepaid: set[int] = set()   # numbers sent without a reservation (``backend.covers``)
         self.ready: list[tuple[Any, Completion]] = []
         self.held: list[tuple[Any, Request, str | None]] = []
         self.sent: dict[int, tuple[Any, Request, str | None]] = {}
@@ -481,7 +504,8 @@ class Stream:
         if key is not None and key in self.inflight:   # the same request is out: share its answer
             self.copies.setdefault(self.inflight[key], []).append((tag, request))
             return
-        verdict = self.admit(request) if self.admit is not None else True
+        prepaid = key is not None and self.backend.covers(key)
+        verdict = True if prepaid or self.admit is None else self.admit(request)
         if verdict is None:
             self.held.append((tag, request, key))
         elif not verdict:
@@ -490,6 +514,8 @@ class Stream:
             self._count("generated")
             self.n += 1
             self.sent[self.n] = (tag, request, key)
+            if prepaid:
+                self.prepaid.add(self.n)
             if key is not None:
                 self.inflight[key] = self.n
             _notify(self.engine, "sent", None, 1)
@@ -530,6 +556,9 @@ class Stream:
             tag, req, key = self.sent.pop(number)
             if key is not None and self.inflight.get(key) == number:
                 del self.inflight[key]
+            if number in self.prepaid:
+                self.prepaid.discard(number)
+                c.prepaid = True
             c.request_id = req.id
             if not c.ok:
                 self._count("failed")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 
 class _EngineConfigBase(BaseModel):
@@ -27,6 +27,15 @@ class _EngineConfigBase(BaseModel):
         description="completion tokens per second of one engine instance (a vllm/transformers engine on its "
                     "GPU(s), or the whole openai endpoint): `curate estimate` projects time with it "
                     "(default: measured on the estimate's sample)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_mode_is_openai_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" in data and data.get("kind", "openai") != "openai":
+            raise ValueError(f"mode: {data['mode']} is an option of the openai engine only (an OpenAI-compatible "
+                             f"server; mode: batch uses its /v1/files and /v1/batches endpoints), not of "
+                             f"kind: {data.get('kind')}")
+        return data
 
     def identity(self) -> str:
         """What makes two configs load the same engine (prices do not)."""
@@ -93,6 +102,17 @@ class OpenAIConfig(_EngineConfigBase):
     requests_per_minute: float | None = Field(None, gt=0, description="rate limit: requests per minute")
     tokens_per_minute: float | None = Field(
         None, gt=0, description="rate limit: tokens per minute (prompt estimated as bytes/4, plus max_tokens)")
+    # batch API (curate/engines/openai_batch.py)
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online: one HTTP request per prompt; batch: the provider's batch API (/v1/files + "
+                              "/v1/batches: requests uploaded as JSONL, polled, results into the request cache)")
+    batch_poll_interval: float = Field(30.0, gt=0, description="mode batch: seconds between status polls")
+    batch_completion_window: str = Field("24h", description="mode batch: completion_window of each batch")
+    batch_max_requests: int = Field(
+        50_000, ge=1, le=50_000, description="mode batch: requests per batch file at most (OpenAI: 50,000)")
+    batch_max_bytes: int = Field(
+        190_000_000, ge=1024, le=200_000_000,
+        description="mode batch: bytes per batch file at most (OpenAI: 200 MB)")
 
 
 class VLLMConfig(_EngineConfigBase):

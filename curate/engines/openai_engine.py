@@ -16,6 +16,9 @@ then grows back by one per window of successes (AIMD), and is counted on the com
 and it refuses connections, cannot be resolved, or answers 404/401/403, the error says the endpoint
 looks unreachable or misconfigured (``endpoint_dead``) instead of asking for a rerun.
 
+``mode: batch`` sends a stream's requests through the provider's batch API instead (``/v1/files`` +
+``/v1/batches``, recorded in the step's work folder and polled; :mod:`curate.engines.openai_batch`).
+
 The API key is read from the environment variable named by ``api_key_env``; it is sent in the
 ``Authorization`` header only and never appears in logs, errors or outputs.
 """
@@ -193,10 +196,18 @@ class OpenAIEngine(Engine):
 
     def window(self, hint: int = 64) -> int:
         """Requests a stream keeps submitted: twice ``concurrency``, so a slot freed by an answer
-        finds the next request already waiting (the stage's ``batch_size`` does not matter)."""
+        finds the next request already waiting (the stage's ``batch_size`` does not matter).
+        Batch mode: everything a stage has (one table of rows, its follow-ups after): it all goes
+        out in one upload (several batches when over ``batch_max_requests``)."""
+        if self.config.mode == "batch":
+            return 1_000_000
         return 2 * self.config.concurrency
 
-    def _backend(self) -> "_AsyncBackend":
+    def _backend(self) -> "_Backend":
+        if self.config.mode == "batch":
+            from curate.engines.openai_batch import BatchBackend
+
+            return BatchBackend(self)
         return _AsyncBackend(self)
 
     def _generate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:

@@ -206,6 +206,13 @@ class Budget:
         if tokens != est_tokens or cost != est_cost:
             self._update(lambda used: (None, (0, tokens - est_tokens, cost - est_cost)))
 
+    def adjust(self, est_tokens: int, est_cost: float, tokens: int, cost: float) -> None:
+        """An answer to a request reserved by an earlier process (a batch submitted by a killed
+        run): its estimate, still charged, replaced by what it used; nothing of this process's
+        in-flight reservations changes."""
+        if self.active and (tokens != est_tokens or cost != est_cost):
+            self._update(lambda used: (None, (0, tokens - est_tokens, cost - est_cost)))
+
     def release(self) -> None:
         """Forget this process's in-flight reservations (their requests failed or were abandoned:
         the estimates stay charged)."""

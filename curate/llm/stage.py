@@ -355,6 +355,16 @@ class LLMStage(MapStage):
             return os.path.join(self.workdir, "llm_cache.sqlite")
         return None
 
+    def batch_records(self) -> str | None:
+        """Where the engine's batch mode records the batches it submitted (the step's work folder,
+        so a resumed run polls them instead of paying again); None: beside the cache file, or in
+        memory."""
+        if self.workdir:
+            return os.path.join(self.workdir, "llm_batches.sqlite")
+        if self.config.cache_path:
+            return self.config.cache_path + ".batches"
+        return None
+
     def setup(self) -> None:
         cfg = self.config
         for tid in self.template_ids():
@@ -404,7 +414,11 @@ class LLMStage(MapStage):
             return
         for req, c in answers:
             est_tokens, est_cost = self._estimate(req)
-            if c.ok:
+            if c.prepaid:   # reserved by the run that submitted its batch: only the difference
+                if c.ok:
+                    budget.adjust(est_tokens, est_cost, c.prompt_tokens + c.completion_tokens,
+                                  self.accounting.cost(c.prompt_tokens, c.completion_tokens))
+            elif c.ok:
                 budget.settle(est_tokens, est_cost, c.prompt_tokens + c.completion_tokens,
                               self.accounting.cost(c.prompt_tokens, c.completion_tokens))
             else:  # a failed request may have cost something: its estimate stays charged
@@ -529,7 +543,7 @@ class _Flow:
         empty: list[int] = []
         units = st.units(self.rows, empty)
         eng = st.engine
-        stream = eng.shared.stream(eng.cache, st._admit, st._charge, stats=[eng.stats])
+        stream = eng.shared.stream(eng.cache, st._admit, st._charge, stats=[eng.stats], records=st.batch_records())
         window = eng.window(cfg.batch_size)
         more = True
         try:
@@ -557,6 +571,9 @@ class _Flow:
                         self._resolve(job, comps)  # type: ignore[arg-type]
         finally:
             stream.close()
+            for k, v in stream.backend.counters.items():   # batch mode: batches, expired, resumed...
+                if v:
+                    st.count(f"llm/{k}", v)
             if st.budget is not None:
                 st.budget.release()
         return self._output(empty)

@@ -141,6 +141,7 @@ class Progress:
         self._tasks: tuple[int, int] | None = None
         self._n0: int | None = None      # rows finished by earlier runs (set by the first tasks())
         self.req: dict[str, Any] | None = None   # LLM requests (see llm())
+        self.batches: dict[str, list[Any]] = {}  # batch mode: batch id -> [status, completed, failed, total]
         self._req_at_n = 0               # requests answered when rows were last reported
         # the step's LLM requests and cost projected by `curate estimate` ({"requests", "cost"})
         self.estimate: dict[str, float] | None = None
@@ -165,6 +166,8 @@ class Progress:
             self.req = {"sent": 0, "done": 0, "failed": 0, "tokens": 0, "cost": 0.0}
         for k in self.req:
             self.req[k] += delta.get(k, 0)
+        if delta.get("batches"):   # batch mode: the latest [status, completed, failed, total] per batch
+            self.batches.update(delta["batches"])
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
         else:
@@ -181,6 +184,21 @@ class Progress:
                f"{r['tokens']:,} tokens")
         if r["cost"] or est.get("cost"):
             msg += f", cost {r['cost']:,.4f}" + (f" of ~{est['cost']:,.4f} estimated" if est.get("cost") else "")
+        if self.batches:
+            msg += ", " + self.batch_text()
+        return msg
+
+    def batch_text(self) -> str:
+        """Batch mode: ``batches 2 in_progress, 1 completed: 1,200/5,000 requests (3 failed)``,
+        from each batch's ``request_counts``."""
+        by = Counter(v[0] for v in self.batches.values())
+        done = sum(int(v[1] or 0) for v in self.batches.values())
+        failed = sum(int(v[2] or 0) for v in self.batches.values())
+        total = sum(int(v[3] or 0) for v in self.batches.values())
+        msg = "batches " + ", ".join(f"{n} {st}" for st, n in sorted(by.items()))
+        msg += f": {done:,}/{total:,} requests"
+        if failed:
+            msg += f" ({failed:,} failed)"
         return msg
 
     def eta(self, now: float | None = None) -> float | None:

@@ -154,6 +154,8 @@ def set_progress_sink(queue: Any) -> None:
 # LLM requests of this worker, summed between progress messages (see curate.engines.base)
 _LLM: dict[str, Any] = {"sent": 0, "done": 0, "failed": 0, "tokens": 0, "cost": 0.0, "at": 0.0}
 _LLM_LOCK = threading.Lock()
+# batch mode: the last status of each batch this worker polls, id -> [status, completed, failed, total]
+_BATCHES: dict[str, list[Any]] = {}
 
 
 def _listen_to_requests() -> None:
@@ -164,7 +166,11 @@ def _listen_to_requests() -> None:
 
 def _on_request(engine: Any, event: str, c: Any, n: int) -> None:
     with _LLM_LOCK:
-        if event == "sent":
+        if event == "batch":
+            if isinstance(c, dict) and c.get("id"):
+                _BATCHES[c["id"]] = [c.get("status"), c.get("completed", 0), c.get("failed", 0), c.get("total", 0)]
+                _LLM["batches"] = True
+        elif event == "sent":
             _LLM["sent"] += n
         elif event == "done" and c is not None:
             _LLM["done"] += 1
@@ -184,10 +190,15 @@ def _flush_requests() -> None:
     """Send the summed request counts to the runner's progress line."""
     q, key = _WORKER.get("queue"), _WORKER.get("key")
     with _LLM_LOCK:
-        delta = {k: _LLM[k] for k in ("sent", "done", "failed", "tokens", "cost")}
+        delta: dict[str, Any] = {k: _LLM[k] for k in ("sent", "done", "failed", "tokens", "cost")}
+        if _LLM.get("batches"):   # not a sum: the latest status of each batch
+            delta["batches"] = {k: list(v) for k, v in _BATCHES.items()}
+            _LLM["batches"] = False
+            for k in [k for k, v in _BATCHES.items() if v[0] in ("completed", "expired", "failed", "cancelled")]:
+                del _BATCHES[k]   # sent once finished, then forgotten (the next step starts clean)
         if not any(delta.values()):
             return
-        for k in delta:
+        for k in ("sent", "done", "failed", "tokens"):
             _LLM[k] = 0
         _LLM["cost"] = 0.0
         _LLM["at"] = time.monotonic()

@@ -70,6 +70,8 @@ class Entry:
 
 
 class FakeOpenAI:
+    handler_class: Any = None   # a subclass of _Handler (curate/testing/fake_batch.py)
+
     def __init__(self, *, seed: int = 0, faults: dict[str, float] | None = None,
                  responder: Callable[[dict[str, Any]], str] = echo,
                  latency: "float | Callable[[dict[str, Any]], float]" = 0.0,
@@ -100,7 +102,7 @@ class FakeOpenAI:
 
     # -- life ----------------------------------------------------------------------------------------
     def start(self) -> "FakeOpenAI":
-        srv = _Server(("127.0.0.1", 0), _Handler)
+        srv = _Server(("127.0.0.1", 0), self.handler_class or _Handler)
         srv.daemon_threads = True
         srv.fake = self  # type: ignore[attr-defined]
         self._server = srv
