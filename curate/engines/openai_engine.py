@@ -52,7 +52,9 @@ class _Retryable(Exception):
 
 
 def build_body(model: str, request: Request, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """(endpoint path, JSON body) for one request."""
+    """(endpoint path, JSON body) for one request. A request whose schema is to be enforced
+    (``Request.constrained``) gets ``response_format: {"type": "json_schema", "json_schema": {name,
+    schema, strict}}``."""
     p = request.params
     body: dict[str, Any] = {"model": model, "temperature": p.temperature, "top_p": p.top_p,
                             "max_tokens": p.max_tokens, "n": p.n}
@@ -74,6 +76,8 @@ def build_body(model: str, request: Request, extra: dict[str, Any] | None = None
         body["prompt"] = request.prompt
         if p.logprobs is not None:
             body["logprobs"] = p.logprobs
+    if request.constrained is not None:
+        body["response_format"] = request.constrained.response_format()
     if extra:
         body.update(extra)
     return path, body
@@ -150,7 +154,22 @@ class OpenAIEngine(Engine):
         self._aimd: Any = None                # concurrency that halves on HTTP 429
         self._rate_folder: str | None = None  # where the shared limiter keeps its state
         self._ever_ok = False                 # a request to this endpoint succeeded (this process)
+        self._structured_refused: str | None = None   # why the server refused response_format (HTTP 400)
         self._lock = threading.Lock()
+
+    @property
+    def supports_structured(self) -> bool:  # type: ignore[override]
+        """``structured_outputs`` is on and the server has not refused a ``response_format``."""
+        return self.config.structured_outputs and self._structured_refused is None
+
+    def _refuse_structured(self, error: str) -> None:
+        with self._lock:
+            if self._structured_refused is not None:
+                return
+            self._structured_refused = error
+        log.warning("openai engine: %s refused response_format (json_schema): %s; answers are asked for "
+                    "without it from now on and validated against their schema (set structured_outputs: "
+                    "false in the engine config to skip the first try)", self.config.base_url, error[:300])
 
     def share_limits(self, folder: str | None) -> None:
         """Keep the rate-limit state in ``folder`` (the run's work folder), shared with every
@@ -263,6 +282,27 @@ class OpenAIEngine(Engine):
         return self.config.base_url.rstrip("/") + path
 
     async def _one(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
+        """One request, with its schema as ``response_format`` while the server takes it. An HTTP
+        400/422 to a request with a schema is asked once more without it: when that passes, the
+        server does not do structured outputs (logged once; no further request carries it) and
+        the answer is marked ``unconstrained`` (the stage validates it and counts
+        ``llm/structured_fallback``)."""
+        if request.constrained is None:
+            return await self._send(clients, request, limiter)
+        if not self.supports_structured:
+            c = await self._send(clients, request.unconstrained(), limiter)
+            c.unconstrained = True
+            return c
+        c = await self._send(clients, request, limiter)
+        if c.ok or c.http_status not in (400, 422):
+            return c
+        plain = await self._send(clients, request.unconstrained(), limiter)
+        if plain.ok:
+            self._refuse_structured(c.error or "")
+            plain.unconstrained = True
+        return plain
+
+    async def _send(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
         from curate.llm.ratelimit import wait_for_slot
 
         cfg = self.config
@@ -307,6 +347,7 @@ class OpenAIEngine(Engine):
                     retries = min(retries, 2)  # a dead endpoint: do not spend a minute on it
             except _Fatal as exc:
                 c = Completion.failed(self._describe(path, str(exc), exc.unreachable))
+                c.http_status = exc.status
                 c.throttled = throttled
                 c.endpoint_dead = exc.unreachable and not self._ever_ok
                 return c
@@ -351,7 +392,7 @@ class OpenAIEngine(Engine):
         if status in RETRY_STATUS or status >= 500:
             raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp), status=status)
         if status >= 400:
-            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404))
+            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404), status=status)
         try:
             return parse_response(resp.json(), chat)
         except (ValueError, KeyError, TypeError) as exc:
@@ -360,9 +401,10 @@ class OpenAIEngine(Engine):
 
 
 class _Fatal(Exception):
-    def __init__(self, reason: str, unreachable: bool = False):
+    def __init__(self, reason: str, unreachable: bool = False, status: int = 0):
         super().__init__(reason)
         self.unreachable = unreachable
+        self.status = status
 
 
 # the _AsyncBackend a request task belongs to (set in the task's own context)
