@@ -282,19 +282,13 @@ class OpenAIEngine(Engine):
         return self.config.base_url.rstrip("/") + path
 
     async def _one(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
-        """One request, with its schema as ``response_format`` while the server takes it. An HTTP
-        400/422 to a request with a schema is asked once more without it: when that passes, the
-        server does not do structured outputs (logged once; no further request carries it) and
-        the answer is marked ``unconstrained`` (the stage validates it and counts
-        ``llm/structured_fallback``)."""
-        if request.constrained is None:
-            return await self._send(clients, request, limiter)
-        if not self.supports_structured:
-            c = await self._send(clients, request.unconstrained(), limiter)
-            c.unconstrained = True
-            return c
+        """One request, with its schema as ``response_format`` while the server takes it (decided
+        when the request goes out). An HTTP 400/422 to a request with a schema is asked once more
+        without it: when that passes, the server does not do structured outputs (logged once; no
+        later request carries it) and the answer is marked ``unconstrained`` (the stage validates
+        it and counts ``llm/structured_fallback``)."""
         c = await self._send(clients, request, limiter)
-        if c.ok or c.http_status not in (400, 422):
+        if c.ok or request.constrained is None or c.unconstrained or c.http_status not in (400, 422):
             return c
         plain = await self._send(clients, request.unconstrained(), limiter)
         if plain.ok:
@@ -307,6 +301,7 @@ class OpenAIEngine(Engine):
 
         cfg = self.config
         path, body = build_body(cfg.model, request, cfg.extra_body)
+        dropped = False   # the request's schema was left out (structured outputs off or refused)
         tokens = estimate_tokens(request)
         aimd = self._aimd
         delay = cfg.backoff
@@ -326,10 +321,15 @@ class OpenAIEngine(Engine):
                         stream = _STREAM.get()
                         if stream is not None and stream.closed:   # its stage stopped: not sent
                             return Completion.failed("not sent: the stage stopped", request.id, transient=True)
+                        if "response_format" in body and request.constrained is not None \
+                                and not self.supports_structured:
+                            path, body = build_body(cfg.model, request.unconstrained(), cfg.extra_body)
+                            dropped = True
                         c = await self._post(client, path, body, request.is_chat)
                 aimd.success()
                 self._ever_ok = True
                 c.throttled = throttled
+                c.unconstrained = dropped
                 return c
             except _Retryable as exc:
                 reason = str(exc)
@@ -348,6 +348,7 @@ class OpenAIEngine(Engine):
             except _Fatal as exc:
                 c = Completion.failed(self._describe(path, str(exc), exc.unreachable))
                 c.http_status = exc.status
+                c.unconstrained = dropped
                 c.throttled = throttled
                 c.endpoint_dead = exc.unreachable and not self._ever_ok
                 return c

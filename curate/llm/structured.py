@@ -28,7 +28,7 @@ from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 from curate.engines import AnswerSchema
-from curate.llm.parse import ParseError, parse_json_object
+from curate.llm.parse import ParseError, parse_json_object, strip_fences
 
 # examples (and example values) shorter than this, once normalised, are not checked
 MIN_CHARS = 20
@@ -107,11 +107,12 @@ class EchoCheck:
             return None
         exempt = self._exempt(messages)
         a = _norm(answer)
+        inner = _norm(strip_fences(answer))   # the answer in a code fence
         obj: dict[str, Any] | None = None
         for raw, n, fields in self.examples:
             if raw in exempt:
                 continue
-            if a == n:
+            if n in (a, inner):
                 return "the whole example answer"
             if n in a:
                 return "the example answer, with more around it"

@@ -89,6 +89,12 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i > 1)
 
+    def tokenize(self, text: str) -> list[str]:   # one token per character, as encode
+        return list(text)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
 
 @dataclass
 class _Running:
@@ -109,6 +115,7 @@ class LLMEngine:
     finished_at: dict[str, float] = field(default_factory=dict)
     added_at: dict[str, float] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
+    received: dict[str, SamplingParams] = field(default_factory=dict)   # request id -> its params
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams, **kw: Any) -> None:
@@ -117,6 +124,7 @@ class LLMEngine:
         if "TOO LONG" in prompt:
             raise ValueError("prompt is longer than the maximum model length")
         with self.lock:
+            self.received[request_id] = params
             self.added_at[request_id] = time.perf_counter()
             self.waiting.append(_Running(request_id, prompt, params))
 
