@@ -16,6 +16,12 @@ then grows back by one per window of successes (AIMD), and is counted on the com
 and it refuses connections, cannot be resolved, or answers 404/401/403, the error says the endpoint
 looks unreachable or misconfigured (``endpoint_dead``) instead of asking for a rerun.
 
+A request with an answer schema to enforce (``Request.constrained``) carries it as
+``response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}``
+(``structured_outputs: true``, the default). A server that answers such a request HTTP 400/422 is
+asked again without it; when that passes, the server is taken not to support it: logged once, and
+no later request of the engine carries a schema (the stage validates the answers instead).
+
 The API key is read from the environment variable named by ``api_key_env``; it is sent in the
 ``Authorization`` header only and never appears in logs, errors or outputs.
 """

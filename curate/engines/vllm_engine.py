@@ -14,6 +14,10 @@ and keeps stepping it while the caller parses or writes earlier answers; new req
 running batch at the next step (vLLM schedules continuously), so the GPU is never idle while work
 is queued. Each finished request comes back as soon as it finishes.
 
+A request whose answer schema is to be enforced (``Request.constrained``) is decoded with vLLM's
+structured outputs: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))``
+(``vllm.sampling_params``; the same names in every supported release).
+
 Supported vLLM releases: :data:`SUPPORTED_VLLM` (the ``gpu`` extra's range). Every vLLM name and
 argument this module uses is listed in :mod:`curate.engines.vllm_contract` and checked against
 the real packages by ``make vllm-contract``; an engine started on another release fails at once.

@@ -308,3 +308,50 @@ def test_validate_answer_reasons():
         with pytest.raises(ParseError) as exc:
             validate_answer(text, A)
         assert exc.value.reason == reason, text
+
+
+# -- the README's recipe with a schema -------------------------------------------------------------------
+def test_the_readme_structured_recipe_runs(tmp_path):
+    """README "Structured outputs and echoed examples": the JSON glossary recipe as printed there."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    base = text.split("### Writing an LLM recipe", 1)[1]
+    section = base.split("### Structured outputs and echoed examples", 1)[1].split("\n## ", 1)[0]
+    (tmp_path / "glossary").mkdir()
+    (tmp_path / "glossary" / "terms.yaml").write_text(re.search(r"```yaml\n(.*?)```", base, re.S).group(1))
+    (tmp_path / "glossary" / "terms_json.yaml").write_text(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    ns: dict = {}
+    for block in (re.search(r"```python\n(.*?)```", base, re.S).group(1),
+                  re.search(r"```python\n(.*?)```", section, re.S).group(1)):
+        exec(compile(block, "README.md", "exec"), ns)  # noqa: S102  (our own README)
+
+    def responder(body):
+        words = body["messages"][-1]["content"].split()
+        return "```json\n" + json.dumps({"terms": [f"{words[-1]}: the last word", "no definition"]}) + "\n```"
+
+    for structured in (True, False):
+        with FakeOpenAI(responder=responder) as srv:
+            s = ns["GlossaryJson"](engine=engine(srv, structured_outputs=structured), prompts_dir=str(tmp_path))
+            out = s(docs(TEXTS[:2]))
+            sent = [rf["json_schema"]["schema"] for rf in srv.response_formats]
+        assert sent == ([AnswerSchema.of(ns["Terms"]).schema] * 2 if structured else [])
+        assert out.column("text").to_pylist() == ["Sea.: the last word", "result.: the last word"]
+        assert out.column("template_id").to_pylist() == ["glossary/terms_json"] * 2
+        assert out.column("id").to_pylist() == ["d0#glossary_json-0", "d1#glossary_json-0"]
+
+
+def test_example_answers_declared_in_a_prompt_file_are_checked(tmp_path):
+    from curate.llm.prompts import TemplateError
+
+    (tmp_path / "facts").mkdir()
+    (tmp_path / "facts" / "shown.yaml").write_text(
+        "version: 1\nuser: |-\n  Answer like {\"facts\": [\"water boils at 100 degrees\"]}\n\n  {{ text }}\n"
+        "example_answers:\n  - '{\"facts\": [\"water boils at 100 degrees\"]}'\n")
+    check = EchoCheck.of_template(load_template("facts/shown", str(tmp_path)))
+    assert check.check('{"facts": ["Water boils at 100 degrees."]}') == "the whole example answer"
+    assert check.check('{"facts": ["The Danube reaches the Black Sea"]}') is None
+    (tmp_path / "facts" / "bad.yaml").write_text("version: 1\nuser: x\nexample_answers: {a: 1}\n")
+    with pytest.raises(TemplateError, match="'example_answers' must be a string or a list"):
+        load_template("facts/bad", str(tmp_path))
