@@ -198,9 +198,10 @@ def test_vllm_gets_structured_outputs_params(monkeypatch, tmp_path):
 
     model = tmp_path / "model"
     model.mkdir()
-    for continuous in (True, False):
+    # the streaming feeder, one LLM.generate per batch, and LLM.chat
+    for opts in ({"continuous": True}, {"continuous": False}, {"chat_mode": "vllm"}):
         pool.clear()
-        s = LlmRate(engine={"kind": "vllm", "model": str(model), "continuous": continuous}, max_tokens=400)
+        s = LlmRate(engine={"kind": "vllm", "model": str(model), **opts}, max_tokens=400)
         out = s(docs())
         [llm] = fake_vllm.LLM.instances[-1:]
         received = list(llm.llm_engine.received.values())   # vllm.SamplingParams of each request
