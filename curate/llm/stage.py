@@ -44,7 +44,7 @@ The base class does the rest:
 - one definition of the sampling options (``temperature``, ``top_p``, ``max_tokens``, ``stop``,
   ``seed``) -> :meth:`LLMStage.sampling`;
 - answer schemas (:mod:`curate.llm.structured`): a recipe's ``answer_schema`` (a pydantic model;
-  or ``ask(..., schema=Model)`` per request) goes with its requests; engines with structured outputs
+  or ``ask(..., answer_schema=Model)`` per request) goes with its requests; engines with structured outputs
   (openai ``response_format``, vLLM) enforce it while decoding, and every answer is validated
   against it before ``parse``, which reads the model instance from ``completions[k].parsed``
   (``errors/parse/schema`` when it does not match; ``salvage`` may rescue an answer cut short);
@@ -87,7 +87,8 @@ from curate.llm.accounting import Budget, LLMAccounting
 from curate.llm.chunking import split_text
 from curate.llm.parse import ParseError
 from curate.llm.prompts import PromptTemplate, TemplateError, load_template
-from curate.llm.structured import EchoCheck, answer_schema, validate_answer
+from curate.llm.structured import EchoCheck, validate_answer
+from curate.llm.structured import answer_schema as _schema_of
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError
 
 log = logging.getLogger("curate")
@@ -287,17 +288,16 @@ class LLMStage(MapStage):
         return list(getattr(self.config, "columns", []) or [])
 
     def ask(self, template_id: str, *, row: dict[str, Any] | None = None, params: SamplingParams | None = None,
-            schema: Any = "default", **variables: Any) -> Request:
+            answer_schema: Any = "default", **variables: Any) -> Request:
         """A chat request from a template; ``row`` supplies the extra ``columns`` (and the id).
-        ``schema``: the pydantic model of the answer (default: the class's ``answer_schema``; None:
-        a free-text answer), enforced by the engine when it has structured outputs."""
+        ``answer_schema``: the pydantic model of the answer (default: the class's ``answer_schema``;
+        None: a free-text answer), enforced by the engine when it has structured outputs."""
         t = self.template(template_id)
         extra = {c: row.get(c) for c in self.extra_columns()} if row else {}
         msgs = t.messages(**{**extra, **variables})
-        if schema == "default":
-            schema = self.answer_schema
+        model = self.answer_schema if isinstance(answer_schema, str) and answer_schema == "default" else answer_schema
         return Request(messages=msgs, params=params or self.sampling(), id=(row or {}).get("id"),
-                       answer_schema=answer_schema(schema, self.structured) if schema is not None else None)
+                       answer_schema=_schema_of(model, self.structured) if model is not None else None)
 
     @property
     def structured(self) -> bool:

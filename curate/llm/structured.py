@@ -1,7 +1,7 @@
 """Answer schemas and echoed worked examples, for every LLM stage.
 
 **Schemas.** A recipe declares the JSON form of its answer as a pydantic model (``answer_schema``
-on the stage class, or ``schema=`` per request in :meth:`~curate.llm.stage.LLMStage.ask`). The
+on the stage class, or ``answer_schema=`` per request in :meth:`~curate.llm.stage.LLMStage.ask`). The
 request carries it as an :class:`~curate.engines.AnswerSchema`: an engine with structured outputs
 enforces it while decoding (openai: ``response_format`` json_schema, strict; vLLM:
 ``structured_outputs``), and the stage validates every answer against it either way

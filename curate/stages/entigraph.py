@@ -189,7 +189,7 @@ class EntiGraph(LLMStage):
         """Step 1 (the entities of one chunk); its follow-up is step 2 for that chunk."""
         cfg = self.config
         chunk, k = unit.row[cfg.text_column], unit.chunk or 0
-        req = self.ask(cfg.entities_template, row=unit.row, text=chunk, schema=EntitiesAnswer,
+        req = self.ask(cfg.entities_template, row=unit.row, text=chunk, answer_schema=EntitiesAnswer,
                        params=self.sampling(max_tokens=cfg.entities_max_tokens))
         meta: dict[str, Any] = {"chunk": k}
         return [Job(unit.index, [req], lambda cs: self._entities(meta, cs), self.template(cfg.entities_template),
@@ -216,7 +216,7 @@ class EntiGraph(LLMStage):
         for ents in cands:
             tid = cfg.pair_template if len(ents) == 2 else cfg.triple_template
             reqs.append((tid, ents, self.ask(tid, row=unit.row, text=chunk, entities=list(ents), summary=summary,
-                                             schema=None)))
+                                             answer_schema=None)))
             if len(reqs) >= (cfg.max_relations_per_doc or len(cands)):
                 break
         n = self.relation_budget(chunk, [self._tokens(r) for _, _, r in reqs])

@@ -254,7 +254,7 @@ class LlmRate(LLMStage):
     def jobs(self, unit: Unit) -> list[Job]:
         text = str(unit.row[self.config.text_column])
         req = self.ask(self.template_id, row=unit.row, text=self.prepare(text),
-                       schema=Ratings if self.json_answer else None)
+                       answer_schema=Ratings if self.json_answer else None)
         return [Job(unit.index, [req], self.parse_answer, self.template(self.template_id))]
 
     def provenance_column(self) -> str:
