@@ -24,14 +24,14 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from curate.engines.base import (Choice, Completion, Engine, Request, SamplingParams, TokenLogprob,
+from curate.engines.base import (AnswerSchema, Choice, Completion, Engine, Request, SamplingParams, TokenLogprob,
                                  apply_chat_template, cache_key, truncate_at_stop)
 from curate.engines.cache import RequestCache
 from curate.engines.config import (EngineConfig, OpenAIConfig, TransformersConfig, VLLMConfig,
                                    parse_engine_config)
 
 __all__ = [
-    "Choice", "Completion", "Engine", "EngineConfig", "OpenAIConfig", "Request",
+    "AnswerSchema", "Choice", "Completion", "Engine", "EngineConfig", "OpenAIConfig", "Request",
     "RequestCache", "SamplingParams", "TokenLogprob", "TransformersConfig", "VLLMConfig",
     "apply_chat_template", "cache_key", "engine_class", "make_engine", "parse_engine_config", "truncate_at_stop",
 ]

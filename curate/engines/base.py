@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
@@ -52,8 +53,64 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+class AnswerSchema(BaseModel):
+    """The JSON schema an answer must follow (a recipe's pydantic model, see
+    :meth:`AnswerSchema.of`). ``constrain``: the engine should enforce it while decoding (OpenAI
+    ``response_format`` json_schema, vLLM structured outputs); False: the answer is only validated
+    after the fact (engines without structured outputs). Part of the cache key only when
+    ``constrain`` (an unconstrained request is the same work as one without a schema)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="schema name (OpenAI json_schema.name)")
+    schema_text: str = Field(..., description="the JSON schema as canonical JSON text")
+    strict: bool = True
+    constrain: bool = True
+    model: Any = Field(None, exclude=True, repr=False, description="the pydantic model answers are validated with")
+
+    @classmethod
+    def of(cls, model: type[BaseModel], *, constrain: bool = True, strict: bool = True) -> "AnswerSchema":
+        """The schema of a pydantic model, in the form strict structured outputs need: every object
+        closed (``additionalProperties: false``) with every property required."""
+        return cls(name=re.sub(r"[^A-Za-z0-9_-]", "_", model.__name__)[:64] or "answer",
+                   # properties keep the model's order: constrained decoding writes them in this order
+                   schema_text=json.dumps(strict_schema(model.model_json_schema()), separators=(",", ":")),
+                   strict=strict, constrain=constrain, model=model)
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return json.loads(self.schema_text)
+
+    def response_format(self) -> dict[str, Any]:
+        """The OpenAI ``response_format`` of this schema."""
+        return {"type": "json_schema",
+                "json_schema": {"name": self.name, "schema": self.schema, "strict": self.strict}}
+
+
+def strict_schema(schema: Any) -> Any:
+    """A JSON schema with every object closed and all its properties required (OpenAI strict mode
+    refuses schemas without; vLLM accepts them). ``title`` and ``default`` keywords are dropped."""
+    if isinstance(schema, list):
+        return [strict_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for k, v in schema.items():
+        if k in ("title", "default"):
+            continue
+        if k in ("properties", "$defs", "definitions") and isinstance(v, dict):   # name -> schema
+            out[k] = {name: strict_schema(sub) for name, sub in v.items()}
+        else:
+            out[k] = strict_schema(v)
+    if isinstance(out.get("properties"), dict):
+        out["additionalProperties"] = False
+        out["required"] = list(out["properties"])
+    return out
+
+
 class Request(BaseModel):
-    """One prompt: either chat ``messages`` ([{"role": ..., "content": ...}]) or a raw ``prompt``."""
+    """One prompt: either chat ``messages`` ([{"role": ..., "content": ...}]) or a raw ``prompt``.
+    ``answer_schema``: the JSON schema of the answer (see :class:`AnswerSchema`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -64,6 +121,9 @@ class Request(BaseModel):
     add_special_tokens: bool = Field(
         True, description="raw prompts only: let the tokenizer add its special tokens (BOS). False when "
                           "the prompt text already starts with the BOS string (instruction synthesizer)")
+    answer_schema: AnswerSchema | None = Field(
+        None, description="the answer's JSON schema: enforced by engines with structured outputs when "
+                          "``constrain``, validated by the LLM stage in any case")
 
     @model_validator(mode="before")
     @classmethod
@@ -86,7 +146,22 @@ class Request(BaseModel):
                "prompt": self.prompt, "params": self.params.model_dump(mode="json")}
         if not self.add_special_tokens:  # only when set: older cache keys stay valid
             out["add_special_tokens"] = False
+        if self.constrained is not None:  # likewise: a decoding constraint changes the answer
+            s = self.constrained
+            out["answer_schema"] = {"name": s.name, "schema": s.schema_text, "strict": s.strict}
         return out
+
+    @property
+    def constrained(self) -> AnswerSchema | None:
+        """The schema the engine should enforce while decoding, or None."""
+        s = self.answer_schema
+        return s if s is not None and s.constrain else None
+
+    def unconstrained(self) -> "Request":
+        """This request without its decoding constraint (the schema is still validated)."""
+        if self.constrained is None:
+            return self
+        return self.model_copy(update={"answer_schema": self.answer_schema.model_copy(update={"constrain": False})})
 
 
 @dataclass
@@ -148,6 +223,13 @@ class Completion:
     denied: bool = field(default=False, repr=False)
     # sent without a new reservation: a batch recorded by an earlier run already holds one (batch mode)
     prepaid: bool = field(default=False, repr=False)
+    # the request's schema was not enforced: the server refused structured outputs (HTTP 400) and
+    # the request went again without it
+    unconstrained: bool = field(default=False, repr=False)
+    # the answer validated against the request's schema (set by the LLM stage; not cached)
+    parsed: Any = field(default=None, repr=False)
+    # the HTTP status of a failed request (HTTP engines; 0: none or not HTTP)
+    http_status: int = field(default=0, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -276,6 +358,9 @@ class Engine(ABC):
     # the most alternatives per position the backend returns with ``SamplingParams.logprobs``
     # (0: the backend returns no logprobs); stages that score from logprobs check it at validate time
     max_logprobs: int = 0
+    # the backend can enforce a request's JSON schema while decoding (``Request.answer_schema``);
+    # False: answers are validated after the fact and asked again when they do not match
+    supports_structured: bool = False
 
     def __init__(self, cache: "RequestCache | None" = None):
         self.cache = cache

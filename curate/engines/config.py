@@ -52,6 +52,10 @@ class _EngineConfigBase(BaseModel):
         """Problems found without loading anything: (option, message)."""
         return []
 
+    def structured(self) -> bool:
+        """The engine enforces answer schemas while decoding (structured outputs), as configured."""
+        return False
+
 
 class TransformersConfig(_EngineConfigBase):
     """CPU (or single GPU) generation with Hugging Face transformers; batched with left padding."""
@@ -99,6 +103,10 @@ class OpenAIConfig(_EngineConfigBase):
     backoff: float = Field(0.5, ge=0, description="first retry delay in seconds (doubles, with jitter)")
     backoff_max: float = Field(30.0, ge=0, description="longest retry delay")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields per request")
+    structured_outputs: bool = Field(
+        True, description="send a recipe's answer schema as response_format (json_schema, strict); a server "
+                          "that refuses it (HTTP 400) is asked without it from then on. false: never send it "
+                          "(answers are validated against the schema and asked again)")
     requests_per_minute: float | None = Field(None, gt=0, description="rate limit: requests per minute")
     tokens_per_minute: float | None = Field(
         None, gt=0, description="rate limit: tokens per minute (prompt estimated as bytes/4, plus max_tokens)")
@@ -113,6 +121,9 @@ class OpenAIConfig(_EngineConfigBase):
     batch_max_bytes: int = Field(
         190_000_000, ge=1024, le=200_000_000,
         description="mode batch: bytes per batch file at most (OpenAI: 200 MB)")
+
+    def structured(self) -> bool:
+        return self.structured_outputs
 
 
 class VLLMConfig(_EngineConfigBase):
@@ -149,6 +160,9 @@ class VLLMConfig(_EngineConfigBase):
 
     def resources(self) -> dict[str, float]:
         return {"cpus": 1.0, "gpus": float(self.tensor_parallel_size)}
+
+    def structured(self) -> bool:
+        return True   # vllm.SamplingParams(structured_outputs=StructuredOutputsParams(json=...))
 
     def check(self) -> list[tuple[str, str]]:
         import os

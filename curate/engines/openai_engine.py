@@ -18,6 +18,11 @@ looks unreachable or misconfigured (``endpoint_dead``) instead of asking for a r
 
 ``mode: batch`` sends a stream's requests through the provider's batch API instead (``/v1/files`` +
 ``/v1/batches``, recorded in the step's work folder and polled; :mod:`curate.engines.openai_batch`).
+A request with an answer schema to enforce (``Request.constrained``) carries it as
+``response_format: {"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}``
+(``structured_outputs: true``, the default). A server that answers such a request HTTP 400/422 is
+asked again without it; when that passes, the server is taken not to support it: logged once, and
+no later request of the engine carries a schema (the stage validates the answers instead).
 
 The API key is read from the environment variable named by ``api_key_env``; it is sent in the
 ``Authorization`` header only and never appears in logs, errors or outputs.
@@ -55,7 +60,9 @@ class _Retryable(Exception):
 
 
 def build_body(model: str, request: Request, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """(endpoint path, JSON body) for one request."""
+    """(endpoint path, JSON body) for one request. A request whose schema is to be enforced
+    (``Request.constrained``) gets ``response_format: {"type": "json_schema", "json_schema": {name,
+    schema, strict}}``."""
     p = request.params
     body: dict[str, Any] = {"model": model, "temperature": p.temperature, "top_p": p.top_p,
                             "max_tokens": p.max_tokens, "n": p.n}
@@ -77,6 +84,8 @@ def build_body(model: str, request: Request, extra: dict[str, Any] | None = None
         body["prompt"] = request.prompt
         if p.logprobs is not None:
             body["logprobs"] = p.logprobs
+    if request.constrained is not None:
+        body["response_format"] = request.constrained.response_format()
     if extra:
         body.update(extra)
     return path, body
@@ -153,7 +162,22 @@ class OpenAIEngine(Engine):
         self._aimd: Any = None                # concurrency that halves on HTTP 429
         self._rate_folder: str | None = None  # where the shared limiter keeps its state
         self._ever_ok = False                 # a request to this endpoint succeeded (this process)
+        self._structured_refused: str | None = None   # why the server refused response_format (HTTP 400)
         self._lock = threading.Lock()
+
+    @property
+    def supports_structured(self) -> bool:  # type: ignore[override]
+        """``structured_outputs`` is on and the server has not refused a ``response_format``."""
+        return self.config.structured_outputs and self._structured_refused is None
+
+    def _refuse_structured(self, error: str) -> None:
+        with self._lock:
+            if self._structured_refused is not None:
+                return
+            self._structured_refused = error
+        log.warning("openai engine: %s refused response_format (json_schema): %s; answers are asked for "
+                    "without it from now on and validated against their schema (set structured_outputs: "
+                    "false in the engine config to skip the first try)", self.config.base_url, error[:300])
 
     def share_limits(self, folder: str | None) -> None:
         """Keep the rate-limit state in ``folder`` (the run's work folder), shared with every
@@ -274,10 +298,26 @@ class OpenAIEngine(Engine):
         return self.config.base_url.rstrip("/") + path
 
     async def _one(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
+        """One request, with its schema as ``response_format`` while the server takes it (decided
+        when the request goes out). An HTTP 400/422 to a request with a schema is asked once more
+        without it: when that passes, the server does not do structured outputs (logged once; no
+        later request carries it) and the answer is marked ``unconstrained`` (the stage validates
+        it and counts ``llm/structured_fallback``)."""
+        c = await self._send(clients, request, limiter)
+        if c.ok or request.constrained is None or c.unconstrained or c.http_status not in (400, 422):
+            return c
+        plain = await self._send(clients, request.unconstrained(), limiter)
+        if plain.ok:
+            self._refuse_structured(c.error or "")
+            plain.unconstrained = True
+        return plain
+
+    async def _send(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
         from curate.llm.ratelimit import wait_for_slot
 
         cfg = self.config
         path, body = build_body(cfg.model, request, cfg.extra_body)
+        dropped = False   # the request's schema was left out (structured outputs off or refused)
         tokens = estimate_tokens(request)
         aimd = self._aimd
         delay = cfg.backoff
@@ -297,10 +337,15 @@ class OpenAIEngine(Engine):
                         stream = _STREAM.get()
                         if stream is not None and stream.closed:   # its stage stopped: not sent
                             return Completion.failed("not sent: the stage stopped", request.id, transient=True)
+                        if "response_format" in body and request.constrained is not None \
+                                and not self.supports_structured:
+                            path, body = build_body(cfg.model, request.unconstrained(), cfg.extra_body)
+                            dropped = True
                         c = await self._post(client, path, body, request.is_chat)
                 aimd.success()
                 self._ever_ok = True
                 c.throttled = throttled
+                c.unconstrained = dropped
                 return c
             except _Retryable as exc:
                 reason = str(exc)
@@ -318,6 +363,8 @@ class OpenAIEngine(Engine):
                     retries = min(retries, 2)  # a dead endpoint: do not spend a minute on it
             except _Fatal as exc:
                 c = Completion.failed(self._describe(path, str(exc), exc.unreachable))
+                c.http_status = exc.status
+                c.unconstrained = dropped
                 c.throttled = throttled
                 c.endpoint_dead = exc.unreachable and not self._ever_ok
                 return c
@@ -362,7 +409,7 @@ class OpenAIEngine(Engine):
         if status in RETRY_STATUS or status >= 500:
             raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp), status=status)
         if status >= 400:
-            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404))
+            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404), status=status)
         try:
             return parse_response(resp.json(), chat)
         except (ValueError, KeyError, TypeError) as exc:
@@ -371,9 +418,10 @@ class OpenAIEngine(Engine):
 
 
 class _Fatal(Exception):
-    def __init__(self, reason: str, unreachable: bool = False):
+    def __init__(self, reason: str, unreachable: bool = False, status: int = 0):
         super().__init__(reason)
         self.unreachable = unreachable
+        self.status = status
 
 
 # the _AsyncBackend a request task belongs to (set in the task's own context)

@@ -12,7 +12,9 @@ check of them against a real vLLM release's source, without importing vLLM (no G
 ``ast``: class fields, method signatures, enum members and exported names.
 
 What is checked (:func:`contract`): the keyword arguments the adapter gives ``vllm.SamplingParams``
-(every key :func:`~curate.engines.vllm_engine.sampling_kwargs` can produce, plus ``output_kind``)
+(every key :func:`~curate.engines.vllm_engine.sampling_kwargs` can produce, plus ``output_kind``;
+``structured_outputs`` for answer schemas) and ``vllm.sampling_params.StructuredOutputsParams``
+(``json``), the names imported from ``vllm.sampling_params``,
 and ``vllm.LLM`` (every key :func:`~curate.engines.vllm_engine.llm_kwargs` can produce: ``LLM``'s
 own parameters or, through its ``**kwargs``, ``EngineArgs`` fields); ``LLM.generate``,
 ``LLM.chat`` and ``LLM.get_tokenizer``; ``LLM.llm_engine`` and the ``LLMEngine`` methods the
@@ -59,11 +61,23 @@ def used_sampling_kwargs() -> list[str]:
     from curate.engines.base import SamplingParams
     from curate.engines.vllm_engine import sampling_kwargs
 
+    from curate.engines.base import AnswerSchema
+
     keys: set[str] = {"output_kind"}       # set by the streaming path (FINAL_ONLY)
+    schema = AnswerSchema(name="a", schema_text='{"type": "object"}')
     for p in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, stop=["x"], seed=1,
                                                n=3, logprobs=2)):
-        keys |= set(sampling_kwargs(p))
+        keys |= set(sampling_kwargs(p)) | set(sampling_kwargs(p, schema))
     return sorted(keys)
+
+
+def used_structured_kwargs() -> list[str]:
+    """Every keyword ``VLLMEngine`` gives ``vllm.sampling_params.StructuredOutputsParams``."""
+    from curate.engines.base import AnswerSchema, SamplingParams
+    from curate.engines.vllm_engine import sampling_kwargs
+
+    kw = sampling_kwargs(SamplingParams(), AnswerSchema(name="a", schema_text='{"type": "object"}'))
+    return sorted(kw["structured_outputs"])
 
 
 def used_llm_kwargs() -> list[str]:
@@ -80,8 +94,11 @@ def contract() -> dict[str, Any]:
     """The names and signatures the adapter relies on (see the module docstring)."""
     return {
         "exports": ["LLM", "SamplingParams"],
+        # names imported from a vllm module other than the package: file -> names it must define or import
+        "modules": {"sampling_params.py": ["SamplingParams", "RequestOutputKind", "StructuredOutputsParams"]},
         "classes": {
             "SamplingParams": {"fields": used_sampling_kwargs()},
+            "StructuredOutputsParams": {"fields": used_structured_kwargs()},
             "RequestOutputKind": {"members": ["FINAL_ONLY"]},
             "LLM": {"init": used_llm_kwargs(),
                     "methods": {"generate": ["prompts", "sampling_params", "use_tqdm"],
@@ -185,6 +202,21 @@ def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[list[str], list
     return pos, [x.arg for x in a.kwonlyargs], a.kwarg is not None
 
 
+def _module_names(tree: ast.Module) -> set[str]:
+    """Names a module defines or imports at its top level (classes, functions, assignments, imports)."""
+    out: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.ImportFrom, ast.Import)):
+            out |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Assign):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            out.add(node.target.id)
+    return out
+
+
 def _exports(src: Source) -> set[str]:
     """Names ``from vllm import X`` can give: defined or imported in vllm/__init__.py, in its
     ``__all__``, or keys of a lazy-import table (``MODULE_ATTRS``)."""
@@ -240,6 +272,14 @@ def check_source(src: Source, spec: dict[str, Any] | None = None) -> Report:
     exports = _exports(src)
     for name in spec["exports"]:
         ok() if name in exports else bad(f"`from vllm import {name}`: vllm/__init__.py does not provide {name}")
+    for rel, names in spec.get("modules", {}).items():
+        module = "vllm." + rel[:-3].replace("/", ".")
+        if rel not in src.files:
+            bad(f"`{module}` ({rel}) does not exist")
+            continue
+        defined = _module_names(src.tree(rel))
+        for name in names:
+            ok() if name in defined else bad(f"`from {module} import {name}`: {rel} does not define {name}")
 
     engine_args = src.find_class("EngineArgs")
     engine_arg_names = _class_names(engine_args[1]) if engine_args else set()
@@ -279,12 +319,6 @@ def check_source(src: Source, spec: dict[str, Any] | None = None) -> Report:
             if order is not None:
                 ok() if pos[:len(order)] == order else bad(
                     f"{cname}.{mname} ({rel}) positional parameters are {pos[:len(order)]}, expected {order}")
-    for name in ("StructuredOutputsParams", "GuidedDecodingParams"):
-        found = src.find_class(name)
-        if found:
-            fields = sorted(n for n in _class_names(found[1]) if not n.startswith("_"))
-            rep.notes.append(f"structured outputs available (not used by the adapter): {name} in {found[0]} "
-                             f"({', '.join(f for f in fields if f in ('json', 'regex', 'choice', 'grammar'))})")
     return rep
 
 

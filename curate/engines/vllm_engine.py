@@ -14,6 +14,10 @@ and keeps stepping it while the caller parses or writes earlier answers; new req
 running batch at the next step (vLLM schedules continuously), so the GPU is never idle while work
 is queued. Each finished request comes back as soon as it finishes.
 
+A request whose answer schema is to be enforced (``Request.constrained``) is decoded with vLLM's
+structured outputs: ``SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))``
+(``vllm.sampling_params``; the same names in every supported release).
+
 Supported vLLM releases: :data:`SUPPORTED_VLLM` (the ``gpu`` extra's range). Every vLLM name and
 argument this module uses is listed in :mod:`curate.engines.vllm_contract` and checked against
 the real packages by ``make vllm-contract``; an engine started on another release fails at once.
@@ -30,7 +34,8 @@ import sys
 import threading
 from typing import Any, Iterator, Sequence
 
-from curate.engines.base import Choice, Completion, Engine, Request, SamplingParams, TokenLogprob, _Backend
+from curate.engines.base import (AnswerSchema, Choice, Completion, Engine, Request, SamplingParams, TokenLogprob,
+                                 _Backend)
 from curate.engines.base import apply_chat_template, cache_key
 from curate.engines.cache import RequestCache
 from curate.engines.config import VLLMConfig
@@ -77,9 +82,11 @@ def check_vllm_version(version: str | None) -> str:
     return version
 
 
-def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+def sampling_kwargs(params: SamplingParams, schema: AnswerSchema | None = None) -> dict[str, Any]:
     """Keyword arguments for ``vllm.SamplingParams``. Greedy requests ask for one sequence (copies
-    are made for ``n`` > 1: greedy samples are identical)."""
+    are made for ``n`` > 1: greedy samples are identical). A schema to enforce becomes
+    ``structured_outputs``: here the keyword arguments of ``vllm.sampling_params.StructuredOutputsParams``
+    (``{"json": schema}``), made into that object by the engine."""
     kw: dict[str, Any] = {
         "n": 1 if params.greedy else params.n,
         "temperature": params.temperature,
@@ -92,6 +99,8 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         kw["seed"] = params.seed
     if params.logprobs is not None:
         kw["logprobs"] = params.logprobs
+    if schema is not None:
+        kw["structured_outputs"] = {"json": schema.schema}
     return kw
 
 
@@ -306,7 +315,8 @@ class _FeederBackend(_Backend):
     def submit(self, number: int, request: Request) -> None:
         eng = self.engine
         try:
-            self.batch.append((number, eng._prompt(request), eng._sampling(request.params, final_only=True),
+            self.batch.append((number, eng._prompt(request),
+                               eng._sampling(request.params, final_only=True, schema=request.constrained),
                                request.params))
         except Exception as exc:  # noqa: BLE001  (a broken template/message: this request fails)
             self._deliver(number, Completion.failed(f"prompt: {type(exc).__name__}: {exc}"[:500]))
@@ -326,6 +336,7 @@ class _FeederBackend(_Backend):
 class VLLMEngine(Engine):
     kind = "vllm"
     max_logprobs = 20  # vLLM's default ``max_logprobs``
+    supports_structured = True  # SamplingParams(structured_outputs=StructuredOutputsParams(json=schema))
 
     def __init__(self, config: VLLMConfig | dict, cache: RequestCache | None = None, llm: Any = None):
         super().__init__(cache)
@@ -361,12 +372,16 @@ class VLLMEngine(Engine):
     def cache_extra(self) -> str:
         return f"{self.config.chat_mode}|{self.config.chat_template or ''}"
 
-    def _sampling(self, params: SamplingParams, final_only: bool = False) -> Any:
+    def _sampling(self, params: SamplingParams, final_only: bool = False, schema: AnswerSchema | None = None) -> Any:
         if self._sampling_cls is None:
             from vllm import SamplingParams as VSP
 
             self._sampling_cls = VSP
-        kw = sampling_kwargs(params)
+        kw = sampling_kwargs(params, schema)
+        if "structured_outputs" in kw:   # vLLM's structured-output decoding (xgrammar/guidance)
+            from vllm.sampling_params import StructuredOutputsParams
+
+            kw["structured_outputs"] = StructuredOutputsParams(**kw["structured_outputs"])
         if final_only:   # LLMEngine.step returns a request once, when it finishes
             if self._final_only is None:
                 from vllm.sampling_params import RequestOutputKind
@@ -402,7 +417,8 @@ class VLLMEngine(Engine):
                 stream._deliver(i, hit)
                 continue
             try:
-                items.append((i, self._prompt(r), self._sampling(r.params, final_only=True), r.params))
+                items.append((i, self._prompt(r), self._sampling(r.params, final_only=True, schema=r.constrained),
+                              r.params))
             except Exception as exc:  # noqa: BLE001  (a broken template/message: this request fails)
                 stream._deliver(i, Completion.failed(f"prompt: {type(exc).__name__}: {exc}"[:500]))
         self.stats["generated"] += len(reqs) - sum(h is not None for h in hits)
@@ -460,7 +476,7 @@ class VLLMEngine(Engine):
 
     def _call(self, requests: list[Request], idx: list[int], out: list[Completion | None], chat: bool) -> None:
         def run(ids: list[int]) -> list[Any]:
-            sps = [self._sampling(requests[i].params) for i in ids]
+            sps = [self._sampling(requests[i].params, schema=requests[i].constrained) for i in ids]
             if chat:
                 kw: dict[str, Any] = {"use_tqdm": False}
                 if self.config.chat_template:

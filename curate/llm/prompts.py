@@ -9,6 +9,9 @@ A template lives in ``curate/prompts/<recipe>/<name>.yaml`` and its id is ``<rec
     prefix: optional text the answer must start with (checked by stages that care)
     example: optional worked example {variables: {...}, answer: ...} (or a list), sent as an
              earlier user/assistant turn
+    example_answers: optional answers shown inside the prompt text (a string or a list); with the
+             ``example`` answers, an answer repeating one is a parse failure ``echoed_example``
+             (see :mod:`curate.llm.structured`)
 
 Templates are Jinja2 with ``StrictUndefined``: a variable the caller does not supply is an error
 when rendering, and :meth:`PromptTemplate.variables` lists the names a template uses so a stage
@@ -136,6 +139,9 @@ def load_template(template_id: str, prompts_dir: str | None = None) -> PromptTem
     for e in (ex if isinstance(ex, list) else [ex] if ex is not None else []):
         if not isinstance(e, dict) or not isinstance(e.get("answer"), str) or not isinstance(e.get("variables", {}), dict):
             raise TemplateError(f"prompt template {path}: 'example' needs 'variables' (a mapping) and 'answer'")
+    ea = data.get("example_answers")
+    if ea is not None and not (isinstance(ea, str) or (isinstance(ea, list) and all(isinstance(a, str) for a in ea))):
+        raise TemplateError(f"prompt template {path}: 'example_answers' must be a string or a list of strings")
     known = {"version", "description", "system", "user", "prefix"}
     tid = template_id if not template_id.endswith((".yaml", ".yml")) else \
         f"{os.path.basename(os.path.dirname(path))}/{os.path.splitext(os.path.basename(path))[0]}"

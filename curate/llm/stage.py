@@ -43,6 +43,14 @@ The base class does the rest:
   answer parsed, and output rows are written in input order;
 - one definition of the sampling options (``temperature``, ``top_p``, ``max_tokens``, ``stop``,
   ``seed``) -> :meth:`LLMStage.sampling`;
+- answer schemas (:mod:`curate.llm.structured`): a recipe's ``answer_schema`` (a pydantic model;
+  or ``ask(..., answer_schema=Model)`` per request) goes with its requests; engines with structured outputs
+  (openai ``response_format``, vLLM) enforce it while decoding, and every answer is validated
+  against it before ``parse``, which reads the model instance from ``completions[k].parsed``
+  (``errors/parse/schema`` when it does not match; ``salvage`` may rescue an answer cut short);
+- an answer that repeats the prompt's worked example (``example`` / ``example_answers`` of the
+  prompt file) is a parse failure ``echoed_example`` (each one counted ``llm/echoed_examples``;
+  ``check_echo = False`` for recipes whose answers are short commands);
 - an answer that fails to parse, or a synthetic answer that parses to nothing, is asked again
   (``parse_retries`` times, each with a new seed, and ``retry_temperature`` when decoding is
   greedy), then counted ``errors/parse/<reason>`` and saved with the raw answer in the side output
@@ -79,6 +87,8 @@ from curate.llm.accounting import Budget, LLMAccounting
 from curate.llm.chunking import split_text
 from curate.llm.parse import ParseError
 from curate.llm.prompts import PromptTemplate, TemplateError, load_template
+from curate.llm.structured import EchoCheck, validate_answer
+from curate.llm.structured import answer_schema as _schema_of
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError
 
 log = logging.getLogger("curate")
@@ -198,6 +208,11 @@ class LLMStage(MapStage):
     invalid_prompt_errors: ClassVar[tuple[type[BaseException], ...]] = ()
     # annotation stages: count ``<stage>/scored`` (rows whose answer parsed)
     count_scored: ClassVar[bool] = False
+    # the JSON form of an answer (a pydantic model): sent with each request of ``ask`` (engines with
+    # structured outputs enforce it) and validated before ``parse`` (``completions[k].parsed``)
+    answer_schema: ClassVar[Any] = None
+    # reject answers that repeat the prompt file's worked example (``errors/parse/echoed_example``)
+    check_echo: ClassVar[bool] = True
     # engines isolate failing requests; an exception from a batch is a real problem
     isolate_errors = False
 
@@ -273,12 +288,61 @@ class LLMStage(MapStage):
         return list(getattr(self.config, "columns", []) or [])
 
     def ask(self, template_id: str, *, row: dict[str, Any] | None = None, params: SamplingParams | None = None,
-            **variables: Any) -> Request:
-        """A chat request from a template; ``row`` supplies the extra ``columns`` (and the id)."""
+            answer_schema: Any = "default", **variables: Any) -> Request:
+        """A chat request from a template; ``row`` supplies the extra ``columns`` (and the id).
+        ``answer_schema``: the pydantic model of the answer (default: the class's ``answer_schema``;
+        None: a free-text answer), enforced by the engine when it has structured outputs."""
         t = self.template(template_id)
         extra = {c: row.get(c) for c in self.extra_columns()} if row else {}
         msgs = t.messages(**{**extra, **variables})
-        return Request(messages=msgs, params=params or self.sampling(), id=(row or {}).get("id"))
+        model = self.answer_schema if isinstance(answer_schema, str) and answer_schema == "default" else answer_schema
+        return Request(messages=msgs, params=params or self.sampling(), id=(row or {}).get("id"),
+                       answer_schema=_schema_of(model, self.structured) if model is not None else None)
+
+    @property
+    def structured(self) -> bool:
+        """The engine enforces answer schemas while decoding (structured outputs): openai unless
+        its ``structured_outputs`` is false or the server refused one, vLLM; not transformers."""
+        if self.engine is not None:
+            return bool(getattr(self.engine, "supports_structured", False))
+        return self.config.engine.structured()
+
+    def salvage(self, request: Request, completion: Completion, error: ParseError) -> Any:
+        """An answer that failed its schema (``error``): return a model instance made from what is
+        usable (an answer cut at ``max_tokens``...), or raise ``error`` (the default)."""
+        raise error
+
+    def echo_check(self, template: PromptTemplate) -> EchoCheck:
+        """The worked-example check of a template (built once per template)."""
+        memo = self.__dict__.setdefault("_echo_checks", {})
+        key = (template.id, template.hash)
+        if key not in memo:
+            memo[key] = EchoCheck.of_template(template)
+        return memo[key]
+
+    def check_answers(self, job: "Job", completions: list[Completion]) -> None:
+        """Before ``parse``: reject an answer that repeats the template's worked example
+        (``echoed_example``), validate answers against their request's schema (``schema``...) and
+        attach the instances (``completion.parsed``). Raises ParseError."""
+        echo = self.echo_check(job.template) if self.check_echo and job.template is not None else None
+        for req, c in zip(job.requests, completions):
+            if echo:
+                what = echo.check(c.text, req.messages)
+                if what:
+                    self.count("llm/echoed_examples")
+                    raise ParseError("echoed_example", f"the answer repeats {what} of the prompt "
+                                                       f"{job.template.id!r}")  # type: ignore[union-attr]
+            schema = req.answer_schema
+            if schema is None or schema.model is None:
+                continue
+            if c.unconstrained:
+                self.count("llm/structured_fallback")
+            elif schema.constrain:
+                self.count("llm/structured")
+            try:
+                c.parsed = validate_answer(c.text, schema.model)
+            except ParseError as exc:
+                c.parsed = self.salvage(req, c, exc)
 
     def fingerprint_extra(self) -> str:
         out = []
@@ -635,6 +699,7 @@ class _Flow:
             acc.check()
             return
         try:
+            st.check_answers(job, cs)
             rows = job.parse(cs)
             if not rows and job.emit and job.then is None and st.synthetic:
                 raise ParseError("no_output", "the answer gave no output row")

@@ -6,10 +6,12 @@
         max_relations_per_doc: 20           # and/or max_tokens_per_doc, tokens_per_source_token, target_tokens
 
 Step 1, per document (or chunk of a long document): the LLM lists a summary and the salient
-entities as JSON (``entigraph/entities``); an answer cut at ``entities_max_tokens`` inside the
+entities as JSON (``entigraph/entities``; schema :class:`EntitiesAnswer`, enforced by engines with
+structured outputs, validated for the others); an answer cut at ``entities_max_tokens`` inside the
 entity list keeps the entities written in full (``entigraph/truncated_entity_lists``); an answer
-that is not valid JSON with at least two distinct entities is asked again with a new seed, then counted (``errors/parse/<reason>``) and saved in the
-side output ``failed``. Step 2: for entity pairs (all i<j, in a seeded random order) and then
+that is not valid JSON with at least two distinct entities, or that repeats the prompt's worked
+example (``echoed_example``: its summary or its entity list), is asked again with a new seed, then
+counted (``errors/parse/<reason>``) and saved in the side output ``failed``. Step 2: for entity pairs (all i<j, in a seeded random order) and then
 triples (seeded random order), the LLM discusses how the entities relate in the context of the
 document (``entigraph/pair``, ``entigraph/triple``). Each answer is one output row: ``text``,
 ``entities`` (the 2 or 3 entities), ``relation`` ("pair"/"triple"), the document's ``summary`` and
@@ -35,10 +37,10 @@ import itertools
 from typing import Any
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from curate.engines import Completion
-from curate.llm.parse import ParseError, parse_json_object, salvage_string, salvage_string_list, string_list
+from curate.engines import Completion, Request
+from curate.llm.parse import ParseError, salvage_string, salvage_string_list, string_list
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.schema import seeded_rng
 from curate.pipeline.stage import register
@@ -75,6 +77,25 @@ class EntiGraphConfig(LLMStageConfig):
         return self
 
 
+class EntitiesAnswer(BaseModel):
+    """The step-1 answer: ``{"summary": "...", "entities": ["...", ...]}``. Lenient where the
+    answer is only validated (no structured outputs): a summary that is not text becomes "" and
+    entities that are not text are left out."""
+
+    summary: str = ""
+    entities: list[str]
+
+    @field_validator("summary", mode="before")
+    @classmethod
+    def _summary(cls, v: Any) -> Any:
+        return v if isinstance(v, str) else ""
+
+    @field_validator("entities", mode="before")
+    @classmethod
+    def _entities(cls, v: Any) -> Any:
+        return [x for x in v if isinstance(x, str)] if isinstance(v, list) else v
+
+
 @register
 class EntiGraph(LLMStage):
     """EntiGraph: entity extraction, then LLM texts on how entity pairs and triples relate in each document."""
@@ -94,21 +115,22 @@ class EntiGraph(LLMStage):
 
     # -- step 1 --------------------------------------------------------------------------------------
     def parse_entities(self, completions: list[Completion]) -> list[dict[str, Any]]:
-        text = completions[0].text or ""
-        try:
-            obj = parse_json_object(text, required={"entities": list})
-        except ParseError as exc:
-            # cut at max_tokens inside the list: keep the entities written in full, nothing guessed
-            salvaged = salvage_string_list(text, "entities") if exc.reason == "truncated_json" else []
-            if len(string_list(salvaged)) < 2 or completions[0].finish_reason != "length":
-                raise
-            self.count("entigraph/truncated_entity_lists")
-            obj = {"summary": salvage_string(text, "summary") or "", "entities": salvaged}
-        summary = obj.get("summary")
-        entities = string_list(obj["entities"])[: self.config.max_entities]
+        """The summary and entities of a step-1 answer (validated by the base: ``parsed``)."""
+        obj = completions[0].parsed
+        entities = string_list(obj.entities)[: self.config.max_entities]
         if len(entities) < 2:
             raise ParseError("too_few_entities", f"{len(entities)} usable entities")
-        return [{"summary": summary if isinstance(summary, str) else "", "entities": entities}]
+        return [{"summary": obj.summary, "entities": entities}]
+
+    def salvage(self, request: Request, completion: Completion, error: ParseError) -> Any:
+        """An entity answer cut at max_tokens inside the list keeps the entities written in full
+        (nothing guessed); anything else stays a parse failure."""
+        text = completion.text or ""
+        salvaged = salvage_string_list(text, "entities") if error.reason == "truncated_json" else []
+        if len(string_list(salvaged)) < 2 or completion.finish_reason != "length":
+            raise error
+        self.count("entigraph/truncated_entity_lists")
+        return EntitiesAnswer(summary=salvage_string(text, "summary") or "", entities=salvaged)
 
     # -- step 2 --------------------------------------------------------------------------------------
     def relation_sets(self, entities: list[str], doc_id: Any, chunk: int) -> list[tuple[str, ...]]:
@@ -167,7 +189,7 @@ class EntiGraph(LLMStage):
         """Step 1 (the entities of one chunk); its follow-up is step 2 for that chunk."""
         cfg = self.config
         chunk, k = unit.row[cfg.text_column], unit.chunk or 0
-        req = self.ask(cfg.entities_template, row=unit.row, text=chunk,
+        req = self.ask(cfg.entities_template, row=unit.row, text=chunk, answer_schema=EntitiesAnswer,
                        params=self.sampling(max_tokens=cfg.entities_max_tokens))
         meta: dict[str, Any] = {"chunk": k}
         return [Job(unit.index, [req], lambda cs: self._entities(meta, cs), self.template(cfg.entities_template),
@@ -193,7 +215,8 @@ class EntiGraph(LLMStage):
         reqs = []
         for ents in cands:
             tid = cfg.pair_template if len(ents) == 2 else cfg.triple_template
-            reqs.append((tid, ents, self.ask(tid, row=unit.row, text=chunk, entities=list(ents), summary=summary)))
+            reqs.append((tid, ents, self.ask(tid, row=unit.row, text=chunk, entities=list(ents), summary=summary,
+                                             answer_schema=None)))
             if len(reqs) >= (cfg.max_relations_per_doc or len(cands)):
                 break
         n = self.relation_budget(chunk, [self._tokens(r) for _, _, r in reqs])

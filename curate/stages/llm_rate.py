@@ -18,6 +18,11 @@ prefix is the ``column_prefix`` option). Scores are stored, not thresholded: ``s
 - ``format: instruct`` (``llm_rate/instruct``) asks for ``Domain: <name>`` and ``<Criterion>: <n>``
   lines; names are matched case-insensitively, bullets/numbering/bold and ``/5`` are tolerated,
   every criterion must be there once (a repeated identical line is fine), each score in 1-5.
+  With an engine that enforces answer schemas (openai with ``structured_outputs``, the default;
+  vllm), or ``structured: true``, it asks for one JSON object instead (``llm_rate/instruct_json``,
+  schema :class:`Ratings`: ``domain`` and the 14 criteria as snake_case keys, scores 1-5), which
+  the engine enforces while decoding; ``structured: false`` keeps the lines. Answers that repeat the
+  prompt's worked example are parse failures (``echoed_example``), asked again.
 
 Long texts are cut keeping the head and the tail: ``max_text_tokens`` (1,894 as the reference) in
 the engine's own tokens, ``...`` in the middle; as the reference, texts longer than
@@ -42,7 +47,7 @@ import re
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from curate.engines import Completion
 from curate.llm.chunking import cut_text
@@ -135,6 +140,31 @@ def parse_named(text: str | None) -> tuple[str, list[int]]:
     return domain, [scores[k] for k in KEYS]
 
 
+class _RatingsBase(BaseModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _lenient(cls, data: Any) -> Any:
+        """Unconstrained answers: a domain named in another case or by its letter, scores as "4"."""
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        d = out.get("domain")
+        if isinstance(d, str):
+            out["domain"] = _DOMAIN_BY_NAME.get(_norm(d)) or DOMAIN_LETTERS.get(d.strip(), d)
+        for k in KEYS:
+            v = out.get(k)
+            if isinstance(v, str) and v.strip() in ("1", "2", "3", "4", "5"):
+                out[k] = int(v.strip())
+        return out
+
+
+# the JSON answer of format instruct with structured outputs: {"domain": ..., "accuracy": 1-5, ...}
+Ratings = create_model(
+    "Ratings", __base__=_RatingsBase,
+    domain=(Literal[tuple(DOMAINS)], ...),  # type: ignore[valid-type]
+    **{k: (Literal[1, 2, 3, 4, 5], ...) for k in KEYS})
+
+
 class LlmRateConfig(LLMStageConfig):
     format: Literal["dataman", "instruct"] = Field(
         "instruct", description="dataman: the DataMan model's own prompt/answer; instruct: any instruct model")
@@ -145,10 +175,15 @@ class LlmRateConfig(LLMStageConfig):
     max_text_chars: int | None = Field(20000, ge=100, description="first cut: first and last half of this many characters")
     cleanup: bool = Field(True, description="remove a leading quoted ellipsis and empty-alt image lines (as the reference)")
     on_error: Literal["keep", "drop"] = Field("keep", description="rows whose answer never parsed: keep (null ratings) or drop")
+    structured: bool | None = Field(
+        None, description="format instruct: answer as JSON (schema Ratings, prompt llm_rate/instruct_json); "
+                          "None: when the engine enforces answer schemas (openai structured_outputs, vllm)")
     batch_size: int = Field(64, ge=1)
 
     @model_validator(mode="after")
     def _answer_tokens(self) -> "LlmRateConfig":
+        if self.structured and self.format == "dataman":
+            raise ValueError("structured: true is for format: instruct (the DataMan model answers in its own format)")
         if "max_tokens" not in self.model_fields_set:
             # DataMan answers in 29 tokens (a letter, 14 digits, 14 newlines); named lines need more
             self.max_tokens = 29 if self.format == "dataman" else 160
@@ -175,8 +210,17 @@ class LlmRate(LLMStage):
                        self.provenance_column(): pa.string()}
 
     @property
+    def json_answer(self) -> bool:
+        """Answers are JSON (schema :data:`Ratings`) rather than lines."""
+        cfg = self.config
+        if cfg.format == "dataman":
+            return False
+        return cfg.structured if cfg.structured is not None else cfg.engine.structured()
+
+    @property
     def template_id(self) -> str:
-        return self.config.template or f"llm_rate/{self.config.format}"
+        cfg = self.config
+        return cfg.template or ("llm_rate/instruct_json" if self.json_answer else f"llm_rate/{cfg.format}")
 
     def template_ids(self) -> list[str]:
         return [self.template_id]
@@ -199,14 +243,19 @@ class LlmRate(LLMStage):
         return out
 
     def parse_answer(self, completions: list[Completion]) -> list[dict[str, Any]]:
-        parse = parse_dataman if self.config.format == "dataman" else parse_named
-        domain, scores = parse(completions[0].text)
+        if self.json_answer:   # validated against Ratings by the base
+            obj = completions[0].parsed
+            domain, scores = obj.domain, [getattr(obj, k) for k in KEYS]
+        else:
+            parse = parse_dataman if self.config.format == "dataman" else parse_named
+            domain, scores = parse(completions[0].text)
         return [{**dict(zip(self.columns, scores)), self.config.column_prefix + "domain": domain}]
 
     def jobs(self, unit: Unit) -> list[Job]:
         text = str(unit.row[self.config.text_column])
-        return [Job(unit.index, [self.ask(self.template_id, row=unit.row, text=self.prepare(text))],
-                    self.parse_answer, self.template(self.template_id))]
+        req = self.ask(self.template_id, row=unit.row, text=self.prepare(text),
+                       answer_schema=Ratings if self.json_answer else None)
+        return [Job(unit.index, [req], self.parse_answer, self.template(self.template_id))]
 
     def provenance_column(self) -> str:
         return self.config.column_prefix + "provenance"

@@ -137,6 +137,9 @@ class ProxRefine(LLMStage):
     """ProX refining: a model writes a program per document (keep/drop, or remove_lines/normalize per chunk), executed as the reference."""
 
     name = "prox_refine"
+    # programs are short commands: a real answer is often exactly a worked example's (keep_doc(),
+    # remove_lines(...) of a navigation header), so answers are not checked for echoed examples
+    check_echo = False
     recipe = "prox"
     Config = ProxRefineConfig
     reads = ("{text_column}",)

@@ -20,6 +20,12 @@ not change them). Faults:
 - ``drop``: the connection is closed without an answer;
 - ``malformed``: HTTP 200 with a body that is not JSON.
 
+Structured outputs: a request with ``response_format`` is checked as OpenAI does (``type:
+json_schema`` with ``json_schema: {name, schema, strict}``; a malformed one is answered HTTP 400
+naming the problem) and recorded in ``response_formats``; with the default responder the answer is
+a JSON value of the schema (:func:`schema_instance`). ``structured="reject"`` answers every request
+that has a ``response_format`` with HTTP 400, as a server without structured outputs does.
+
 ``latency`` (seconds, or a function of the body) holds each answer that long. ``answered`` in the log means a complete 200 answer was written. ``rpm`` makes the server itself
 enforce a requests-per-minute limit (answering 429 beyond it, counted in the log as ``limited``).
 ``status_for_path`` answers every request with one status (a dead or misconfigured endpoint: 404,
@@ -48,8 +54,68 @@ def body_hash(body: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def schema_instance(schema: dict[str, Any], root: dict[str, Any] | None = None, text: str = "") -> Any:
+    """A JSON value a schema-constrained decoder could write: the first ``enum`` value, the last
+    words of ``text`` for strings, two items for arrays, ``minimum`` (or 1) for numbers."""
+    root = root or schema
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+    if "enum" in schema:
+        return schema["enum"][0]
+    t = schema.get("type")
+    if t == "object":
+        return {k: schema_instance(v, root, text) for k, v in (schema.get("properties") or {}).items()}
+    if t == "array":
+        return [schema_instance(schema.get("items") or {}, root, f"{text} {i}") for i in range(2)]
+    if t == "integer":
+        return int(schema.get("minimum", 1))
+    if t == "number":
+        return float(schema.get("minimum", 1))
+    if t == "boolean":
+        return True
+    return " ".join(text.split()[-3:])
+
+
+def check_response_format(rf: Any) -> str | None:
+    """What is wrong with a ``response_format`` (OpenAI's rules for json_schema), or None."""
+    import re
+
+    if not isinstance(rf, dict) or rf.get("type") not in ("json_schema", "json_object", "text"):
+        return "response_format.type must be one of json_schema, json_object, text"
+    if rf["type"] != "json_schema":
+        return None
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        return "response_format.json_schema is required"
+    if not isinstance(js.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", js["name"]):
+        return "response_format.json_schema.name must match ^[a-zA-Z0-9_-]{1,64}$"
+    schema = js.get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return "response_format.json_schema.schema must be a JSON schema of type object"
+    if js.get("strict"):
+        stack = [schema, *((schema.get("$defs") or {}).values())]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                props = node.get("properties")
+                if isinstance(props, dict):
+                    if node.get("additionalProperties") is not False:
+                        return "strict schemas need 'additionalProperties': false on every object"
+                    if sorted(node.get("required") or []) != sorted(props):
+                        return "strict schemas need every property in 'required'"
+                stack.extend(v for k, v in node.items() if k != "$defs")
+            elif isinstance(node, list):
+                stack.extend(node)
+    return None
+
+
 def echo(body: dict[str, Any]) -> str:
-    """The default answer: the last message (or the prompt), reversed."""
+    """The default answer: the last message (or the prompt), reversed; with a json_schema
+    ``response_format``, a JSON value of the schema (:func:`schema_instance`)."""
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") == "json_schema":
+        last = str(body["messages"][-1].get("content") or "") if "messages" in body else str(body.get("prompt") or "")
+        return json.dumps(schema_instance(rf["json_schema"]["schema"], text=last))
     if "messages" in body:
         return str(body["messages"][-1].get("content") or "")[::-1]
     return str(body.get("prompt") or "")[::-1]
@@ -61,7 +127,7 @@ class Entry:
     t1: float          # time.time() the handler finished
     path: str
     hash: str
-    outcome: str       # ok | 503 | 500 | 429 | timeout | drop | malformed | limited | status
+    outcome: str       # ok | 503 | 500 | 429 | timeout | drop | malformed | limited | status | bad_format
     answered: bool     # a complete 200 answer was written
     status: int        # HTTP status sent (0: none)
 
@@ -77,7 +143,7 @@ class FakeOpenAI:
                  latency: "float | Callable[[dict[str, Any]], float]" = 0.0,
                  retry_after: str | None = "0.2", hold: float = 2.0, rpm: float | None = None,
                  status_for_path: int | None = None, completion_tokens: int = 4,
-                 log_path: str | None = None):
+                 log_path: str | None = None, structured: str = "accept"):
         bad = set(faults or {}) - set(FAULTS)
         if bad:
             raise ValueError(f"unknown fault(s) {sorted(bad)}; known: {FAULTS}")
@@ -91,6 +157,10 @@ class FakeOpenAI:
         self.status_for_path = status_for_path
         self.completion_tokens = completion_tokens
         self.log_path = log_path
+        if structured not in ("accept", "reject"):
+            raise ValueError(f"structured must be 'accept' or 'reject', not {structured!r}")
+        self.structured = structured
+        self.response_formats: list[Any] = []   # the response_format of each request that had one
         self.log: list[Entry] = []
         self.lock = threading.Lock()
         self.in_flight = 0
@@ -266,6 +336,16 @@ class _Handler(BaseHTTPRequestHandler):
                 outcome, status = "status", 404
                 self._send(404, b'{"error": {"message": "not found"}}')
                 return
+            if "response_format" in body:
+                with fake.lock:
+                    fake.response_formats.append(body["response_format"])
+                problem = ("response_format is not supported by this server" if fake.structured == "reject"
+                           else check_response_format(body["response_format"]))
+                if problem:
+                    outcome, status = "bad_format", 400
+                    self._send(400, json.dumps({"error": {"message": problem, "param": "response_format",
+                                                          "type": "invalid_request_error"}}).encode())
+                    return
             if fake._limited(t0):
                 outcome, status = "limited", 429
                 self._send(429, b'{"error": {"message": "rate limit"}}', {"Retry-After": "1"})

@@ -5,7 +5,9 @@ contract check does not cover.
 
 ``LLM.llm_engine`` is a small continuous-batching engine: ``add_request`` queues a request,
 each ``step()`` (taking ``step_seconds``, like a GPU forward) generates one character of the
-reversed prompt for up to ``max_num_seqs`` running requests and returns the finished ones.
+reversed prompt for up to ``max_num_seqs`` running requests and returns the finished ones. A
+request with ``structured_outputs`` gets, character by character, a JSON value of its schema
+instead (``curate.testing.fake_openai.schema_instance``).
 It records when each step ran and when each request finished.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import importlib.machinery
+import json
 import sys
 import threading
 import time
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curate.engines.vllm_contract import contract
+from curate.testing.fake_openai import schema_instance
 
 SPEC = contract()["classes"]
 
@@ -37,10 +41,21 @@ class RequestOutputKind(enum.Enum):
     FINAL_ONLY = 2
 
 
+class StructuredOutputsParams:
+    def __init__(self, **kw: Any):
+        _only("StructuredOutputsParams", SPEC["StructuredOutputsParams"]["fields"], kw)
+        self.kw = kw
+        self.json = kw.get("json")
+
+
 class SamplingParams:
     def __init__(self, **kw: Any):
         _only("SamplingParams", SPEC["SamplingParams"]["fields"], kw)
+        so = kw.get("structured_outputs")
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise TypeError(f"structured_outputs must be a StructuredOutputsParams, not {type(so).__name__}")
         self.kw = kw
+        self.structured_outputs = so
         self.n = kw.get("n", 1)
         self.max_tokens = kw.get("max_tokens", 16)
         self.output_kind = kw.get("output_kind", RequestOutputKind.CUMULATIVE)
@@ -74,6 +89,12 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids if i > 1)
 
+    def tokenize(self, text: str) -> list[str]:   # one token per character, as encode
+        return list(text)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        return "".join(tokens)
+
 
 @dataclass
 class _Running:
@@ -94,6 +115,7 @@ class LLMEngine:
     finished_at: dict[str, float] = field(default_factory=dict)
     added_at: dict[str, float] = field(default_factory=dict)
     aborted: list[str] = field(default_factory=list)
+    received: dict[str, SamplingParams] = field(default_factory=dict)   # request id -> its params
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_request(self, request_id: str, prompt: Any, params: SamplingParams, **kw: Any) -> None:
@@ -102,6 +124,7 @@ class LLMEngine:
         if "TOO LONG" in prompt:
             raise ValueError("prompt is longer than the maximum model length")
         with self.lock:
+            self.received[request_id] = params
             self.added_at[request_id] = time.perf_counter()
             self.waiting.append(_Running(request_id, prompt, params))
 
@@ -127,8 +150,10 @@ class LLMEngine:
         out = []
         for r in batch:
             r.done += 1
-            if r.done >= min(r.params.max_tokens, len(r.prompt)):
-                text = r.prompt[::-1][: r.done]
+            so = getattr(r.params, "structured_outputs", None)
+            full = json.dumps(schema_instance(so.json, text=r.prompt)) if so is not None else r.prompt[::-1]
+            if r.done >= min(r.params.max_tokens, len(full)):
+                text = full[: r.done]
                 outs = [CompletionOutput(k, text, list(range(len(text))), None, None, "length")
                         for k in range(r.params.n)]
                 out.append(RequestOutput(r.rid, r.prompt, Tokenizer().encode(r.prompt), outs, True))
@@ -177,6 +202,7 @@ def install(monkeypatch: Any, version: str = "0.33.0", step_seconds: float = 0.0
     sp = types.ModuleType("vllm.sampling_params")
     sp.SamplingParams = SamplingParams
     sp.RequestOutputKind = RequestOutputKind
+    sp.StructuredOutputsParams = StructuredOutputsParams
     mod.sampling_params = sp
     LLM.instances = []
     LLM.step_seconds = step_seconds

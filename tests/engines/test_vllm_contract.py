@@ -36,7 +36,9 @@ def write_tree(root, version="0.33.0", drop: tuple[str, str] | None = None, add_
         "_version.py": f"__version__ = version = {version!r}\n",
         "sampling_params.py": "import enum\nclass RequestOutputKind(enum.Enum):\n    CUMULATIVE = 0\n"
                               + ("    FINAL_ONLY = 2\n" if drop != ("RequestOutputKind", "FINAL_ONLY") else "")
-                              + f"class SamplingParams:\n{fields('SamplingParams')}\n",
+                              + f"class SamplingParams:\n{fields('SamplingParams')}\n"
+                              + (f"class StructuredOutputsParams:\n{fields('StructuredOutputsParams')}\n"
+                                 if drop != ("module", "StructuredOutputsParams") else ""),
         "engine/arg_utils.py": "class EngineArgs:\n" + "\n".join(f"    {n}: int = 0" for n in engine_args) + "\n",
         "entrypoints/llm.py": (
             "class LLM:\n"
@@ -77,6 +79,9 @@ def test_a_tree_with_every_name_passes(tmp_path):
     (("CompletionOutput", "finish_reason"), "has no field/attribute 'finish_reason'"),
     (("Logprob", "decoded_token"), "Logprob (logprobs.py) has no field/attribute 'decoded_token'"),
     (("RequestOutputKind", "FINAL_ONLY"), "RequestOutputKind (sampling_params.py) has no field/attribute 'FINAL_ONLY'"),
+    (("SamplingParams", "structured_outputs"), "SamplingParams (sampling_params.py) has no field/attribute 'structured_outputs'"),
+    (("StructuredOutputsParams", "json"), "StructuredOutputsParams (sampling_params.py) has no field/attribute 'json'"),
+    (("module", "StructuredOutputsParams"), "`from vllm.sampling_params import StructuredOutputsParams`: sampling_params.py does not define"),
 ])
 def test_a_missing_name_is_named(tmp_path, drop, message):
     rep = check_source(Source(folder=write_tree(tmp_path, drop=drop)))
