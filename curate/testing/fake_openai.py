@@ -5,7 +5,7 @@ injection and a log of every request.
                                     "malformed": 0.03}, retry_after="1") as srv:
         engine = {"kind": "openai", "model": "fake", "base_url": srv.base_url, "timeout": 1}
         ...
-    srv.log          # [Entry(t0, t1, path, hash, outcome, answered, status)], in arrival order
+    srv.log          # [Entry(t0, t1, path, hash, outcome, answered, status, answer)], in arrival order
 
 Answers are a pure function of the request body (``responder(body) -> text``; by default the last
 message or prompt, reversed), so a run with faults must give the same output as a run without.
@@ -130,6 +130,7 @@ class Entry:
     outcome: str       # ok | 503 | 500 | 429 | timeout | drop | malformed | limited | status | bad_format
     answered: bool     # a complete 200 answer was written
     status: int        # HTTP status sent (0: none)
+    answer: str = ""   # the text of a 200 answer (first choice)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -325,7 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             fake.in_flight += 1
             fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-        outcome, answered, status = "ok", False, 0
+        outcome, answered, status, text = "ok", False, 0, ""
         try:
             if fake.status_for_path is not None:
                 outcome, status = "status", fake.status_for_path
@@ -378,8 +379,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, b"<html>502 bad gateway</html>")
             else:
                 status = 200
-                answered = self._send(200, json.dumps(fake.answer(body, chat)).encode())
+                ans = fake.answer(body, chat)
+                choice = (ans.get("choices") or [{}])[0]
+                text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+                answered = self._send(200, json.dumps(ans).encode())
         finally:
             with fake.lock:
                 fake.in_flight -= 1
-            fake._record(Entry(t0, time.time(), self.path, h, outcome, answered, status))
+            fake._record(Entry(t0, time.time(), self.path, h, outcome, answered, status, text or ""))

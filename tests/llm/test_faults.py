@@ -5,7 +5,9 @@ seeded rates; the run is killed (SIGKILL, SIGTERM) at seeded points and rerun un
 Checked from the server's request log (curate/testing/fake_openai.py):
 
 - the output is identical to a fault-free run's;
-- no answered request is sent again by a later run unless it was in flight when the run was killed,
+- no answered request is sent again by a later run unless its answer had not reached the request
+  cache when the run was killed (read from the cache files right after each kill: exact whatever the
+  machine's load; such answers lost in flight are few: at most the requests a run has in flight),
   and within one run no request is sent again once answered, nor twice at the same time;
 - the rate limit holds over the whole run (all workers, across kills);
 - budgets are never exceeded.
@@ -15,6 +17,7 @@ Checked from the server's request log (curate/testing/fake_openai.py):
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -34,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 FAULTS = {"503": 0.06, "429": 0.05, "timeout": 0.02, "drop": 0.03, "malformed": 0.03}
 RPM = 900            # 15 requests/s for the whole run: the limiter's burst is 2 s worth (30)
-SLACK = 0.5          # seconds: an answer this close to a kill may not have reached the cache
+IN_FLIGHT = 24       # answers one kill may catch between the server and the cache (in flight + a group)
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
 
@@ -65,12 +68,34 @@ def curate_cmd() -> list[str]:
 
 
 class Run:
-    def __init__(self, start: float, end: float, rc: int | None, sig: int | None, log: str):
+    def __init__(self, start: float, end: float, rc: int | None, sig: int | None, log: str,
+                 cached: str = ""):
         self.start, self.end, self.rc, self.sig, self.log = start, end, rc, sig, log
+        self.cached = cached    # every request-cache value on disk once the run had ended
+
+
+def cached_values(out: str) -> str:
+    """All values of every request cache (SQLite ``completions`` tables) under ``out``, joined."""
+    import sqlite3
+
+    vals = []
+    for d, _, files in os.walk(out):
+        for f in files:
+            if not f.endswith((".sqlite", ".db")):
+                continue
+            try:
+                con = sqlite3.connect(f"file:{os.path.join(d, f)}?mode=ro", uri=True)
+                try:
+                    vals += [v for (v,) in con.execute("SELECT value FROM completions")]
+                finally:
+                    con.close()
+            except sqlite3.Error:
+                continue      # another SQLite file (the lease, rate limits, ...)
+    return "\n".join(vals)
 
 
 def run_until_done(cfg: str, srv: FakeOpenAI, kills: list[tuple[int, int]], tmp: str,
-                   max_runs: int = 10) -> list[Run]:
+                   out: str, max_runs: int = 10) -> list[Run]:
     """``curate run cfg``; the first runs are killed with signal ``sig`` once the server has seen
     ``n`` more requests (``kills``: [(n, sig)]); then rerun until it exits 0."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
@@ -92,7 +117,9 @@ def run_until_done(cfg: str, srv: FakeOpenAI, kills: list[tuple[int, int]], tmp:
                 else:
                     sig = None
             rc = p.wait(timeout=300)
-            runs.append(Run(t0, time.time(), None if sig else rc, sig, open(logp).read()))
+            # orphaned workers stop by themselves (the parent watchdog); the cache is then final
+            cached = cached_values(out) if sig else ""
+            runs.append(Run(t0, time.time(), None if sig else rc, sig, open(logp).read(), cached))
         if not sig and rc == 0:
             return runs
         assert sig or "run the same command again" in runs[-1].log.lower(), runs[-1].log[-3000:]
@@ -121,10 +148,15 @@ def check_requests(srv: FakeOpenAI, runs: list[Run]) -> dict:
                 assert not a.answered, f"request {h[:12]} answered, then sent again in run {ra}"
             elif a.answered:
                 kill = runs[ra]
-                assert kill.sig is not None and a.t1 >= kill.end - SLACK, (
-                    f"request {h[:12]} answered at {a.t1 - kill.start:.2f}s of run {ra} "
-                    f"(ended {kill.end - kill.start:.2f}s) was sent again by run {rb}")
+                assert kill.sig is not None, f"request {h[:12]} answered in run {ra}, which ended by " \
+                                             f"itself, was sent again by run {rb}"
+                # the answer had not reached the cache when the run was killed; one that had must
+                # be served from the cache, never sent again
+                assert json.dumps(a.answer, ensure_ascii=False)[1:-1] not in kill.cached, (
+                    f"request {h[:12]} answered at {a.t1 - kill.start:.2f}s of run {ra} and cached "
+                    f"was sent again by run {rb}")
                 resent_in_flight += 1
+    assert resent_in_flight <= IN_FLIGHT * sum(1 for r in runs if r.sig), resent_in_flight
     # the rate limit, over any window of the whole job: the rate plus a burst of 2 s worth (+1
     # for the window's edge); measured by arrival at the server
     rate = RPM / 60.0
@@ -157,13 +189,12 @@ def fault_run(tmp, stage: dict, step: str, cols: list[str], n_docs: int, seed: i
         cfg = os.path.join(tmp, "p.yaml")
         with open(cfg, "w") as f:
             yaml.safe_dump(spec(tmp, out, srv, stage, requests_per_minute=RPM, **engine), f)
-        runs = run_until_done(cfg, srv, kills, tmp)
+        runs = run_until_done(cfg, srv, kills, tmp, out)
         got = check_requests(srv, runs)
     assert rows(out, step, cols) == rows(ref, step, cols)
     outcomes = defaultdict(int)
     for e in srv.log:
         outcomes[e.outcome] += 1
-    import json
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"][step]
     return {**got, "runs": len(runs), "outcomes": dict(outcomes), "stats": stats}
 
