@@ -163,7 +163,8 @@ def check_requests(srv: FakeOpenAI, runs: list[Run]) -> dict:
     worst = 0.0
     for w in (1.0, 3.0, 10.0):
         n = srv.max_in_window(w)
-        assert n <= rate * (w + 2.0) + 1, f"{n} requests within {w}s (limit {RPM}/min, burst 2 s)"
+        # + 0.3 s: turns are taken in the client, arrivals measured at the server (scheduling jitter)
+        assert n <= rate * (w + 2.0 + 0.3) + 1, f"{n} requests within {w}s (limit {RPM}/min, burst 2 s)"
         worst = max(worst, n / w)
     return {"requests": len(srv.log), "resent_in_flight": resent_in_flight, "peak_per_s": worst}
 

@@ -244,7 +244,10 @@ def test_a_stage_stopped_mid_flight_leaves_the_shared_engine_usable(openai_serve
         s(docs(40))
     at_stop = st.hits
     time.sleep(0.6)     # requests that were waiting for a connection at the stop are not sent
-    assert st.hits - at_stop <= 2, (at_stop, st.hits)
+    # the server counts a request when its handler starts: on a loaded machine some already on the
+    # wire at the stop (at most the concurrency, 16) are counted after it; the 40 - 16 queued
+    # behind them must never go out
+    assert st.hits - at_stop <= 16 and st.hits < 40, (at_stop, st.hits)
     st.backend, st.responder, st.delay = "script", facts_answer, 0.0
     s2 = Facts(engine=engine(openai_server, concurrency=16), prompts_dir=str(prompts), max_tokens=8)
     out = s2(docs(40))

@@ -77,7 +77,9 @@ def test_requests_per_minute_holds_across_workers(tmp_path):
         res = run_pipeline(pipeline(str(tmp_path), srv, requests_per_minute=600), progress=False)
         ts = sorted(e.t0 for e in srv.log)
     assert res.stats["generate"]["out"] == 40 and len(ts) == 40
-    assert srv.max_in_window(1.0) <= 10 * (1 + 2) + 1
+    # + 0.3 s of the rate: a request's turn is taken in the client, its arrival is measured at the
+    # server, and on a loaded machine two turns 0.1 s apart can arrive together
+    assert srv.max_in_window(1.0) <= 10 * (1 + 2 + 0.3) + 1
     assert ts[-1] - ts[0] >= (40 - 20) / 10 - 0.3
 
 
@@ -242,7 +244,9 @@ def test_requests_per_minute_holds_across_ray_workers(tmp_path):
         res = run_pipeline(spec, progress=False)
         ts = sorted(e.t0 for e in srv.log)
     assert res.stats["generate"]["out"] == 40 and len(ts) == 40
-    assert srv.max_in_window(1.0) <= 10 * (1 + 2) + 1
+    # + 0.3 s of the rate: a request's turn is taken in the client, its arrival is measured at the
+    # server, and on a loaded machine two turns 0.1 s apart can arrive together
+    assert srv.max_in_window(1.0) <= 10 * (1 + 2 + 0.3) + 1
     assert ts[-1] - ts[0] >= (40 - 20) / 10 - 0.3
     assert not os.path.exists(os.path.join(str(tmp_path), "out", "_curate", "work", "llm_ratelimit.sqlite"))
 
