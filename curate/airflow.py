@@ -45,10 +45,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 try:  # Airflow 3
-    from airflow.sdk import DAG, BaseOperator
+    from airflow.sdk import BaseOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 except ImportError:  # pragma: no cover - Airflow 2
-    from airflow import DAG
     from airflow.exceptions import AirflowException, AirflowFailException
     from airflow.models import BaseOperator
 
@@ -251,6 +250,10 @@ def curate_dag(dag_id: str, pipeline: str, *, schedule: Any = None,
     """A DAG holding :func:`curate_tasks` for one pipeline (one output), with ``max_active_runs=1``
     by default: a second scheduled run waits for the first instead of racing it for the output's
     lease. ``task_kwargs`` go to :func:`curate_tasks` (``image``, ``retries``, ``secrets``...)."""
+    try:  # Airflow 3
+        from airflow.sdk import DAG
+    except ImportError:  # pragma: no cover - Airflow 2
+        from airflow import DAG
     with DAG(dag_id=dag_id, schedule=schedule, start_date=start_date, max_active_runs=max_active_runs,
              catchup=catchup, tags=list(tags), **(dag_kwargs or {})) as dag:
         curate_tasks(pipeline, **task_kwargs)
