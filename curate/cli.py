@@ -103,6 +103,9 @@ def main(ctx: click.Context, log_format: str | None, log_level: str | None) -> N
     """curate: clean, deduplicated, scored and synthetic corpora for continued pre-training."""
     ctx.ensure_object(dict)
     ctx.obj.update(log_format=log_format and log_format.lower(), log_level=log_level and log_level.lower())
+    if ctx.obj["log_format"] == "json":   # every command's errors as JSON lines (`run` sets its level again)
+        from curate import logs
+        logs.setup(ctx.obj["log_level"] or "info", "json")
 
 
 @main.command()

@@ -70,6 +70,13 @@ def test_json_error_and_env_variable(tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     (err,) = _json_lines(r.stderr)
     assert err["event"] == "error" and err["level"] == "ERROR" and "no_such_stage" in err["message"]
+    # the group's option applies to every command
+    env.pop("CURATE_LOG_FORMAT")
+    r = subprocess.run([sys.executable, "-m", "curate.cli", "--log-format", "json", "validate", bad],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and r.stdout == ""
+    (err,) = _json_lines(r.stderr)
+    assert err["event"] == "error" and "no_such_stage" in err["message"]
 
 
 def test_text_mode_is_unchanged(tmp_path):
