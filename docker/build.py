@@ -268,15 +268,16 @@ def build_command(tool: str, variant: str = "cpu", *, base: str | None = None, o
 
 
 def build(variant: str = "cpu", *, tool: str | None = None, base: str | None = None, offline: bool = False,
-          extra_args: dict[str, str] | None = None, tag_list: list[str] | None = None,
+          mirror: str = DEBIAN_MIRROR, extra_args: dict[str, str] | None = None, tag_list: list[str] | None = None,
           timeout: float = 3600, dry_run: bool = False, log=print) -> tuple[list[str], float]:
-    """Builds the image; (tags, seconds)."""
+    """Builds the image; (tags, seconds). Offline, the CPU image's base is the debootstrap root."""
     tool = tool or detect_tool()
     if offline and base is None and variant == "cpu":
-        base = BASE_TAG if dry_run else base_image(tool)
+        base = BASE_TAG if dry_run else base_image(tool, mirror)
     cmd = build_command(tool, variant, base=base, offline=offline, extra_args=extra_args, tag_list=tag_list)
     tag_list = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-t"]
     log("$ " + shlex.join(cmd))
+    sys.stdout.flush()
     if dry_run:
         return tag_list, 0.0
     t0 = time.time()
@@ -302,14 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     variant = "gpu" if a.gpu else "cpu"
     extra = dict(kv.split("=", 1) for kv in a.build_arg)
-    tool = a.tool or (os.environ.get("CURATE_CONTAINER_TOOL") or "docker" if a.dry_run else None) or detect_tool()
-    base = a.base
-    if a.offline and base is None and variant == "cpu" and not a.dry_run:
-        base = base_image(tool, a.mirror)
-    tag_list, seconds = build(variant, tool=tool, base=base, offline=a.offline, extra_args=extra,
+    if a.dry_run:   # no tool needed to print the command
+        tool = a.tool or os.environ.get("CURATE_CONTAINER_TOOL") or "docker"
+    else:
+        tool = detect_tool(a.tool)
+    tag_list, seconds = build(variant, tool=tool, base=a.base, offline=a.offline, mirror=a.mirror, extra_args=extra,
                               tag_list=tags(variant, a.name), dry_run=a.dry_run)
     if not a.dry_run:
-        print(f"built {', '.join(tag_list)} with {tool} in {seconds:.0f}s")
+        print(f"built {', '.join(tag_list)} with {tool} in {seconds:.0f}s", flush=True)
     return 0
 
 
