@@ -11,8 +11,9 @@ The tool is ``--tool`` or ``$CURATE_CONTAINER_TOOL``, else the first of ``docker
 ``info`` works. Every image gets the OCI labels ``org.opencontainers.image.version`` (pyproject's
 version), ``.revision`` (the git commit, ``-dirty`` when the tree has changes), ``.source`` and
 ``.created`` (``$SOURCE_DATE_EPOCH``, else the commit's time: a rebuild of one commit gets the same
-labels): build arguments (CURATE_VERSION, CURATE_REVISION, CURATE_CREATED, CURATE_SOURCE) that the
-Dockerfiles' LABEL step uses.
+labels), set with ``--label`` and as build arguments (CURATE_VERSION, CURATE_REVISION,
+CURATE_CREATED, CURATE_SOURCE) for the Dockerfiles' LABEL step (a plain ``docker build`` then says
+``unknown``).
 
 The offline route (``--offline``), what the container tests use:
 - the base image is a Debian root made by ``debootstrap`` (bookworm: Python 3.11) from a Debian
@@ -256,6 +257,11 @@ def build_command(tool: str, variant: str = "cpu", *, base: str | None = None, o
     build_args.update(extra_args or {})
     for k, v in build_args.items():
         cmd += ["--build-arg", f"{k}={v}"]
+    # also as --label: a build whose every layer comes from the cache keeps the labels of the
+    # cached LABEL layer (Buildah does not re-evaluate it for new build-arg values); --label
+    # always sets them on the image
+    for k, v in lab.items():
+        cmd += ["--label", f"{k}={v}"]
     if mounts:
         if tool != "podman":
             raise SystemExit("local pip folders (find-links / a file:// index) can be mounted into the build by "

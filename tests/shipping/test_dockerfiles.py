@@ -255,6 +255,12 @@ def test_build_command_tags_and_labels(monkeypatch):
     assert args["CURATE_REVISION"].split("-")[0] == rev
     assert args["CURATE_CREATED"] == "2025-12-06T05:46:40Z"   # SOURCE_DATE_EPOCH: reproducible labels
     assert args["CURATE_SOURCE"].startswith("https://")
+    # and as --label (a fully cached build keeps the cached LABEL layer's values otherwise)
+    labels = dict(cmd[i + 1].split("=", 1) for i, a in enumerate(cmd) if a == "--label")
+    assert labels["org.opencontainers.image.version"] == version
+    assert labels["org.opencontainers.image.revision"] == args["CURATE_REVISION"]
+    assert labels["org.opencontainers.image.created"] == args["CURATE_CREATED"]
+    assert labels["org.opencontainers.image.source"] == args["CURATE_SOURCE"]
     # the CPU image by default (no local pip folders mounted without --offline)
     cpu = build.build_command("docker", "cpu")
     assert cpu[3] == "docker/Dockerfile" and "-v" not in cpu
