@@ -19,7 +19,7 @@ KEYS = {"time", "level", "logger", "event", "step", "counters", "message"}
 
 
 def _pipeline(tmp_path):
-    write_corpus(str(tmp_path / "in"), files=2, rows=200)
+    write_corpus(str(tmp_path / "in"), files=2, rows=100)
     return write_yaml(str(tmp_path / "p.yaml"), pipeline_dict(str(tmp_path / "in"), str(tmp_path / "out")))
 
 
@@ -52,7 +52,7 @@ def test_run_json_logs(tmp_path):
     assert done[-1]["counters"]["complete"] is True and done[-1]["counters"]["output"] == str(tmp_path / "out")
     # again, options on `run`, --log-level warning: no INFO log lines, the summary (all skipped) stays
     r = subprocess.run([sys.executable, "-m", "curate.cli", "run", p, "--log-format", "json", "--log-level",
-                        "warning"], capture_output=True, text=True, timeout=300, env=env)
+                        "warning", "--workers", "1"], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     events = _json_lines(r.stderr)
     assert not [e for e in events if e["level"] == "INFO" and e["event"] in ("log", "progress")]
@@ -82,8 +82,8 @@ def test_json_error_and_env_variable(tmp_path):
 def test_text_mode_is_unchanged(tmp_path):
     p = _pipeline(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CURATE_LOG_")}
-    r = subprocess.run([sys.executable, "-m", "curate.cli", "run", p, "--log-level", "debug"], capture_output=True,
-                       text=True, timeout=300, env=env)
+    r = subprocess.run([sys.executable, "-m", "curate.cli", "run", p, "--log-level", "debug", "--workers", "1"],
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "min_words" in r.stdout and "output:" in r.stdout          # the funnel table
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
