@@ -313,8 +313,12 @@ def main(argv: list[str] | None = None) -> int:
         tool = a.tool or os.environ.get("CURATE_CONTAINER_TOOL") or "docker"
     else:
         tool = detect_tool(a.tool)
-    tag_list, seconds = build(variant, tool=tool, base=a.base, offline=a.offline, mirror=a.mirror, extra_args=extra,
-                              tag_list=tags(variant, a.name), dry_run=a.dry_run)
+    try:
+        tag_list, seconds = build(variant, tool=tool, base=a.base, offline=a.offline, mirror=a.mirror,
+                                  extra_args=extra, tag_list=tags(variant, a.name), dry_run=a.dry_run)
+    except RuntimeError as exc:   # the tool's own output is above
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not a.dry_run:
         print(f"built {', '.join(tag_list)} with {tool} in {seconds:.0f}s", flush=True)
     return 0

@@ -56,12 +56,12 @@ def test_gpu_image_shares_the_cpu_image_steps():
     shared = {i for b in cpu_blocks.values() for i in b}
     gpu_only = [i for i in gpu if i not in shared]
     assert gpu_only[:4] == [
-        ("ARG", "BASE_IMAGE=vllm/vllm-openai:v0.33.0"), ("FROM", "${BASE_IMAGE}"),
+        ("ARG", "BASE_IMAGE=docker.io/vllm/vllm-openai:v0.33.0"), ("FROM", "${BASE_IMAGE}"),
         ("RUN", "python requirements.py --constraints requirements.lock > constraints.txt"),
         ("ARG", 'CURATE_EXTRAS="gpu ray s3"')]
     assert gpu_only[-1] == ("CMD", '["--help"]')
     cpu_only = [i for i in cpu if i not in shared]
-    assert cpu_only[:2] == [("ARG", "BASE_IMAGE=python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
+    assert cpu_only[:2] == [("ARG", "BASE_IMAGE=docker.io/library/python:3.11-slim"), ("FROM", "${BASE_IMAGE}")]
     # the CPU image is a Ray node too (issue 21): ray is one of its extras
     assert ("ARG", 'CURATE_EXTRAS="llm ray s3"') in cpu_only
     assert any(w == "RUN" and a.endswith("&& cp requirements.lock constraints.txt") for w, a in cpu_only)
@@ -150,7 +150,8 @@ def test_gpu_image_pinned_checked_and_runnable():
     steps, _ = instructions(GPU)
     text = [f"{w} {a}" for w, a in steps]
     base = next(a for w, a in steps if w == "ARG" and a.startswith("BASE_IMAGE="))
-    tag = base.split(":", 1)[1]
+    assert base.startswith("BASE_IMAGE=docker.io/vllm/vllm-openai:")   # fully qualified: Podman needs no alias
+    tag = base.rsplit(":", 1)[1]
     # a release, not a floating tag; one that curate's engine is checked against and supports
     assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), base
     assert tag[1:] in CHECKED_VERSIONS and tag[1:] in SpecifierSet(SUPPORTED_VLLM)
