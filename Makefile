@@ -27,6 +27,24 @@ test-slow: $(STAMP)
 
 .PHONY: setup demo test test-slow
 
+# Images (see README, "Containers and Airflow"): docker/build.py with Docker or Podman (whichever
+# works; CONTAINER_TOOL=podman to choose), tagged curate:cpu, curate:<version>-cpu and
+# curate:<version>-<git rev>-cpu, with OCI labels. OFFLINE=1: a debootstrap Debian base and this
+# machine's pip index / local wheels, no image registry or PyTorch index needed (CPU image).
+# `make lock` rewrites docker/requirements.lock (every package's version) from the dev venv.
+BUILD_FLAGS = $(if $(OFFLINE),--offline) $(if $(CONTAINER_TOOL),--tool $(CONTAINER_TOOL))
+
+image:
+	python3 docker/build.py $(BUILD_FLAGS)
+
+image-gpu:
+	python3 docker/build.py --gpu $(BUILD_FLAGS)
+
+lock: $(STAMP)
+	$(BIN)/python docker/lock.py
+
+.PHONY: image image-gpu lock
+
 # Containers and Airflow (see README): minutes each, so not part of `make test`.
 # container-test: Podman builds docker/Dockerfile on a debootstrap Debian root and runs the quickstart
 # in it twice; airflow-test: `airflow dags test` on docker/airflow_dag.py in a separate Airflow venv.

@@ -32,11 +32,38 @@ def quickstart_path() -> str:
     return str(resources.files("curate") / "configs" / "quickstart.yaml")
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "trafilatura", "datasketch", "numba", "filelock", "datatrove"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def _setup_logging(quiet: bool, level: str | None = None, fmt: str | None = None) -> None:
+    """Logging of this run (curate/logs.py): ``--log-level`` (default: warning with --quiet, else
+    info) and ``--log-format``, from the command, the group, or CURATE_LOG_LEVEL / CURATE_LOG_FORMAT."""
+    from curate import logs
+
+    obj = click.get_current_context().find_root().obj or {}
+    level = level or obj.get("log_level") or ("warning" if quiet else "info")
+    fmt = fmt or obj.get("log_format") or logs.log_format()
+    logs.setup(level, fmt)
+
+
+def _say(text: str, *, err: bool = False, event: str = "message", level: int = logging.INFO,
+         step: str | None = None, counters: dict | None = None) -> None:
+    """A line for the user: printed (stdout, or stderr with ``err``), or in JSON log mode one
+    JSON event on the log stream."""
+    from curate import logs
+
+    if logs.is_json():
+        logs.event(_summary_log(), event, text.strip("\n"), step=step, counters=counters, level=level)
+    else:
+        click.echo(text, err=err)
+
+
+def _summary_log() -> logging.Logger:
+    # the run's summary and errors come out at any --log-level (the text mode prints them too)
+    lg = logging.getLogger("curate.summary")
+    lg.setLevel(logging.INFO)
+    return lg
+
+
+def _error(text: str) -> None:
+    _say(f"error: {text}", err=True, event="error", level=logging.ERROR)
 
 
 def _load_or_exit(file: str, overrides: dict | None = None):
@@ -46,24 +73,40 @@ def _load_or_exit(file: str, overrides: dict | None = None):
     try:
         return load_pipeline(file, overrides=overrides)
     except ConfigError as exc:
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         sys.exit(2)
 
 
 def _output_or_exit(pipe) -> None:
-    """Exit 2 with one line when the pipeline's output cannot be created or written."""
+    """Exit 2 with one line when the pipeline's output cannot be created or written (local
+    folders, and object stores: a write and a delete with the run's credentials)."""
     from curate.pipeline.output_check import output_problem
 
     problem = output_problem(pipe.output)
     if problem:
-        click.echo(f"error: {pipe.path}: {problem}", err=True)
+        _error(f"{pipe.path}: {problem}")
         sys.exit(2)
+
+
+LOG_FORMAT = click.Choice(["text", "json"], case_sensitive=False)
+LOG_LEVEL = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="curate")
-def main() -> None:
+@click.option("--log-format", type=LOG_FORMAT, default=None, envvar="CURATE_LOG_FORMAT", show_envvar=True,
+              help="text (default): human lines and, on a terminal, progress bars; json: one JSON object "
+                   "per line (time, level, step, event, counters, message) on stderr.")
+@click.option("--log-level", type=LOG_LEVEL, default=None, envvar="CURATE_LOG_LEVEL", show_envvar=True,
+              help="Lowest level logged (default info; warning with `run --quiet`).")
+@click.pass_context
+def main(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
     """curate: clean, deduplicated, scored and synthetic corpora for continued pre-training."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(log_format=log_format and log_format.lower(), log_level=log_level and log_level.lower())
+    if ctx.obj["log_format"] == "json":   # every command's errors as JSON lines (`run` sets its level again)
+        from curate import logs
+        logs.setup(ctx.obj["log_level"] or "info", "json")
 
 
 @main.command()
@@ -79,14 +122,18 @@ def main() -> None:
 @click.option("--estimate", "estimate_file", default=None, metavar="FILE",
               help="An estimate JSON of `curate estimate` to compare with (default: "
                    "<output>.estimate/estimate.json when it exists).")
+@click.option("--log-format", type=LOG_FORMAT, default=None,
+              help="text or json (as `curate --log-format`); json: the funnel becomes `step` events.")
+@click.option("--log-level", type=LOG_LEVEL, default=None, help="As `curate --log-level`.")
 def run(file: str | None, force: bool, runner: str | None, workers: int | None, output: str | None,
-        quiet: bool, break_lock: str | None, estimate_file: str | None) -> None:
+        quiet: bool, break_lock: str | None, estimate_file: str | None, log_format: str | None,
+        log_level: str | None) -> None:
     """Run a pipeline (default: the built-in quickstart). Finished shards are kept and skipped."""
     from curate.pipeline.config import ConfigError
     from curate.pipeline.runner import PipelineError, Runner
     from curate.pipeline.stats import funnel_table, funnel_warnings
 
-    _setup_logging(quiet)
+    _setup_logging(quiet, log_level and log_level.lower(), log_format and log_format.lower())
     file = file or quickstart_path()
     pipe = _load_or_exit(file, {"runner": runner, "workers": workers, "output": output})
     _output_or_exit(pipe)
@@ -108,48 +155,74 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock,
                      estimate=estimate)
 
+    def funnel(stats: dict) -> None:
+        """The funnel table, or in JSON mode one ``step`` event per step."""
+        from curate import logs
+
+        if not logs.is_json():
+            click.echo(funnel_table(stats))
+            return
+        from curate.pipeline.stats import step_time
+        for name, st in stats.items():
+            counters = {"in": st["in"], "out": st["out"], "dropped": dict(st["dropped"]),
+                        "errors": dict(st["errors"]), "status": st.get("status"), "stage": st.get("stage"),
+                        "time": step_time(st)}
+            counters.update({k: v for k, v in (st.get("counters") or {}).items() if isinstance(v, (int, float))})
+            _say(f"step {name}: {st['in']:,} in, {st['out']:,} out ({st.get('status')})", event="step", step=name,
+                 counters=counters)
+
     def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
         if runner_.partial is not None:
-            click.echo(funnel_table(runner_.partial.stats))
-            click.echo(f"\noutput: {pipe.output}  (INCOMPLETE: stats.json, manifest.json"
-                       + (", report.html" if pipe.spec.report else "") + " of what finished)")
+            funnel(runner_.partial.stats)
+            _say(f"\noutput: {pipe.output}  (INCOMPLETE: stats.json, manifest.json"
+                 + (", report.html" if pipe.spec.report else "") + " of what finished)", event="run",
+                 counters={"output": pipe.output, "complete": False})
             for line in error_lines(runner_.partial.stats, pipe.output):
-                click.echo(line, err=True)
+                _say(line, err=True, event="step_errors", level=logging.WARNING)
 
     previous = _terminate_as_interrupt()
     try:
         result = runner_.run()
     except PipelineError as exc:
         partial_funnel()
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         sys.exit(exc.exit_code)
     except ConfigError as exc:  # steps ask for more than the machines offer (resources:), before any work
-        click.echo(f"error: {exc}", err=True)
+        _error(str(exc))
         sys.exit(exit_codes.INVALID)
     except OSError as exc:  # the output cannot be written (permissions, a full disk, --force on a locked folder)
         from curate.pipeline.output_check import describe_os_error
         partial_funnel()
         msg = describe_os_error(exc, f"cannot write the output {pipe.output}", root=pipe.output)
-        click.echo(f"error: {msg}", err=True)
+        _error(msg)
         sys.exit(exit_codes.FAILED)
     except KeyboardInterrupt as exc:
         partial_funnel()
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        click.echo(f"{how}: finished shards are kept; run the same command again to resume", err=True)
+        _say(f"{how}: finished shards are kept; run the same command again to resume", err=True, event="run",
+             level=logging.WARNING)
         sys.exit(exit_codes.TERMINATED if isinstance(exc, Terminated) else exit_codes.INTERRUPTED)
     finally:
         _restore_sigterm(previous)
-    click.echo(funnel_table(result.stats))
+    funnel(result.stats)
     if funnel_warnings(result.stats):
-        click.echo("\n" + funnel_warnings(result.stats), err=True)
+        from curate import logs
+        if logs.is_json():
+            for line in funnel_warnings(result.stats).splitlines():
+                _say(line, err=True, event="warning", level=logging.WARNING)
+        else:
+            click.echo("\n" + funnel_warnings(result.stats), err=True)
     files = "stats.json, manifest.json" + (", report.html" if pipe.spec.report else "")
     if result.estimate and result.estimate.get("steps"):
         from curate.pipeline.estimate import comparison_table
 
-        click.echo("\nLLM steps, estimate vs actual:\n" + comparison_table(result.estimate))
-    click.echo(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)")
+        _say("\nLLM steps, estimate vs actual:\n" + comparison_table(result.estimate), event="estimate",
+             counters={"steps": result.estimate["steps"]})
+    _say(f"\noutput: {result.output}  ({files}; {result.seconds:.1f}s)", event="run",
+         counters={"output": result.output, "complete": True, "seconds": round(result.seconds, 3),
+                   "steps": len(result.stats)})
     for line in error_lines(result.stats, result.output):
-        click.echo(line, err=True)
+        _say(line, err=True, event="step_errors", level=logging.WARNING)
 
 
 class Terminated(KeyboardInterrupt):

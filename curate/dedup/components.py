@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 from curate.pipeline.scratch import spill_file, spill_read
-from numba import njit
+from curate.numba_cache import njit
 
 EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64())])
 

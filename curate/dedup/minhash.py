@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from numba import njit, prange
+from numba import prange
+
+from curate.numba_cache import njit
 
 # ------------------------------------------------------------------------------------------------
 # normalisation

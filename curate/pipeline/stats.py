@@ -145,7 +145,9 @@ class Progress:
         self._req_at_n = 0               # requests answered when rows were last reported
         # the step's LLM requests and cost projected by `curate estimate` ({"requests", "cost"})
         self.estimate: dict[str, float] | None = None
-        tty = sys.stderr.isatty() if tty is None else tty
+        if tty is None:   # a bar on a terminal, unless the logs are JSON (curate --log-format json)
+            from curate.logs import is_json
+            tty = sys.stderr.isatty() and not is_json()
         if enabled and tty:
             from tqdm import tqdm
             self._bar = tqdm(total=total, desc=step, unit="doc", dynamic_ncols=True, leave=True)
@@ -267,7 +269,20 @@ class Progress:
             msg += ", " + self._llm_text()
         if self.tokens:
             msg += f", {self.tokens / el:,.1f} generated tok/s"
-        log.info(msg)
+        from curate.logs import event
+        counters: dict[str, Any] = {"docs": self.n, "docs_per_s": round(self.n / el, 2), "elapsed_s": round(el, 1)}
+        if self.total:
+            counters.update(total=self.total, percent=round(100 * self.n / self.total, 1))
+            eta = self.eta(now)
+            if eta is not None:
+                counters["eta_s"] = round(eta, 1)
+        if self._tasks:
+            counters.update(tasks_done=self._tasks[0], tasks=self._tasks[1])
+        if self.req:
+            counters.update({f"llm_{k}": v for k, v in self.req.items()})
+        if self.tokens:
+            counters["generated_tokens"] = self.tokens
+        event(log, "progress", msg, step=self.step, counters=counters)
 
     def close(self) -> None:
         if self._bar is not None:

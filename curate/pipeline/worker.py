@@ -105,7 +105,9 @@ def init_worker(queue: Any, level: int, parent_pid: int, env: dict[str, str],
     if devices is not None:   # a worker of a GPU pool: its own devices, for life
         os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
     _WORKER["queue"] = queue
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    from curate.logs import setup_worker   # the run's log format (CURATE_LOG_FORMAT in ``env``)
+
+    setup_worker(level)
     _die_with_parent(parent_pid)
     from curate.engines.base import set_send_guard
 

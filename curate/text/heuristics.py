@@ -35,7 +35,7 @@ import re
 from typing import Any
 
 import numpy as np
-from numba import njit
+from curate.numba_cache import njit
 
 from curate.text.spacy_words import SpacyWords
 

@@ -38,7 +38,7 @@ import unicodedata
 from typing import Iterable
 
 import numpy as np
-from numba import njit
+from curate.numba_cache import njit
 
 # bits of the per-token flags
 NONSYM = 1      # has a character outside datatrove's PUNCTUATION_SET (a "non-symbol word")

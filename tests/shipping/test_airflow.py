@@ -125,6 +125,19 @@ def test_dag_helper_builds_both_flavours(airflow_bin, airflow_home):
         assert isinstance(d, CurateDockerOperator) and d.image == "curate:test"
         assert d.command == ["run", "/data/pipeline.yaml", "--quiet"] and d.docker_url == "unix:///x.sock"
         assert [(m["Source"], m["Target"]) for m in d.mounts] == [("/srv/data", "/data")]
+        # one active run per DAG (= per output), one run task at a time
+        for dag in (plain, box):
+            assert dag.max_active_runs == 1 and dag.get_task("run").max_active_tis_per_dag == 1
+        # secrets: the real DockerOperator's private_environment, never a template field
+        from curate.airflow import curate_dag
+        os.environ["AWS_SECRET_ACCESS_KEY"] = "worker-secret"
+        s = curate_dag("secrets", "/data/p.yaml", image="curate:test", secrets={"OPENAI_API_KEY": "sk-x"},
+                       pass_env=["AWS_SECRET_ACCESS_KEY"], env={"CURATE_LOG_FORMAT": "json"}).get_task("run")
+        assert s._private_environment == {"OPENAI_API_KEY": "sk-x"} and s.environment == {"CURATE_LOG_FORMAT": "json"}
+        assert "private_environment" not in s.template_fields and "_private_environment" not in s.template_fields
+        assert s.pass_env == ["AWS_SECRET_ACCESS_KEY"]
+        # on_kill before the container exists does nothing (the provider's client is not even made)
+        s.on_kill()
         raise_for_exit_code(0, "x")
         for code, exc in ((2, AirflowFailException), (3, AirflowFailException), (1, AirflowException),
                           (137, AirflowException)):
