@@ -37,8 +37,12 @@ def test_synthesizer_format_bos_and_chaining(openai_server):
     st.backend, st.responder = "script", synth_answer
     s = InstructionSynth(mode="synthesizer", engine=engine(openai_server), rounds=2, max_tokens=20,
                          context_tokens=400)
+    st.bodies.clear()
     out = s(docs())
-    first, second = sorted(st.bodies, key=lambda b: len(b["prompt"]))
+    # this stage's requests only: the session's server may still get a late request of an earlier
+    # test's stopped stage (a chat body)
+    mine = [b for b in st.bodies if "<CON>" in str(b.get("prompt", ""))]
+    first, second = sorted(mine, key=lambda b: len(b["prompt"]))
     assert first["prompt"] == f"<s> <CON> {TEXTS[0]} </CON>\n\n"  # the reference input, BOS as text
     assert first["add_special_tokens"] is False and first["temperature"] == 0 and first["max_tokens"] == 20
     # round 2: the round-1 text with its parsed pairs as a few-shot example, closed by </s>
@@ -57,7 +61,7 @@ def test_synthesizer_format_bos_and_chaining(openai_server):
     st.bodies.clear()
     InstructionSynth(mode="synthesizer", engine=engine(openai_server), rounds=2, max_tokens=20,
                      context_tokens=90)(docs())
-    assert all(b["prompt"].count("<CON>") == 1 for b in st.bodies)
+    assert all(b["prompt"].count("<CON>") == 1 for b in st.bodies if "prompt" in b)
 
 
 def test_rendering_is_varied_and_seeded_by_document_id():
