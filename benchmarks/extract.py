@@ -44,7 +44,7 @@ def build_pages(path: str, articles: int = 200, modules: list[str] | None = None
     """Write the benchmark's page set (id, source, html, text, metadata, url) to ``path``."""
     from pages import article_pages, html_table
 
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     src = ReadPydoc(**({"modules": modules} if modules else {}))()
     arts = html_table(article_pages(articles, seed=seed))

@@ -38,7 +38,7 @@ def build_warcs(folder: str, articles: int, files: int) -> int:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     pages = ReadPydoc()().select(["url", "html"]).to_pylist()
     pages += html_table(article_pages(articles, seed=0)).select(["url", "html"]).to_pylist()

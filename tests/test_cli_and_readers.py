@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.pipeline.runner import run_pipeline
-from curate.stages.read_jsonl import ReadJsonl
-from curate.stages.read_pydoc import ReadPydoc
+from curate.stages.sources.read_jsonl import ReadJsonl
+from curate.stages.sources.read_pydoc import ReadPydoc
 from helpers import pipeline_dict, write_corpus
 
 
@@ -76,7 +76,7 @@ def test_read_jsonl_counts_and_skips_bad_lines(tmp_path):
 
 def test_read_parquet_rejects_missing_text_column(tmp_path):
     from curate.pipeline.stage import StageError
-    from curate.stages.read_parquet import ReadParquet
+    from curate.stages.sources.read_parquet import ReadParquet
 
     pq.write_table(pa.table({"body": ["x"]}), str(tmp_path / "a.parquet"))
     with pytest.raises(StageError, match="no column 'text'"):

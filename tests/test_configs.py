@@ -95,7 +95,7 @@ def test_crawl_example(tmp_path):
     from curate.stages.extract_html import ExtractHtml
     from curate.stages.heuristic_filter import HeuristicFilter
     from curate.stages.language_id import LanguageId
-    from curate.stages.read_pydoc import topic_page
+    from curate.stages.sources.read_pydoc import topic_page
 
     names = sorted(topics)[:40]
     pages = {f"/docs/{n}.html": topic_page(n) for n in names}

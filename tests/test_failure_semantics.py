@@ -375,7 +375,7 @@ def test_the_same_input_in_two_folders_gives_byte_identical_shards(tmp_path):
             fa, fb = (open(os.path.join(o, step, name), "rb").read() for o in outs)
             assert fa == fb, (step, name)
     # outputs written with the older (absolute) ids are recomputed, not mixed with these
-    from curate.stages.read_parquet import ReadParquet
+    from curate.stages.sources.read_parquet import ReadParquet
     assert ReadParquet(paths=str(src / "pq")).fingerprint_extra().startswith("ids:relative|")
     rows = pa.concat_tables(read_step(outs[0], "p").values()).to_pylist()
     assert len({r["id"] for r in rows}) == 10          # same file name in two folders: other ids

@@ -170,7 +170,7 @@ def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
 @pytest.mark.parametrize("paths", ["data/*.parquet", "data/", ["data/a.parquet"]])
 def test_library_source_with_no_matching_files_raises_what_validate_reports(tmp_path, monkeypatch, paths):
     from curate.pipeline.stage import StageError
-    from curate.stages.read_parquet import ReadParquet
+    from curate.stages.sources.read_parquet import ReadParquet
 
     monkeypatch.chdir(tmp_path)
     if paths == "data/":

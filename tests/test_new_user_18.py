@@ -102,7 +102,7 @@ def test_extract_drops_html_unless_asked_and_removes_headerlinks(tmp_path):
 
 
 def test_read_files_groups_tasks_by_bytes(tmp_path):
-    from curate.stages.read_files import ReadFiles
+    from curate.stages.sources.read_files import ReadFiles
 
     for i in range(10):
         (tmp_path / f"p{i}.txt").write_text(f"page {i} " + "x" * 995)   # about 1 KB each
@@ -117,7 +117,7 @@ def test_read_files_groups_tasks_by_bytes(tmp_path):
 @pytest.mark.parametrize("text", ["café", "Un café, s'il vous plaît.\n", "Smørrebrød og øl.", "Ångström",
                                   "Ich heiße Jürgen.\n", "It’s a café – “quoted”."])
 def test_short_latin1_text_files_are_not_garbled(tmp_path, text):
-    from curate.stages.read_files import ReadFiles
+    from curate.stages.sources.read_files import ReadFiles
 
     (tmp_path / "a.txt").write_bytes(text.encode("cp1252"))
     row = ReadFiles(paths=[str(tmp_path / "a.txt")])().to_pylist()[0]
@@ -206,7 +206,7 @@ def test_presets_set_values_under_the_options_given():
 def test_docs_preset_keeps_documentation_that_web_defaults_drop_or_rewrite():
     from curate.stages.extract_html import ExtractHtml
     from curate.stages.heuristic_filter import HeuristicFilter
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     pages = ExtractHtml(date_extensive_search=False)(ReadPydoc(modules=["json", "csv", "textwrap", "heapq",
                                                                         "bisect", "shlex", "fnmatch", "glob"])())

@@ -50,7 +50,7 @@ def check_identical(manifests: list[dict]) -> None:
 def test_pydoc_pages_are_the_same_bytes_in_two_processes():
     """Memory addresses in pydoc's rendering of default values (``<object object at 0x...>``)
     differ between processes; read_pydoc normalises them."""
-    code = ("import hashlib; from curate.stages.read_pydoc import ReadPydoc; "
+    code = ("import hashlib; from curate.stages.sources.read_pydoc import ReadPydoc; "
             "t = ReadPydoc(modules=['collections', 'inspect', 'json', 'ftplib', 'logging', 'dataclasses'])(); "
             "print([hashlib.sha256(h.encode()).hexdigest() for h in t.column('html').to_pylist()])")
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -19,7 +19,7 @@ import pytest
 from curate.pipeline.config import ConfigError, load_pipeline
 from curate.pipeline.io import Dataset
 from curate.pipeline.runner import PipelineError, run_pipeline
-from curate.stages.read_parquet import ReadParquet
+from curate.stages.sources.read_parquet import ReadParquet
 from helpers import write_corpus, write_yaml
 
 # minutes of parity/cluster checks: in `make test-slow` (CI runs both)

@@ -200,7 +200,7 @@ def test_failing_documents_are_isolated_and_counted(tmp_path):
 
 def test_library_calls_on_table_and_path(tmp_path, corpus):
     from runner_stages import MinWords, TopK, WordCount
-    from curate.stages.read_parquet import ReadParquet
+    from curate.stages.sources.read_parquet import ReadParquet
 
     docs = ReadParquet(paths=corpus)()
     assert docs.num_rows == 2000 and len(set(docs.column("id").to_pylist())) == 2000

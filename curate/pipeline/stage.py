@@ -19,7 +19,7 @@ Three kinds exist:
 
 Runners know nothing else about a stage. Every stage is also a library call::
 
-    from curate.stages.language_id import LanguageId
+    from curate.stages.clean.language_id import LanguageId
     table = LanguageId(languages=["en"])(table_or_parquet_path)
 
 Columns: ``reads`` may name an option in braces, ``("{text_column}",)``; each instance resolves it
@@ -127,28 +127,27 @@ def register(cls: type["Stage"]) -> type["Stage"]:
 
 
 def load_builtin_stages() -> None:
-    """Import every module of ``curate.stages`` so that their stages register themselves."""
+    """Import every stage module under ``curate.stages`` (one folder per family) so that their
+    stages register themselves. Modules whose name starts with ``_`` are helpers, not stages."""
     import importlib
-    import pkgutil
 
-    import curate.stages as pkg
+    from curate.stages import stage_modules
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for module in stage_modules():
+        importlib.import_module(module)
 
 
 def get_stage(name: str) -> type["Stage"]:
-    """The stage class registered as ``name``. Tries the module ``curate.stages.<name>`` first (one
-    module per stage), so workers import only what they run; then scans all stage modules."""
+    """The stage class registered as ``name``. Tries the module ``curate.stages.<family>.<name>``
+    first (one module per stage), so workers import only what they run; then scans all stage modules."""
     import importlib
 
+    from curate.stages import module_of
+
     if name not in REGISTRY and name.isidentifier():
-        try:
-            importlib.import_module(f"curate.stages.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"curate.stages.{name}":
-                raise
+        module = module_of(name)
+        if module is not None:
+            importlib.import_module(module)
     if name not in REGISTRY:
         load_builtin_stages()
     try:

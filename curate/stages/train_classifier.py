@@ -153,9 +153,9 @@ def _describe(src: Source) -> str:
 
 def _reader(path: str, text_column: str):
     """The source stage that reads one file, by its suffix."""
-    from curate.stages.read_files import ReadFiles
-    from curate.stages.read_jsonl import JSONL_SUFFIXES, ReadJsonl
-    from curate.stages.read_parquet import ReadParquet
+    from curate.stages.sources.read_files import ReadFiles
+    from curate.stages.sources.read_jsonl import JSONL_SUFFIXES, ReadJsonl
+    from curate.stages.sources.read_parquet import ReadParquet
 
     low = path.lower()
     if low.endswith(".parquet"):

@@ -15,7 +15,7 @@ import pytest
 
 from curate.pipeline.schema import make_id
 from curate.pipeline.stage import get_stage
-from curate.stages.crawl import Crawl
+from curate.stages.sources.crawl import Crawl
 
 FAST = dict(per_host_delay=0.0, timeout=1.0, retries=0, max_response_bytes=1_000_000, trust_env=False)
 
@@ -134,7 +134,7 @@ def test_crawl_resumes_after_sigkill_without_refetching(serve_site, tmp_path):
     opts = dict(seeds=[base + "/"], max_depth=2, concurrency=2, per_host_delay=0.15, timeout=5.0,
                 state_dir=str(state), trust_env=False)
     code = textwrap.dedent(f"""
-        from curate.stages.crawl import Crawl
+        from curate.stages.sources.crawl import Crawl
         Crawl(**{opts!r})()
         print("finished")
     """)

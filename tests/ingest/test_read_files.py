@@ -8,7 +8,7 @@ import pytest
 
 from curate.pipeline.schema import make_id
 from curate.pipeline.stage import StageError, get_stage
-from curate.stages.read_files import ReadFiles
+from curate.stages.sources.read_files import ReadFiles
 
 
 def make_pdf(lines: list[str]) -> bytes:
@@ -123,7 +123,7 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_pdf_without_pypdf_is_counted_unsupported(corpus, monkeypatch, caplog):
-    import curate.stages.read_files as rf
+    import curate.stages.sources.read_files as rf
 
     monkeypatch.setattr(rf, "_have_pypdf", lambda: False)
     st = ReadFiles(paths=str(corpus / "e.pdf"))

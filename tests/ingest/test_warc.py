@@ -12,7 +12,7 @@ from warcio.warcwriter import WARCWriter
 from curate.ingest.charset import decode_bytes, normalize_charset
 from curate.pipeline.schema import make_id
 from curate.pipeline.stage import StageError, get_stage
-from curate.stages.read_warc import ReadWarc
+from curate.stages.sources.read_warc import ReadWarc
 
 
 def response(w, url, body: bytes, ctype="text/html; charset=utf-8", status="200 OK", extra=()):

@@ -24,7 +24,7 @@ def table(out, step):
 
 def source_texts() -> dict[str, str]:
     from curate.stages.extract_html import ExtractHtml
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     r = ReadPydoc(modules=[], topics=["pass", "continue", "break", "del"])
     pages = pa.concat_tables([t for task in r.tasks() for t in r.read(task)])
