@@ -95,7 +95,7 @@ def time_plain_meta(path: str) -> Timing:
 
 def time_stage(path: str, **opts) -> Timing:
     """curate's extract_html as a library call on the same table."""
-    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.clean.extract_html import ExtractHtml
 
     table = _load(path)
     _warm(lambda t: ExtractHtml(**opts)(t), table)

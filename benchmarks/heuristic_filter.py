@@ -63,7 +63,7 @@ def datatrove_run(texts: list[str]) -> tuple[float, list[str | None]]:
 
 
 def curate_run(texts: list[str]) -> tuple[float, list[str | None]]:
-    from curate.stages.heuristic_filter import HeuristicFilter
+    from curate.stages.clean.heuristic_filter import HeuristicFilter
 
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
     st = HeuristicFilter(save_dropped=True)

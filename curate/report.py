@@ -303,7 +303,7 @@ def _plots(step: _Step, thresholds: list[dict]) -> tuple[str, dict]:
 
 def _decontamination(fs, root: str, name: str, s: dict) -> str:
     """Contamination per eval set (stats.json counters) and a few matches from ``_matches/``."""
-    from curate.stages.decontaminate import report_counts
+    from curate.stages.clean.decontaminate import report_counts
 
     sets = report_counts(s.get("counters", {}))
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td class=n>{v['docs']:,}</td><td class=n>{v['ngrams']:,}</td></tr>"

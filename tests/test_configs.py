@@ -92,9 +92,9 @@ GERMAN = ("Die Zentralbank hat ihren Leitzins am Dienstag unverändert gelassen 
 def test_crawl_example(tmp_path):
     from pydoc_data.topics import topics
 
-    from curate.stages.extract_html import ExtractHtml
-    from curate.stages.heuristic_filter import HeuristicFilter
-    from curate.stages.language_id import LanguageId
+    from curate.stages.clean.extract_html import ExtractHtml
+    from curate.stages.clean.heuristic_filter import HeuristicFilter
+    from curate.stages.clean.language_id import LanguageId
     from curate.stages.sources.read_pydoc import topic_page
 
     names = sorted(topics)[:40]

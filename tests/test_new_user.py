@@ -317,7 +317,7 @@ def test_type_text_of_enums_and_containers():
 
 def test_curate_stage_by_name_is_a_configured_library_call():
     import curate
-    from curate.stages.pii import Pii
+    from curate.stages.clean.pii import Pii
 
     st = curate.stage("pii", kinds=["email"])
     assert isinstance(st, Pii) and st.config == Pii(kinds=["email"]).config
@@ -336,7 +336,7 @@ def test_curate_stage_by_name_is_a_configured_library_call():
 def test_trafilatura_log_lines_are_counted_and_logged_at_debug_with_the_page(caplog, capfd):
     import logging
 
-    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.clean.extract_html import ExtractHtml
 
     good = "<html><body><article>" + "<p>The committee met on Tuesday and approved the plan. </p>" * 8 \
         + "</article></body></html>"

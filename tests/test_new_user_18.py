@@ -89,7 +89,7 @@ is shown before each example in this section of the tutorial.</p></section></sec
 
 
 def test_extract_drops_html_unless_asked_and_removes_headerlinks(tmp_path):
-    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.clean.extract_html import ExtractHtml
 
     t = pa.table({"id": ["a"], "text": [""], "source": ["a.html"], "metadata": ["{}"], "html": [SPHINX_PAGE]})
     out = ExtractHtml()(t)
@@ -186,7 +186,7 @@ def test_inspect_prints_a_whole_document_and_counts_values(tmp_path):
 # -- 18.4: heuristic_filter presets ---------------------------------------------------------------------
 
 def test_presets_set_values_under_the_options_given():
-    from curate.stages.heuristic_filter import PRESETS, HeuristicFilter
+    from curate.stages.clean.heuristic_filter import PRESETS, HeuristicFilter
 
     web = HeuristicFilter().config
     assert web.preset == "web" and web.c4.modify_text and web.gopher_quality.max_non_alpha_words_ratio == 0.8
@@ -204,8 +204,8 @@ def test_presets_set_values_under_the_options_given():
 
 @pytest.mark.slow   # pydoc pages through extraction and three filter runs: ~20 s on a busy machine
 def test_docs_preset_keeps_documentation_that_web_defaults_drop_or_rewrite():
-    from curate.stages.extract_html import ExtractHtml
-    from curate.stages.heuristic_filter import HeuristicFilter
+    from curate.stages.clean.extract_html import ExtractHtml
+    from curate.stages.clean.heuristic_filter import HeuristicFilter
     from curate.stages.sources.read_pydoc import ReadPydoc
 
     pages = ExtractHtml(date_extensive_search=False)(ReadPydoc(modules=["json", "csv", "textwrap", "heapq",

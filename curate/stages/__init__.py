@@ -11,7 +11,7 @@ A stage module is an adapter: options, columns, counters. The domain logic it wr
 ``curate.text``, ``curate.ingest``, ``curate.dedup``, ``curate.decont``, ``curate.llm``.
 A stage named ``NAME`` lives in ``curate/stages/<family>/NAME.py``; helpers start with ``_``.
 
-The old flat module paths (``curate.stages.language_id``) still import, with a DeprecationWarning:
+The old flat module paths (``curate.stages.clean.language_id``) still import, with a DeprecationWarning:
 they name the same module object as the new path.
 """
 

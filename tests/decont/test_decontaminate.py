@@ -12,7 +12,7 @@ import pytest
 
 from curate.decont.index import tokens
 from curate.pipeline.stage import StageError
-from curate.stages.decontaminate import Decontaminate
+from curate.stages.clean.decontaminate import Decontaminate
 from curate.testing.decont_corpus import PlainNgramSet, planted_corpus
 from helpers import ROOT, curate_bin
 

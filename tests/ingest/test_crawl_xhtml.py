@@ -5,7 +5,7 @@ silently empty."""
 import logging
 
 from curate.stages.sources.crawl import Crawl
-from curate.stages.extract_html import ExtractHtml
+from curate.stages.clean.extract_html import ExtractHtml
 
 FAST = dict(per_host_delay=0.0, timeout=2.0, retries=0, trust_env=False)
 

@@ -13,7 +13,7 @@ from curate.pipeline.context import RunContext
 from curate.pipeline.io import Dataset, MemoryWriter
 from curate.pipeline.stage import StageError
 from curate.stages.exact_dedup import ExactDedup
-from curate.stages.extract_html import ExtractHtml
+from curate.stages.clean.extract_html import ExtractHtml
 from curate.text.normalize import normalize_for_hash
 
 from pages import article_pages, html_table, pydoc_pages

@@ -12,7 +12,7 @@ import pytest
 import trafilatura
 
 from curate.pipeline.stage import StageError
-from curate.stages.extract_html import ExtractHtml
+from curate.stages.clean.extract_html import ExtractHtml
 
 from pages import PROSE, article_page, article_pages, html_table, pydoc_pages
 
@@ -188,7 +188,7 @@ def test_time_limit_on_a_real_slow_page():
     import subprocess
     import sys
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from pages import pydoc_page, html_table; "
-            "from curate.stages.extract_html import ExtractHtml; st = ExtractHtml(timeout_s=0.3); "
+            "from curate.stages.clean.extract_html import ExtractHtml; st = ExtractHtml(timeout_s=0.3); "
             "out = st(html_table([('pydoc:ipaddress', pydoc_page('ipaddress'))])); "
             "print(json.dumps([out.num_rows, st.counters.to_dict()]))")
     t0 = time.perf_counter()

@@ -9,8 +9,8 @@ from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, G
                                         GopherRepetitionFilter)
 
 from curate.pipeline.stage import StageError
-from curate.stages.extract_html import ExtractHtml
-from curate.stages.heuristic_filter import HeuristicFilter
+from curate.stages.clean.extract_html import ExtractHtml
+from curate.stages.clean.heuristic_filter import HeuristicFilter
 from curate.text.heuristics import HeuristicRules
 
 from pages import article_pages, html_table, pydoc_pages

@@ -10,7 +10,7 @@ from datatrove.data import Document
 from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                         GopherRepetitionFilter)
 
-from curate.stages.heuristic_filter import HeuristicFilter, tokenizer_language
+from curate.stages.clean.heuristic_filter import HeuristicFilter, tokenizer_language
 
 from heuristic_docs import varied_documents
 

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from curate.pipeline.stage import StageError
-from curate.stages.extract_html import ExtractHtml
-from curate.stages.language_id import LanguageId, default_model_path, load_model, predict_language
+from curate.stages.clean.extract_html import ExtractHtml
+from curate.stages.clean.language_id import LanguageId, default_model_path, load_model, predict_language
 
 from pages import PROSE_DE, PROSE_FR, article_pages, html_table
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from curate.pipeline.stage import StageError
-from curate.stages.extract_html import ExtractHtml
-from curate.stages.pii import Pii, redact
+from curate.stages.clean.extract_html import ExtractHtml
+from curate.stages.clean.pii import Pii, redact
 
 from pages import PROSE, article_page, html_table, pydoc_pages
 

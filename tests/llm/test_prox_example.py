@@ -23,7 +23,7 @@ def table(out, step):
 
 
 def source_texts() -> dict[str, str]:
-    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.clean.extract_html import ExtractHtml
     from curate.stages.sources.read_pydoc import ReadPydoc
 
     r = ReadPydoc(modules=[], topics=["pass", "continue", "break", "del"])
