@@ -290,7 +290,7 @@ def test_stage_options_show_allowed_values_and_nested_groups():
     assert r.exit_code == 0
     assert "keep: one of 'first', 'longest', 'score' (default 'first')" in r.output
     assert "score_column: str or null (default None)" in r.output
-    assert "class:  curate.stages.minhash_dedup.MinhashDedup" in r.output
+    assert "class:  curate.stages.dedup.minhash_dedup.MinhashDedup" in r.output
     r = cli("stages", "heuristic_filter")
     assert "gopher_quality: options of GopherQualityRules" in r.output
     assert "      min_doc_words: int or null (default 50)" in r.output  # nested keys, indented

@@ -15,7 +15,7 @@ from curate.dedup import minhash as M
 from curate.dedup.components import UnionFind, pick_kept
 from curate.pipeline.schema import docs_table
 from curate.pipeline.stage import StageError
-from curate.stages.minhash_dedup import MinhashDedup
+from curate.stages.dedup.minhash_dedup import MinhashDedup
 
 
 def table_of(texts, **extra):
@@ -322,7 +322,7 @@ def test_runner_with_process_pool_matches_library_call(planted, tmp_path):
 def test_spill_files_and_shuffle_buckets(planted, tmp_path):
     """Band keys are spilled as Parquet per (bucket, part); edges come from bucket files; splitting
     each band into several key partitions (the hash shuffle) gives exactly the same result."""
-    from curate.stages.minhash_dedup import edges_task, signature_task
+    from curate.stages.dedup.minhash_dedup import edges_task, signature_task
 
     t = table_of(planted.texts)
     a, b = M.permutations(112, 1)

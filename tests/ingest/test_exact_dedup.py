@@ -12,7 +12,7 @@ import pytest
 from curate.pipeline.context import RunContext
 from curate.pipeline.io import Dataset, MemoryWriter
 from curate.pipeline.stage import StageError
-from curate.stages.exact_dedup import ExactDedup
+from curate.stages.dedup.exact_dedup import ExactDedup
 from curate.stages.clean.extract_html import ExtractHtml
 from curate.text.normalize import normalize_for_hash
 
@@ -48,7 +48,7 @@ def shards(tmp_path_factory):
 
 
 def _expected(full: pa.Table) -> list[str]:
-    from curate.stages.exact_dedup import _norm_url
+    from curate.stages.dedup.exact_dedup import _norm_url
 
     seen_t, seen_u, keep = set(), set(), []
     for doc_id, text, url in zip(*(full.column(c).to_pylist() for c in ("id", "text", "url"))):
