@@ -78,7 +78,7 @@ def make_data(folder: str, files: int, docs: int, words: int) -> list[str]:
 def train_model(folder: str, dim: int, bucket: int) -> str:
     from domain_text import documents
 
-    from curate.stages.train_classifier import train_fasttext
+    from curate.stages.score.train_classifier import train_fasttext
 
     train = os.path.join(folder, "train.txt")
     with open(train, "w") as f:

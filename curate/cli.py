@@ -437,7 +437,7 @@ def train_classifier(positive, negative, output, label, negative_label, text_col
     from pydantic import ValidationError
 
     from curate.pipeline.stage import StageError
-    from curate.stages.train_classifier import TrainClassifier
+    from curate.stages.score.train_classifier import TrainClassifier
 
     _setup_logging(True)
     try:

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from curate.pipeline.io import atomic_write_bytes, get_fs, join
 from curate.pipeline.stats import step_time
 from curate.pipeline.warnings import warning_lines
-from curate.stages.fasttext_score import STEP_CARD_FILE
+from curate.stages.score.fasttext_score import STEP_CARD_FILE
 from curate.stages.select import SELECTION_FILE
 
 REPORT_FILE = "report.html"

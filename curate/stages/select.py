@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
-from curate.stages._scoring import unit_hash, writer_dir
+from curate.stages.score._scoring import unit_hash, writer_dir
 
 SELECTION_FILE = "_selection.json"  # "_": skipped by Parquet dataset readers
 

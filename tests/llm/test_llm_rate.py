@@ -12,7 +12,7 @@ import pytest
 
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
-from curate.stages.llm_rate import CRITERIA, DOMAINS, LlmRate, parse_dataman, parse_named
+from curate.stages.score.llm_rate import CRITERIA, DOMAINS, LlmRate, parse_dataman, parse_named
 
 COLS = ["dataman_" + c.lower().replace(" ", "_") for c in CRITERIA]
 TEXTS = ["Photosynthesis converts light energy into chemical energy. Plants use chlorophyll to capture "

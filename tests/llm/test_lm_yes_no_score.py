@@ -12,7 +12,7 @@ import pytest
 from curate.engines import Request, SamplingParams
 from curate.llm.parse import ParseError
 from curate.pipeline.stage import StageError
-from curate.stages.lm_yes_no_score import LmYesNoScore, yes_no_probability
+from curate.stages.score.lm_yes_no_score import LmYesNoScore, yes_no_probability
 
 TEXTS = ["The derivative of x squared is 2x. To integrate 2x, raise the exponent by one and divide: "
          "the integral is x squared plus a constant.",

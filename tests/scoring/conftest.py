@@ -34,7 +34,7 @@ def domain_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained(domain_data, tmp_path_factory):
     """A classifier trained once for the session (library call)."""
-    from curate.stages.train_classifier import TrainClassifier
+    from curate.stages.score.train_classifier import TrainClassifier
 
     out = tmp_path_factory.mktemp("model")
     st = TrainClassifier(positive=domain_data["positive"], negative=domain_data["negative"], label="finance",

@@ -11,9 +11,9 @@ from domain_text import FAST
 from pydantic import ValidationError
 
 from curate.pipeline.stage import StageError
-from curate.stages._scoring import sha256_file
-from curate.stages.fasttext_score import FastTextScore
-from curate.stages.train_classifier import TrainClassifier, binary_metrics
+from curate.stages.score._scoring import sha256_file
+from curate.stages.score.fasttext_score import FastTextScore
+from curate.stages.score.train_classifier import TrainClassifier, binary_metrics
 
 
 def test_the_importable_fasttext_can_train():

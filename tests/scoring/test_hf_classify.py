@@ -14,8 +14,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from curate.pipeline.stage import StageError  # noqa: E402
-from curate.stages import _hf_classifier as hfc  # noqa: E402
-from curate.stages.hf_classify import HfClassify  # noqa: E402
+from curate.stages.score import _hf_classifier as hfc  # noqa: E402
+from curate.stages.score.hf_classify import HfClassify  # noqa: E402
 from curate.testing.tiny_hf import make_texts, tiny_classifier  # noqa: E402
 
 TEXTS = make_texts(60, seed=3, max_words=120)

@@ -9,7 +9,7 @@ its device), in ``dtype`` (``auto``: float32 on CPU, bfloat16 on GPU).
 
 Texts are truncated to ``max_length`` tokens, sorted by token length and batched by a token
 budget (``batch_tokens`` = rows x longest text of the batch), then put back in order
-(``curate/stages/_hf_classifier.py``). Output columns (``prefix``, default ``hf_``):
+(``curate/stages/score/_hf_classifier.py``). Output columns (``prefix``, default ``hf_``):
 
 - regression head: ``<prefix>score`` (float32) and ``<prefix>int_score`` (int32: the score
   rounded, clipped to ``int_range`` when given; FineWeb-Edu uses ``[0, 5]``); several regression
@@ -34,7 +34,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
-from curate.stages import _hf_classifier as hfc
+from curate.stages.score import _hf_classifier as hfc
 
 
 class HfClassifyConfig(StageConfig):

@@ -40,9 +40,9 @@ from pydantic import Field, field_validator, model_validator
 
 from curate.pipeline.refs import StepRef
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
-from curate.stages.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, STEP_CARD_FILE,
+from curate.stages.score.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, STEP_CARD_FILE,
                                           STEP_MODEL_FILE, fasttext_lines, require_training_fasttext)
-from curate.stages._scoring import sha256_file, unit_hash, writer_dir as _writer_dir
+from curate.stages.score._scoring import sha256_file, unit_hash, writer_dir as _writer_dir
 
 log = logging.getLogger("curate")
 
@@ -381,7 +381,7 @@ def train_fasttext(train_file: str, model_file: str, options: dict[str, Any], wh
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(curate.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [pkg_root, os.environ.get("PYTHONPATH")] if p)}
     job = json.dumps({"input": train_file, "output": model_file, "options": options})
-    r = subprocess.run([sys.executable, "-c", "from curate.stages.train_classifier import _child; _child()"],
+    r = subprocess.run([sys.executable, "-c", "from curate.stages.score.train_classifier import _child; _child()"],
                        input=job, text=True, capture_output=True, env=env)
     if r.returncode != 0 or not os.path.exists(model_file):
         err = (r.stderr.strip().splitlines() or ["no message"])[-1]
