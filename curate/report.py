@@ -32,7 +32,7 @@ from curate.pipeline.io import atomic_write_bytes, get_fs, join
 from curate.pipeline.stats import step_time
 from curate.pipeline.warnings import warning_lines
 from curate.stages.score.fasttext_score import STEP_CARD_FILE
-from curate.stages.select import SELECTION_FILE
+from curate.stages.select.select import SELECTION_FILE
 
 REPORT_FILE = "report.html"
 BINS = 30

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from curate.pipeline.stage import StageError
-from curate.stages.select import Select
+from curate.stages.select.select import Select
 
 
 @pytest.fixture

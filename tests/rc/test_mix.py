@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from curate.pipeline.runner import PipelineError, run_pipeline
 from curate.pipeline.stage import StageError
-from curate.stages.mix import Mix
+from curate.stages.select.mix import Mix
 
 WORDS = ("water river valley reservoir pump pipe dam flood rain council budget farmer harvest well "
          "village town engineer report winter summer").split()
