@@ -32,7 +32,7 @@ def make_table(n: int) -> pa.Table:
 
 def bench(engine_cfg: dict, table: pa.Table, max_tokens: int, repeat: int) -> tuple[float, float]:
     from curate.engines import Request, SamplingParams
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     template = "{text}"
     stage = Generate(engine=engine_cfg, template=template, max_tokens=max_tokens, cache=False)

@@ -238,7 +238,7 @@ class Check:
         if use_stage:
             import pyarrow as pa
 
-            from curate.stages.generate import Generate
+            from curate.stages.synth.generate import Generate
 
             stage = Generate(engine=engine_cfg, prompt_column="text", chat=False, max_tokens=new,
                              batch_size=n, cache=False, output_column="gen")

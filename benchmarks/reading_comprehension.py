@@ -108,7 +108,7 @@ def run_ours(path: str, options: dict, workdir: str) -> tuple[float, float, dict
 
 def cpu_rate_ours(table: pa.Table, options: dict) -> float:
     """Documents per CPU-second of the stage as a library call (per core; robust to a busy machine)."""
-    from curate.stages.reading_comprehension import ReadingComprehension
+    from curate.stages.synth.reading_comprehension import ReadingComprehension
 
     st = ReadingComprehension(**options)
     st(table.slice(0, 10))

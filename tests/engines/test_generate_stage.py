@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from curate.pipeline.stage import StageError, get_stage
-from curate.stages.generate import Generate, template_fields
+from curate.stages.synth.generate import Generate, template_fields
 
 TRANSFORMERS = {"kind": "transformers"}
 

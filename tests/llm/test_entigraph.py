@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pytest
 
-from curate.stages.entigraph import EntiGraph
+from curate.stages.synth.entigraph import EntiGraph
 
 DOC = "Marie Curie worked in Paris with Pierre Curie on radium and polonium."
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from curate.pipeline.stage import get_stage
-from curate.stages.instruction_synth import InstructionSynth
+from curate.stages.synth.instruction_synth import InstructionSynth
 
 TEXTS = ["The Danube is the second-longest river in Europe. It ends in the Black Sea.",
          "Photosynthesis converts light energy into chemical energy. It releases oxygen."]

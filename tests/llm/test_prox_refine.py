@@ -9,7 +9,7 @@ import re
 import pyarrow as pa
 import pytest
 
-from curate.stages.prox_refine import ProxRefine
+from curate.stages.synth.prox_refine import ProxRefine
 
 SYSTEM = "You are a helpful, respectful and honest assistant."
 ARTICLE = "\n".join([

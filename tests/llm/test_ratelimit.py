@@ -105,7 +105,7 @@ def test_tokens_per_minute_holds(tmp_path):
 def test_429_honours_retry_after_date_and_is_counted(tmp_path):
     """A 429 with an HTTP-date Retry-After: the retry waits for it, the stage counts
     llm/rate_limited, and concurrency is halved (AIMD) then grows back."""
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     with FakeOpenAI(seed=1, faults={"429": 0.4}, retry_after="date:2") as srv:
         eng = {"kind": "openai", "model": "m", "base_url": srv.base_url, "api_key_env": None,

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 
 from curate.llm.parse import ParseError, parse_qa_pairs
-from curate.stages.rc_llm import RcLlm
-from curate.stages.reading_comprehension import ReadingComprehension
+from curate.stages.synth.rc_llm import RcLlm
+from curate.stages.synth.reading_comprehension import ReadingComprehension
 
 DOC = ("Copper\nCopper is a soft metal with high electrical conductivity. It is used in wires, pipes and "
        "coins. Bronze is an alloy of copper and tin.")

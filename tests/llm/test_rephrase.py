@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from curate.stages.rephrase import Rephrase
+from curate.stages.synth.rephrase import Rephrase
 
 TEXT = "Copper conducts electricity well. It is used in wires."
 

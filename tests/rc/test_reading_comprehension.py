@@ -12,7 +12,7 @@ import pytest
 
 from curate.pipeline.runner import run_pipeline
 from curate.pipeline.stage import StageError
-from curate.stages.reading_comprehension import (COUNT_COLUMNS, Miner, ReadingComprehension, load_templates,
+from curate.stages.synth.reading_comprehension import (COUNT_COLUMNS, Miner, ReadingComprehension, load_templates,
                                                   split_sentences)
 
 OPEN = "The committee published its annual report on regional water use last week. "
@@ -316,7 +316,7 @@ def _domain_lines(n):
 
 def test_keywords_with_trained_domain_tokenizer(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
-    from curate.stages.reading_comprehension import train_domain_tokenizer
+    from curate.stages.synth.reading_comprehension import train_domain_tokenizer
 
     general = train_domain_tokenizer([GENERAL * 30], str(tmp_path / "general"), 300, 10_000)
     corpus = tmp_path / "domain.txt"
@@ -342,7 +342,7 @@ def test_same_bytes_under_another_python_hash_seed():
 
     code = ("import hashlib, pyarrow as pa, sys; sys.path.insert(0, 'tests/rc');"
             "from test_reading_comprehension import _doc;"
-            "from curate.stages.reading_comprehension import ReadingComprehension as R;"
+            "from curate.stages.synth.reading_comprehension import ReadingComprehension as R;"
             "t = pa.table({'id': [f'd{i}' for i in range(30)], 'text': [_doc(i, 3) for i in range(30)]});"
             "print(hashlib.sha256('\\x00'.join(R(domain='x')(t).column('text').to_pylist()).encode()).hexdigest())")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

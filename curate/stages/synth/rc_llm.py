@@ -38,7 +38,7 @@ from curate.engines import Completion
 from curate.llm.parse import parse_qa_pairs
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.stage import StageError, register
-from curate.stages.reading_comprehension import (SUBTYPES, ReadingComprehension, ReadingComprehensionConfig,
+from curate.stages.synth.reading_comprehension import (SUBTYPES, ReadingComprehension, ReadingComprehensionConfig,
                                                  _set_column)
 
 # reading_comprehension's own options (``seed`` is the LLM layer's: None means 0 for the choices)

@@ -647,7 +647,7 @@ class ReadingComprehension(MapStage):
     reads = ("{text_column}", "{id_column}")
     writes = {"text": pa.string(), "source_text": pa.string(),
               **{c: pa.int32() for c in COUNT_COLUMNS}}
-    preload = ("curate.stages.reading_comprehension",)
+    preload = ("curate.stages.synth.reading_comprehension",)
 
     def input_columns(self) -> tuple[str, ...]:
         cols = super().input_columns()
