@@ -11,7 +11,7 @@ A stage module is an adapter: options, columns, counters. The domain logic it wr
 ``curate.text``, ``curate.ingest``, ``curate.dedup``, ``curate.decont``, ``curate.llm``.
 A stage named ``NAME`` lives in ``curate/stages/<family>/NAME.py``; helpers start with ``_``.
 
-The old flat module paths (``curate.stages.clean.language_id``) still import, with a DeprecationWarning:
+The old flat module paths (``curate.stages.language_id``) still import, with a DeprecationWarning:
 they name the same module object as the new path.
 """
 
@@ -35,21 +35,19 @@ def module_of(name: str) -> str | None:
     for family in FAMILIES:
         if os.path.isfile(os.path.join(_HERE, family, f"{name}.py")):
             return f"{__name__}.{family}.{name}"
-    if os.path.isfile(os.path.join(_HERE, f"{name}.py")):  # TRANSITIONAL
-        return f"{__name__}.{name}"
     return None
 
 
 def stage_modules() -> list[str]:
     """Every stage module (helpers, whose names start with ``_``, excluded), family by family."""
     out = []
-    for family in ("",) + FAMILIES:  # TRANSITIONAL
+    for family in FAMILIES:
         folder = os.path.join(_HERE, family)
         if not os.path.isdir(folder):
             continue
         for fn in sorted(os.listdir(folder)):
             if fn.endswith(".py") and not fn.startswith("_"):
-                out.append(f"{__name__}.{family}.{fn[:-3]}".replace("..", "."))
+                out.append(f"{__name__}.{family}.{fn[:-3]}")
     return out
 
 
