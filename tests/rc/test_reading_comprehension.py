@@ -12,8 +12,8 @@ import pytest
 
 from curate.pipeline.runner import run_pipeline
 from curate.pipeline.stage import StageError
-from curate.stages.synth.reading_comprehension import (COUNT_COLUMNS, Miner, ReadingComprehension, load_templates,
-                                                  split_sentences)
+from curate.stages.synth.reading_comprehension import COUNT_COLUMNS, ReadingComprehension, load_templates
+from curate.text.adaptllm import Miner, split_sentences
 
 OPEN = "The committee published its annual report on regional water use last week. "
 
@@ -316,7 +316,7 @@ def _domain_lines(n):
 
 def test_keywords_with_trained_domain_tokenizer(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
-    from curate.stages.synth.reading_comprehension import train_domain_tokenizer
+    from curate.text.adaptllm import train_domain_tokenizer
 
     general = train_domain_tokenizer([GENERAL * 30], str(tmp_path / "general"), 300, 10_000)
     corpus = tmp_path / "domain.txt"

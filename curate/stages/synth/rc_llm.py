@@ -38,8 +38,9 @@ from curate.engines import Completion
 from curate.llm.parse import parse_qa_pairs
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
 from curate.pipeline.stage import StageError, register
-from curate.stages.synth.reading_comprehension import (SUBTYPES, ReadingComprehension, ReadingComprehensionConfig,
-                                                 _set_column)
+from curate.pipeline.tables import set_column as _set_column
+from curate.stages.synth.reading_comprehension import ReadingComprehension, ReadingComprehensionConfig
+from curate.text.adaptllm import SUBTYPES
 
 # reading_comprehension's own options (``seed`` is the LLM layer's: None means 0 for the choices)
 RC_OPTIONS = ("domain", "text_column", "id_column", "output_column", "source_text_column", "title",
