@@ -70,7 +70,7 @@ def bench_runner(engine_cfg: dict, table: pa.Table, max_tokens: int) -> float:
 
     import pyarrow.parquet as pq
 
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     tmp = tempfile.mkdtemp(prefix="curate-bench-engine-")
     try:

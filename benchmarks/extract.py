@@ -144,7 +144,7 @@ def time_runner(path: str, workers: int) -> Timing:
     import shutil
     import tempfile
 
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     folder = _split(path, 16)
     out = tempfile.mkdtemp(prefix="curate-bench-extract-")

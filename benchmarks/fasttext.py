@@ -103,7 +103,7 @@ def plain(inp: str, model_path: str, out: str, workers: int) -> tuple[int, float
 
 
 def curate(inp: str, model_path: str, out: str, workers: int) -> tuple[int, float]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 2000,

@@ -79,7 +79,7 @@ def curate_run(texts: list[str]) -> tuple[float, list[str | None]]:
 
 
 def runner_run(folder: str, out: str, workers: int) -> tuple[float, int]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 1000,

@@ -57,7 +57,7 @@ def build_warcs(folder: str, articles: int, files: int) -> int:
 
 
 def run_once(out: str, runner: str) -> tuple[float, dict]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline(CONFIG, output=out, runner=runner, workers=2, force=True, progress=False)

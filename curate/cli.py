@@ -91,7 +91,10 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     from curate import exit_codes
     from curate.pipeline.stats import error_lines
 
-    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock)
+    from curate.run import write_report
+
+    runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock,
+                     report=write_report)
 
     def partial_funnel() -> None:   # what a failed or interrupted run finished (stats.json has it too)
         if runner_.partial is not None:

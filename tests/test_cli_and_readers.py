@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 from curate.stages.sources.read_jsonl import ReadJsonl
 from curate.stages.sources.read_pydoc import ReadPydoc
 from helpers import pipeline_dict, write_corpus

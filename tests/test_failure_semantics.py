@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from helpers import curate_bin, read_step, write_yaml
 
 PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from curate.pipeline.runner import OutputLocked, run_pipeline
+from curate.pipeline.runner import OutputLocked
+from curate.run import run_pipeline
 from helpers import curate_bin, pipeline_dict, write_corpus, write_yaml
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")

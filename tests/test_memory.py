@@ -13,7 +13,7 @@ SCRIPT = r"""
 import json, os, random, resource, sys
 import pyarrow as pa, pyarrow.parquet as pq
 sys.path.insert(0, os.path.join(sys.argv[1], "tests", "plugins"))
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 folder, n_files = sys.argv[2], int(sys.argv[3])
 os.makedirs(folder + "/in", exist_ok=True)
 rng = random.Random(0)

@@ -138,7 +138,7 @@ def test_inspect_names_a_truncated_shard_or_a_non_parquet_file(tmp_path):
 # -- issue 13.5: inspect a step that ran fused into the next one, and an empty step ------------------
 
 def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
     from helpers import pipeline_dict
 
     write_corpus(str(tmp_path / "in"), files=2, rows=60)
@@ -269,7 +269,7 @@ def test_readme_plugin_example_runs_from_the_project_folder_and_from_elsewhere(t
 
 
 def test_plugin_next_to_the_pipeline_file_in_a_library_run_with_workers(tmp_path, monkeypatch):
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
     from helpers import pipeline_dict
 
     # a first run starts this process's forkserver before the project folder is known

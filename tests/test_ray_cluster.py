@@ -17,7 +17,8 @@ import pytest
 
 from curate.pipeline.config import load_pipeline
 from curate.pipeline.io import Dataset
-from curate.pipeline.runner import Runner, run_pipeline
+from curate.pipeline.runner import Runner
+from curate.run import run_pipeline
 from helpers import ROOT, pipeline_dict, write_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")

@@ -18,7 +18,8 @@ import pytest
 
 from curate.pipeline.config import ConfigError, load_pipeline
 from curate.pipeline.io import Dataset
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from curate.stages.sources.read_parquet import ReadParquet
 from helpers import write_corpus, write_yaml
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 from helpers import pipeline_dict, read_step, write_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")

@@ -14,7 +14,8 @@ import pytest
 
 from curate.pipeline import io as cio
 from curate.pipeline.config import load_pipeline
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from helpers import pipeline_dict, read_step, write_corpus, write_yaml
 
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.pipeline.io import Dataset, iter_parquet
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from curate.pipeline.stats import funnel_table
 from helpers import pipeline_dict, write_corpus
 

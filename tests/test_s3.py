@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 from helpers import pipeline_dict, write_corpus
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")

@@ -35,7 +35,7 @@ import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from curate import exit_codes
 from curate.pipeline.config import ConfigError, Pipeline, Step
@@ -44,13 +44,13 @@ from curate.pipeline.io import Dataset, ShardWriter, join
 from curate.pipeline.plan import Segment, plan
 from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stage import Resources
-from curate.pipeline.stats import Progress, StepStats, funnel_table
+from curate.pipeline.stats import Progress, StepStats
 from curate.pipeline.state import Layout, StepMarker, StepRecord, TaskRecord, read_task_records
 from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run_task
 
 log = logging.getLogger("curate")
 
-__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
+__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "make_executor", "plan", "Segment"]
 
 
 class PipelineError(Exception):
@@ -96,7 +96,8 @@ def _record_errors(rec: TaskRecord) -> int:
 
 class Runner:
     def __init__(self, pipe: Pipeline, *, force: bool = False, workers: int | None = None,
-                 progress: bool = True, executor: Any = None, break_lock: str | None = None):
+                 progress: bool = True, executor: Any = None, break_lock: str | None = None,
+                 report: Callable[[str], str] | None = None):
         self.pipe = pipe
         self.spec = pipe.spec
         self.layout = Layout(pipe.spec.output)
@@ -112,6 +113,9 @@ class Runner:
         self.break_lock = break_lock      # take over the lease of this holder ("host:pid")
         self._lease: Any = None
         self.partial: RunResult | None = None   # what a failed/interrupted run finished
+        # writes report.html into an output, returns its path; given by the caller (the CLI,
+        # curate.run.run_pipeline), so that the runner does not depend on the report
+        self.report = report
 
     # -- helpers -----------------------------------------------------------------------------------
     def _stage_spec(self, step: Step) -> StageSpec:
@@ -275,7 +279,7 @@ class Runner:
                     "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
                               for s in self.pipe.steps.values() if s.name in self._shards}}
         self.layout.write_json(join(self.layout.root, "manifest.json"), manifest)
-        if self.spec.report:
+        if self.spec.report and self.report is not None:
             self._write_report()
         return result
 
@@ -300,10 +304,8 @@ class Runner:
     def _write_report(self) -> None:
         """``report.html`` next to stats.json (the data is already safe: a report that cannot be
         drawn is a warning, not a failed run)."""
-        from curate.report import write_report
-
         try:
-            path = write_report(self.layout.url)
+            path = self.report(self.layout.url)
             log.info("report: %s", path)
         except Exception as exc:  # noqa: BLE001 - reported, and `curate report` can retry it
             log.warning("the run report could not be written (%s: %s); try `curate report %s`",
@@ -568,20 +570,10 @@ def make_executor(runner: str, workers: int, preload: list[str] | None = None) -
     return LocalExecutor(workers, preload)
 
 
-def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
-                 workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False, break_lock: str | None = None) -> RunResult:
-    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``."""
-    from curate.pipeline.config import load_pipeline
-
-    pipe = source if isinstance(source, Pipeline) else load_pipeline(
-        source, overrides={"runner": runner, "workers": workers, "output": output})
-    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock).run()
-    if print_funnel:
-        print(funnel_table(result.stats))
-        import sys
-
-        from curate.pipeline.stats import funnel_warnings
-        if funnel_warnings(result.stats):
-            print(funnel_warnings(result.stats), file=sys.stderr)
-    return result
+def __getattr__(name: str) -> Any:
+    # ``run_pipeline`` lived here; it is ``curate.run.run_pipeline`` now (it adds the report, which
+    # the runner does not import). The old name keeps working for existing code.
+    if name == "run_pipeline":
+        from curate.run import run_pipeline
+        return run_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

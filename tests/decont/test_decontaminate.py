@@ -247,7 +247,7 @@ def test_example_pipeline(tmp_path):
 def test_runner_with_two_workers_shares_one_index(tmp_path):
     """Four input files on two worker processes: one index in the step's work folder, and the same
     flags as a library call."""
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     items, docs = planted_corpus(n_docs=200, n_items=100, seed=5, planted_fraction=0.2, fragment_fraction=0.2)
     ev = write_jsonl(tmp_path / "ev.jsonl", items)

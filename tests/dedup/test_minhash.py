@@ -292,7 +292,7 @@ def test_exact_ground_truth_helper_is_exhaustive():
 
 
 def test_runner_with_process_pool_matches_library_call(planted, tmp_path):
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t = table_of(planted.texts)
     src = tmp_path / "in"
@@ -355,7 +355,7 @@ def test_spill_files_and_shuffle_buckets(planted, tmp_path):
 @pytest.mark.slow
 def test_ray_runner_gives_the_same_clusters(planted, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed")
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t = table_of(planted.texts)
     src = tmp_path / "in"

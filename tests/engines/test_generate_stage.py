@@ -133,7 +133,7 @@ def test_openai_engine_partial_and_total_failure(openai_server):
 def test_in_a_pipeline_rerun_uses_the_cache(smol, tmp_path):
     import pyarrow.parquet as pq
 
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     inp = tmp_path / "in"
     inp.mkdir()

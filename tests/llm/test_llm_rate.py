@@ -220,7 +220,8 @@ def test_through_the_runner_with_a_transient_failure(openai_server, tmp_path):
     request that failed transiently redone by a plain rerun (the rest from the request cache)."""
     import pyarrow.parquet as pq
 
-    from curate.pipeline.runner import PipelineError, run_pipeline
+    from curate.pipeline.runner import PipelineError
+    from curate.run import run_pipeline
 
     st = openai_server.state
     st.backend = "script"

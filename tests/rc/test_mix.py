@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from curate.pipeline.stage import StageError
 from curate.stages.select.mix import Mix
 

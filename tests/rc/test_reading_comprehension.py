@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 from curate.pipeline.stage import StageError
 from curate.stages.synth.reading_comprehension import COUNT_COLUMNS, ReadingComprehension, load_templates
 from curate.text.adaptllm import Miner, split_sentences

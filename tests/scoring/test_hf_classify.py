@@ -156,7 +156,7 @@ def test_resources_ask_for_a_gpu_only_for_cuda(models, monkeypatch):
 
 
 def test_a_pipeline_run_scores_every_row(models, tmp_path):
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     texts = TEXTS + [None, ""]
     pq.write_table(table(texts), str(tmp_path / "docs.parquet"))

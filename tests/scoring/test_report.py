@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from chromium import chromium, load_page
 
-from curate.pipeline.runner import run_pipeline
+from curate.run import run_pipeline
 from curate.report import ReportError, write_report
 from helpers import curate_bin
 

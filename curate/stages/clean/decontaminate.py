@@ -49,8 +49,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from curate.decont.index import (EvalSetError, EvalSpec, NgramIndex, first_record_problems, match_batch,
-                                 token_spans)
+from curate.decont.index import (EvalSetError, EvalSpec, NgramIndex, first_record_problems, match_batch,  # noqa: F401
+                                 report_counts, token_spans)
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, log, register
 from curate.pipeline.tables import require_text
 
@@ -268,13 +268,3 @@ class Decontaminate(MapStage):
 MATCHES_SCHEMA = pa.schema([
     ("id", pa.string()), ("eval_set", pa.string()), ("item_id", pa.string()), ("matched_ngrams", pa.int32()),
     ("doc_snippet", pa.string()), ("item_text", pa.string()), ("mode", pa.string())])
-
-
-def report_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
-    """{eval set: {docs, ngrams}} from a step's counters (stats.json)."""
-    out: dict[str, dict[str, int]] = {}
-    for key, v in counters.items():
-        parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "decontaminate" and parts[2] in ("docs", "ngrams"):
-            out.setdefault(parts[1], {"docs": 0, "ngrams": 0})[parts[2]] = v
-    return dict(sorted(out.items()))

@@ -25,14 +25,12 @@ from pydantic import Field, field_validator
 
 from curate.pipeline.refs import StepRef
 from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
+from curate.pipeline.state import STEP_CARD_FILE, STEP_MODEL_FILE  # noqa: F401 - the run layout's names
 
 LABEL_PREFIX = "__label__"
 MODEL_FILE = "model.bin"            # what train_classifier writes into an output_dir
 CARD_FILE = "model.json"
-# ... and into its step folder: names starting with "_" are skipped by Parquet dataset readers
-# (pyarrow, pandas, curate), so `pq.read_table("<output>/<step>")` still reads only the shards
-STEP_MODEL_FILE = "_model.bin"
-STEP_CARD_FILE = "_model.json"
+# ... and into its step folder: STEP_MODEL_FILE, STEP_CARD_FILE (curate.pipeline.state)
 FASTTEXT_MAGIC = 793712314          # first int32 of every fastText model file
 
 

@@ -39,9 +39,9 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
+from curate.pipeline.state import SELECTION_FILE  # the run layout's name (the report reads it)
 from curate.stages.score._scoring import unit_hash, writer_dir
 
-SELECTION_FILE = "_selection.json"  # "_": skipped by Parquet dataset readers
 
 
 # --------------------------------------------------------------------------------------------------
