@@ -294,10 +294,27 @@ def test_bad_user_template_is_a_clear_error(tmp_path):
     shutil.copytree(os.path.join(PROMPTS_DIR, "reading_comprehension"), d)
     p = d / "paraphrase.yaml"
     p.write_text(p.read_text().replace("{sentence2}\"]", "{sentense2}\"]", 1))
-    st = ReadingComprehension(domain="x", templates=str(tmp_path))
+    st = ReadingComprehension(domain="x", prompts_dir=str(tmp_path))
     assert any("sentense2" in msg for _, msg in st.check())
     with pytest.raises(StageError, match="sentense2"):
         st.ensure_setup()
+
+
+
+def test_templates_is_the_deprecated_name_of_prompts_dir(tmp_path, caplog):
+    """One name for "a folder overriding the shipped prompts" in every stage: ``prompts_dir``; the
+    old ``templates:`` of users' YAML still works, with a warning."""
+    import logging
+
+    from pydantic import ValidationError
+
+    with caplog.at_level(logging.WARNING, logger="curate"):
+        st = ReadingComprehension(domain="x", templates=str(tmp_path))
+    assert st.config.prompts_dir == str(tmp_path)
+    assert "`templates` is deprecated" in caplog.text and "prompts_dir" in caplog.text
+    with pytest.raises(ValidationError, match="prompts_dir only"):
+        ReadingComprehension(domain="x", templates=str(tmp_path), prompts_dir=str(tmp_path / "other"))
+    assert "templates" not in ReadingComprehension.Config.model_fields
 
 
 GENERAL = ("The weather was mild and the people of the town walked along the river in the evening. "

@@ -44,7 +44,7 @@ from curate.text.adaptllm import SUBTYPES
 
 # reading_comprehension's own options (``seed`` is the LLM layer's: None means 0 for the choices)
 RC_OPTIONS = ("domain", "text_column", "id_column", "output_column", "source_text_column", "title",
-              "title_column", "max_body_tokens", "tokenizer", "words_per_token", "templates",
+              "title_column", "max_body_tokens", "tokenizer", "words_per_token",
               "max_per_subtype", "keywords", "exact_reference")
 _Base = create_model("_RcLlmBase", __base__=LLMStageConfig,  # type: ignore[call-overload]
                      **{k: (ReadingComprehensionConfig.model_fields[k].annotation,
@@ -76,6 +76,7 @@ class RcLlm(LLMStage):
         super().__init__(config, **options)
         cfg = self.config
         rc = {k: getattr(cfg, k) for k in RC_OPTIONS}
+        rc["prompts_dir"] = cfg.prompts_dir   # one folder for the template sets and the chat template
         self.rc = ReadingComprehension(rc, seed=cfg.seed or 0)
         self.count_columns = ([f"rc_{s}" for s in SUBTYPES] if cfg.mined_tasks else []) + \
             ["rc_llm_pairs", "rc_summarize", "rc_completion"]
@@ -96,10 +97,10 @@ class RcLlm(LLMStage):
         return f"{super().fingerprint_extra()}|{self.rc.fingerprint_extra()}|qa:{self.qa_templates()[1]}"
 
     def qa_templates(self) -> tuple[list[list[str]], int]:
-        """The pair renderings (``reading_comprehension/qa``: the ``templates`` folder's, else ours)."""
+        """The pair renderings (``reading_comprehension/qa``: the ``prompts_dir`` folder's, else ours)."""
         from curate.prompts import PromptError, load_prompt
 
-        folder = self.config.templates
+        folder = self.config.prompts_dir
         try:
             data = load_prompt("reading_comprehension/qa", folder) if folder else None
         except PromptError:

@@ -169,7 +169,8 @@ class ReadingComprehensionConfig(StageConfig):
     max_per_subtype: int = Field(2, ge=1, description="examples per sub-type per document")
     seed: int = Field(0, description="mixed with the document id for every random choice")
     keywords: KeywordOptions | None = Field(None, description="domain keyword tasks (optional)")
-    templates: str | None = Field(None, description="folder with your own reading_comprehension/*.yaml")
+    prompts_dir: str | None = Field(None, description="folder with your own reading_comprehension/*.yaml "
+                                    "(old name: templates)")
     exact_reference: bool = Field(True, description="keep the reference's `i.e.` pattern whose dots "
                                   "match any character (false: literal dots)")
     long_documents: Literal["split", "cut"] = Field(
@@ -179,6 +180,12 @@ class ReadingComprehensionConfig(StageConfig):
     unwrap_lines: bool = Field(True, description="join prose lines that extraction wrapped (a line "
                                "continuing the sentence of the line before) before mining; code, "
                                "lists and indented lines are kept as they are")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        from curate.prompts import renamed_prompts_dir
+        return renamed_prompts_dir(data, "reading_comprehension")
 
     @model_validator(mode="after")
     def _source_kept(self) -> "ReadingComprehensionConfig":
@@ -217,13 +224,13 @@ class ReadingComprehension(MapStage):
                 except TokenizerError as exc:
                     problems.append((key, str(exc)))
         try:
-            load_templates(self.config.templates)
+            load_templates(self.config.prompts_dir)
         except StageError as exc:
-            problems.append(("templates", str(exc)))
+            problems.append(("prompts_dir", str(exc)))
         return problems
 
     def fingerprint_extra(self) -> str:
-        t = load_templates(self.config.templates)
+        t = load_templates(self.config.prompts_dir)
         return "templates:" + ",".join(f"{k}={v['version']}" for k, v in sorted(t.items()))
 
     def setup(self) -> None:
@@ -231,7 +238,7 @@ class ReadingComprehension(MapStage):
 
         c = self.config
         self.miner = Miner(c.exact_reference)
-        self.t = load_templates(c.templates)
+        self.t = load_templates(c.prompts_dir)
         try:
             self.cutter = load_tokenizer(c.tokenizer)
         except (TokenizerError, OSError, RuntimeError) as exc:
