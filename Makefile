@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/curate run configs/quickstart.yaml
+	$(BIN)/curate run   # the built-in quickstart, curate/configs/quickstart.yaml
 
 # the default suite (every stage, under 5 minutes on a quiet 2-core machine); CI (.ci/run) runs it,
 # then the slow tests (`make test-slow`): real LLM generation, kill-and-resume, Ray clusters, big corpora

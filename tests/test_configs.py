@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curate.cli import quickstart_path
 from helpers import ROOT, curate_bin
 
 CONFIGS = os.path.join(ROOT, "configs")
@@ -34,7 +35,7 @@ def step_table(out, step):
 
 
 def test_every_config_is_tested():
-    tested = {"quickstart.yaml", "crawl_example.yaml", "warc_example.yaml",
+    tested = {"crawl_example.yaml", "warc_example.yaml",
               "domain_adaptation.yaml",   # tests/test_domain_adaptation.py
               "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
               "prox_example.yaml",        # tests/llm/test_prox_example.py
@@ -44,10 +45,16 @@ def test_every_config_is_tested():
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
 
 
+def test_the_quickstart_has_one_file():
+    """The quickstart ships inside the package (``curate run`` runs it without a file); configs/ has
+    no second copy to drift from it."""
+    assert os.path.isfile(quickstart_path()) and not os.path.exists(os.path.join(CONFIGS, "quickstart.yaml"))
+
+
 @pytest.mark.slow
 def test_quickstart(tmp_path):
     out = str(tmp_path / "qs")
-    r = run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
+    r = run_cli(quickstart_path(), {"CURATE_OUTPUT": out})
     assert "minhash_dedup" in r.stdout
     stats = json.load(open(os.path.join(out, "stats.json")))["steps"]
     order = ["pages", "extract_html", "language_id", "exact_dedup", "minhash_dedup", "heuristic_filter", "pii",
@@ -75,7 +82,7 @@ def test_quickstart(tmp_path):
     assert stats["generate"]["counters"]["llm/requests"] == 3
     assert stats["generate"]["counters"]["llm/completion_tokens"] == sum(gen.column("summary_tokens").to_pylist())
     # the same command again resumes: nothing recomputed, same stats
-    run_cli(os.path.join(CONFIGS, "quickstart.yaml"), {"CURATE_OUTPUT": out})
+    run_cli(quickstart_path(), {"CURATE_OUTPUT": out})
     again = json.load(open(os.path.join(out, "stats.json")))["steps"]
     assert all(again[s]["status"] == "skipped" for s in again)
     assert {s: again[s]["out"] for s in again} == {s: stats[s]["out"] for s in stats}
