@@ -229,10 +229,10 @@ def test_forwarded_variables_come_from_env_engines_and_storage(monkeypatch):
 
 def test_local_runner_honours_replicas_and_gpus_per_worker(tmp_path, monkeypatch):
     from curate.pipeline.local_executor import LocalExecutor
-    from curate.pipeline.worker import Job
+    from curate.pipeline.worker import SegmentJob
 
     def job(gpus, replicas=None):
-        return Job(key="k", fingerprint="f", source=None, chain=(), out_dir="o", state_dir="s", side_dirs={},
+        return SegmentJob(key="k", fingerprint="f", source=None, chain=(), out_dir="o", state_dir="s", side_dirs={},
                    task_ids=(), batch_size=1, rows_per_shard=1, gpus=gpus, replicas=replicas)
 
     ex = LocalExecutor(1)

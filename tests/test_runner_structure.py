@@ -121,10 +121,10 @@ def test_iter_parquet_row_ranges(tmp_path):
 
 def test_gpu_jobs_get_at_most_one_worker_per_gpu(monkeypatch):
     from curate.pipeline.local_executor import LocalExecutor
-    from curate.pipeline.worker import Job
+    from curate.pipeline.worker import SegmentJob
 
     def job(gpus):
-        return Job(key="k", fingerprint="f", source=None, chain=(), out_dir="o", state_dir="s",
+        return SegmentJob(key="k", fingerprint="f", source=None, chain=(), out_dir="o", state_dir="s",
                    side_dirs={}, task_ids=(), batch_size=1, rows_per_shard=1, gpus=gpus)
 
     ex = LocalExecutor(1)

@@ -11,7 +11,7 @@
     rows_per_shard: 50000          # rows per output Parquet shard
     max_error_fraction: 0.01       # stop the run when more documents than this fail in a step
     report: true                   # write report.html next to stats.json at the end of a run
-    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_runner.py)
+    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_executor.py)
     engines:                       # named LLM engines stages refer to with `engine: <name>`
       small: {kind: transformers}
     inputs:                        # named sources

@@ -1,5 +1,5 @@
 """Runs a validated pipeline: plans segments (``plan.py``), hands their tasks to an executor
-(``local_executor.py``, ``ray_runner.py``), which runs them in workers (``worker.py``), and keeps the
+(``local_executor.py``, ``ray_executor.py``), which runs them in workers (``worker.py``), and keeps the
 run state (``state.py``) that makes a killed run resumable.
 
 Completion and resume
@@ -46,7 +46,7 @@ from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stage import Resources
 from curate.pipeline.stats import Progress, StepStats
 from curate.pipeline.state import Layout, StepMarker, StepRecord, TaskRecord, read_task_records
-from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run_task
+from curate.pipeline.worker import InputSlice, SegmentJob, TaskDeferred, WorkerStep, run_task
 
 log = logging.getLogger("curate")
 
@@ -118,8 +118,8 @@ class Runner:
         self.report = report
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _stage_spec(self, step: Step) -> StageSpec:
-        return StageSpec(name=step.name, stage=step.stage.name, options=step.options(),
+    def _worker_step(self, step: Step) -> WorkerStep:
+        return WorkerStep(name=step.name, stage=step.stage.name, options=step.options(),
                          workdir=self.layout.workdir(step.name))
 
     def _reset_step(self, step: Step, workdir: bool = False) -> None:
@@ -393,9 +393,9 @@ class Runner:
             log.info("step %s: resuming, %d of %d tasks already done", target.name, len(records), len(tasks))
         pending = [i for i in range(len(tasks)) if i not in records]
         res = Resources.combine([s.stage.resources for s in ([seg.source] if seg.source else []) + list(seg.chain)])
-        job = Job(key=f"{target.name}@{target.fingerprint}", fingerprint=target.fingerprint,
-                  source=self._stage_spec(seg.source) if seg.source else None,
-                  chain=tuple(self._stage_spec(s) for s in seg.chain),
+        job = SegmentJob(key=f"{target.name}@{target.fingerprint}", fingerprint=target.fingerprint,
+                  source=self._worker_step(seg.source) if seg.source else None,
+                  chain=tuple(self._worker_step(s) for s in seg.chain),
                   out_dir=self.layout.url_of(self.layout.step_dir(target.name)),
                   state_dir=self.layout.url_of(self.layout.state_dir(target.name)),
                   side_dirs={n: self.layout.url_of(self.layout.step_dir(n)) for n in names},
@@ -564,7 +564,7 @@ def _calls_llm(stage: Any) -> bool:
 def make_executor(runner: str, workers: int, preload: list[str] | None = None) -> Any:
     """Stage plugins reach workers through each task's job; ``preload`` only warms them up."""
     if runner == "ray":
-        from curate.pipeline.ray_runner import RayExecutor
+        from curate.pipeline.ray_executor import RayExecutor
         return RayExecutor(workers)
     from curate.pipeline.local_executor import LocalExecutor
     return LocalExecutor(workers, preload)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from curate.pipeline.resources import Node, check_resources, forwarded_env
-from curate.pipeline.worker import Job
+from curate.pipeline.worker import SegmentJob
 
 log = logging.getLogger("curate")
 
@@ -64,7 +64,7 @@ def is_device_failure(exc: BaseException) -> bool:
 @dataclass
 class _Item:
     fn: Callable
-    job: Job
+    job: SegmentJob
     args: tuple
     future: Future
     attempts: int = 0   # replicas that died running it
@@ -147,7 +147,7 @@ class RayExecutor:
         return check_resources(pipe, self.nodes(), "the Ray cluster")
 
     @staticmethod
-    def _memory(job: Job) -> dict[str, Any]:
+    def _memory(job: SegmentJob) -> dict[str, Any]:
         return {"memory": int(job.memory_gb * 2**30)} if job.memory_gb else {}
 
     # -- executor interface ------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class RayExecutor:
     def drain(self) -> None:
         """Ray workers do not stream per-batch progress; the runner counts finished tasks."""
 
-    def submit(self, fn: Callable, job: Job, *args: Any) -> Future:
+    def submit(self, fn: Callable, job: SegmentJob, *args: Any) -> Future:
         if job.gpus > 0 or job.replicas:
             fut: Future = Future()
             with self._lock:
@@ -199,7 +199,7 @@ class RayExecutor:
             self.ray.shutdown()
 
     # -- replicas ----------------------------------------------------------------------------------
-    def _pool_for(self, job: Job) -> _Pool:
+    def _pool_for(self, job: SegmentJob) -> _Pool:
         """The replicas for ``job``'s worker shape; a pool of another shape is released first (one
         segment runs at a time). Same shape, same replicas: an engine stays loaded across steps."""
         shape = (float(job.gpus), float(job.cpus), job.memory_gb, job.replicas, tuple(self._env_names))
@@ -223,7 +223,7 @@ class RayExecutor:
         return self._pool
 
     @staticmethod
-    def _room(n: Node, job: Job) -> int:
+    def _room(n: Node, job: SegmentJob) -> int:
         """How many workers of ``job`` one node holds."""
         fits = [n.gpus // job.gpus if job.gpus > 0 else float("inf"),
                 n.cpus // job.cpus if job.cpus > 0 and n.cpus is not None else float("inf"),
