@@ -52,12 +52,23 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:   # io and context import this module: their names are for annotations only
+    from curate.pipeline.context import RunContext
+    from curate.pipeline.io import Dataset
+
 log = logging.getLogger("curate")
+
+
+class Writer(Protocol):
+    """Where a global stage writes its output rows (``ShardWriter`` in a run, ``MemoryWriter`` in a
+    library call): tables in, in any number of calls."""
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None: ...
 
 
 class StageConfig(BaseModel):
@@ -496,15 +507,15 @@ class GlobalStage(Stage):
 
     kind = "global"
 
-    def run(self, dataset: "Dataset", writer: "Writer", ctx: "RunContext") -> None:
+    def run(self, dataset: Dataset, writer: Writer, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def local_scratch(self, ctx: "RunContext", name: str) -> str:
+    def local_scratch(self, ctx: RunContext, name: str) -> str:
         """A fresh, empty folder on this machine's disk (under the step's work folder), for files
         only this process reads (e.g. a training file a library wants as a local path)."""
         return self._fresh_folder(getattr(ctx, "workdir", None) or self.workdir, name)
 
-    def scratch(self, ctx: "RunContext", name: str) -> str:
+    def scratch(self, ctx: RunContext, name: str) -> str:
         """A fresh, empty folder for this run's spill files, under the output location
         (``<output>/_curate/work/<step>/<name>``; a URL when the output is an object store, so
         workers on other nodes can read what each wrote). Read and write it with
@@ -537,8 +548,3 @@ class GlobalStage(Stage):
             self.run(ds, writer, RunContext.inline(self.workdir))
         return writer.table()
 
-
-# typing-only names (defined in io/context) -------------------------------------------------------
-Dataset = Any
-Writer = Any
-RunContext = Any

@@ -51,8 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curate.decont.index import (EvalSetError, EvalSpec, NgramIndex, first_record_problems, match_batch,  # noqa: F401
                                  report_counts, token_spans)
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, log, register
-from curate.pipeline.tables import require_text
+from curate.pipeline.api import MapStage, Resources, StageConfig, StageError, log, register, require_text
 
 SNIPPET_CHARS = 160
 
@@ -116,7 +115,7 @@ class Decontaminate(MapStage):
 
     # -- checks and set-up ---------------------------------------------------------------------------
     def _specs(self) -> tuple[list[EvalSpec], list[tuple[str, str]]]:
-        from curate.pipeline.io import expand_paths
+        from curate.pipeline.api import expand_paths
 
         specs, problems = [], []
         for name, es in self.config.eval_sets.items():

@@ -50,9 +50,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.pipeline.library_logs import LibraryLogs
-from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
-from curate.pipeline.tables import set_column
+from curate.pipeline.api import FilterStage, LibraryLogs, Resources, StageConfig, StageError, register, set_column
 
 log = logging.getLogger("curate")
 

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
+from curate.pipeline.api import FilterStage, Resources, StageConfig, StageError, register
 
 # ISO 639-1 codes (lid.176 style) -> datatrove's language codes (ISO 639-3), for convenience
 _ISO1_TO_3 = {"en": "eng", "de": "deu", "fr": "fra", "es": "spa", "it": "ita", "pt": "por",

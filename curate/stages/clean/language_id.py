@@ -24,8 +24,7 @@ import os
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.stage import FilterStage, Resources, StageConfig, StageError, register
-from curate.pipeline.tables import require_text, set_column
+from curate.pipeline.api import FilterStage, Resources, StageConfig, StageError, register, require_text, set_column
 
 LABEL_PREFIX = "__label__"
 

@@ -24,8 +24,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.stage import MapStage, Resources, StageConfig, register
-from curate.pipeline.tables import require_text
+from curate.pipeline.api import MapStage, Resources, StageConfig, register, require_text
 
 Kind = Literal["email", "phone", "ip"]
 ORDER: tuple[str, ...] = ("email", "ip", "phone")

@@ -40,9 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
-from curate.pipeline.scratch import spill_join, spill_read, spill_rmtree, spill_write, spill_writer
-from curate.pipeline.tables import require_column
+from curate.pipeline.api import (GlobalStage, Resources, StageConfig, StageError, register, require_column, spill_join,
+                                 spill_read, spill_rmtree, spill_write, spill_writer)
 
 log = logging.getLogger("curate")
 
@@ -105,7 +104,7 @@ def _hash_keys(values: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def hash_task(item: dict) -> dict:
     """Step 1 for one part: bucketed (hi, lo, doc) files for the text and URL keys."""
-    from curate.pipeline.io import iter_part
+    from curate.pipeline.api import iter_part
     from curate.text.normalize import normalize_for_hash
 
     part, cfg, work, nb = item["part"], item["cfg"], item["work"], item["buckets"]

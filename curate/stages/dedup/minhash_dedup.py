@@ -40,9 +40,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from curate.pipeline.stage import GlobalStage, Resources, StageConfig, StageError, register
-from curate.pipeline.scratch import spill_join, spill_read, spill_rmtree, spill_write, spill_writer
-from curate.pipeline.tables import require_column, set_column
+from curate.pipeline.api import (GlobalStage, Resources, StageConfig, StageError, register, require_column, set_column,
+                                 spill_join, spill_read, spill_rmtree, spill_write, spill_writer)
 
 log = logging.getLogger("curate")
 
@@ -179,7 +178,7 @@ def _set_threads(cfg: dict) -> None:
 def signature_task(item: dict) -> dict:
     """Step 1 for one input part: band keys (and optionally signatures) -> Parquet."""
     from curate.dedup import minhash as M
-    from curate.pipeline.io import iter_part
+    from curate.pipeline.api import iter_part
 
     part = item["part"]
     cfg = item["cfg"]
@@ -271,7 +270,7 @@ def shingle_sets_task(item: dict) -> dict:
     """Step 3 for one input part: the sorted unique shingle hashes of the selected rows (the
     documents of candidate pairs only), read again from the part."""
     from curate.dedup import minhash as M
-    from curate.pipeline.io import iter_part
+    from curate.pipeline.api import iter_part
 
     cfg = item["cfg"]
     _set_threads(cfg)

@@ -14,7 +14,7 @@ def unit_hash(doc_id: str, seed: int) -> float:
 def writer_dir(writer) -> str | None:
     """The output folder of a global step (the runner's shard writer): where a step keeps its
     artifacts (model files, cards, _selection.json; names starting with '_'). None in a library call."""
-    from curate.pipeline.io import to_url
+    from curate.pipeline.api import to_url
 
     return to_url(writer.fs, writer.dir) if hasattr(writer, "fs") and hasattr(writer, "dir") else None
 

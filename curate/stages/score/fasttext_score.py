@@ -23,9 +23,8 @@ import struct
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.pipeline.refs import StepRef
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
-from curate.pipeline.state import STEP_CARD_FILE, STEP_MODEL_FILE  # noqa: F401 - the run layout's names
+from curate.pipeline.api import (STEP_CARD_FILE, STEP_MODEL_FILE, MapStage, Resources, StageConfig, StageError,
+                                 StepRef, register)  # noqa: F401 - the run layout's names
 
 LABEL_PREFIX = "__label__"
 MODEL_FILE = "model.bin"            # what train_classifier writes into an output_dir
@@ -58,7 +57,7 @@ def require_training_fasttext():
 
 def local_model_file(url: str, cache_dir: str | None = None) -> str:
     """A local path of a model file (a copy under ``cache_dir`` for remote URLs)."""
-    from curate.pipeline.io import get_fs, is_local
+    from curate.pipeline.api import get_fs, is_local
 
     fs, p = get_fs(url)
     if is_local(fs):
@@ -76,7 +75,7 @@ def local_model_file(url: str, cache_dir: str | None = None) -> str:
 
 def model_file_problem(url: str) -> str | None:
     """Why ``url`` is not a fastText model file (None when it looks like one)."""
-    from curate.pipeline.io import get_fs
+    from curate.pipeline.api import get_fs
 
     fs, p = get_fs(url)
     try:
@@ -146,7 +145,7 @@ class FastTextScore(MapStage):
     def model_url(self) -> str:
         m = self.config.model
         if isinstance(m, StepRef):
-            from curate.pipeline.io import join
+            from curate.pipeline.api import join
             return join(m.require_path(self.name), STEP_MODEL_FILE)
         return m
 
@@ -156,7 +155,7 @@ class FastTextScore(MapStage):
         problem = model_file_problem(self.config.model)
         if problem:
             return [("model", problem)]
-        from curate.pipeline.io import get_fs
+        from curate.pipeline.api import get_fs
 
         fs, p = get_fs(self.config.model)
         if (self.config.labels or self.config.columns) and fs.size(p) <= 256 * 2**20:
@@ -174,7 +173,7 @@ class FastTextScore(MapStage):
         covered by that step's fingerprint."""
         if isinstance(self.config.model, StepRef):
             return ""
-        from curate.pipeline.io import get_fs
+        from curate.pipeline.api import get_fs
 
         fs, p = get_fs(self.config.model)
         try:

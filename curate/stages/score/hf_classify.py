@@ -33,7 +33,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator
 
-from curate.pipeline.stage import MapStage, Resources, StageConfig, StageError, register
+from curate.pipeline.api import MapStage, Resources, StageConfig, StageError, register
 from curate.stages.score import _hf_classifier as hfc
 
 
@@ -65,7 +65,7 @@ def _column_word(label: str) -> str:
 
 
 def _gpu_visible() -> bool:
-    from curate.pipeline.local_executor import gpu_count
+    from curate.pipeline.api import gpu_count
 
     return gpu_count() > 0
 

@@ -48,7 +48,7 @@ from curate.engines import Completion
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
 from curate.llm.stage import Job, LLMStage, LLMStageConfig, Unit
-from curate.pipeline.stage import register
+from curate.pipeline.api import register
 
 CRITERIA = ["Accuracy", "Coherence", "Language Consistency", "Semantic Density", "Knowledge Novelty",
             "Topic Focus", "Creativity", "Professionalism", "Style Consistency", "Grammatical Diversity",

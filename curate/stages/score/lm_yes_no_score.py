@@ -47,7 +47,7 @@ from curate.engines import Completion, Request
 from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
 from curate.llm.stage import Job, LLMStage, LLMStageConfig, Unit
-from curate.pipeline.stage import StageError, register
+from curate.pipeline.api import StageError, register
 
 
 class LmYesNoScoreConfig(LLMStageConfig):

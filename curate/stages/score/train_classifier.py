@@ -38,10 +38,9 @@ from typing import Any, Iterator, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from curate.pipeline.refs import StepRef
-from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
+from curate.pipeline.api import GlobalStage, StageConfig, StageError, StepRef, register
 from curate.stages.score.fasttext_score import (CARD_FILE, LABEL_PREFIX, MODEL_FILE, STEP_CARD_FILE,
-                                          STEP_MODEL_FILE, fasttext_lines, require_training_fasttext)
+                                                STEP_MODEL_FILE, fasttext_lines, require_training_fasttext)
 from curate.stages.score._scoring import sha256_file, unit_hash, writer_dir as _writer_dir
 
 log = logging.getLogger("curate")
@@ -189,7 +188,7 @@ class TrainClassifier(GlobalStage):
     writes = {"label": pa.string(), "split": pa.string(), "classifier_score": pa.float32()}
 
     def check(self) -> list[tuple[str, str]]:
-        from curate.pipeline.io import expand_paths
+        from curate.pipeline.api import expand_paths
 
         problems = []
         for key in ("positive", "negative"):
@@ -209,7 +208,7 @@ class TrainClassifier(GlobalStage):
     # -- data --------------------------------------------------------------------------------------
     def iter_source(self, src: Source) -> Iterator[pa.Table]:
         """Document tables (id, text, ...) of one positive/negative source."""
-        from curate.pipeline.io import expand_paths, list_parquet
+        from curate.pipeline.api import expand_paths, list_parquet
 
         if isinstance(src, StepRef):
             try:
@@ -428,14 +427,14 @@ class _Rows:
             self._w.close()
 
     def read(self) -> Iterator[pa.Table]:
-        from curate.pipeline.io import iter_parquet
+        from curate.pipeline.api import iter_parquet
 
         return iter_parquet(self.path, batch_size=4096) if self._w is not None else iter(())
 
 
 def _publish(model_file: str, card: dict, dest: str, model_name: str, card_name: str) -> None:
     """Copy the model and write its card (naming the model file) into ``dest`` (any fsspec URL)."""
-    from curate.pipeline.io import atomic_write_bytes, get_fs, is_local, join
+    from curate.pipeline.api import atomic_write_bytes, get_fs, is_local, join
 
     fs, d = get_fs(dest)
     fs.makedirs(d, exist_ok=True)

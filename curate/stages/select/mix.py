@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import xxhash
 from pydantic import Field, field_validator
 
-from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
+from curate.pipeline.api import GlobalStage, StageConfig, StageError, register
 
 _PAIR = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*[:=]\s*([^,]+?)\s*$")
 
@@ -152,8 +152,8 @@ class Mix(GlobalStage):
 
     def mix(self, inputs: dict[str, Any]) -> pa.Table:
         """Library call: {name: table, Parquet path(s) or Dataset} -> the mixture as one table."""
-        from curate.pipeline.context import RunContext
-        from curate.pipeline.io import Dataset, MemoryWriter
+        from curate.pipeline.api import RunContext
+        from curate.pipeline.api import Dataset, MemoryWriter
         import tempfile
 
         self.ensure_setup()
@@ -168,7 +168,7 @@ class Mix(GlobalStage):
         return writer.table()
 
     def _iter(self, part, filt, columns):
-        from curate.pipeline.io import Dataset, iter_part
+        from curate.pipeline.api import Dataset, iter_part
 
         c = self.config
         if isinstance(part, Dataset):  # input_column: the whole dataset, filtered by input name

@@ -38,8 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from curate.pipeline.stage import GlobalStage, StageConfig, StageError, register
-from curate.pipeline.state import SELECTION_FILE  # the run layout's name (the report reads it)
+from curate.pipeline.api import SELECTION_FILE, GlobalStage, StageConfig, StageError, register
 from curate.stages.score._scoring import unit_hash, writer_dir
 
 
@@ -381,7 +380,7 @@ class Select(GlobalStage):
         self.selection = self._record(info)
         d = writer_dir(writer)
         if d:
-            from curate.pipeline.io import atomic_write_bytes, get_fs, join
+            from curate.pipeline.api import atomic_write_bytes, get_fs, join
             fs, p = get_fs(d)
             atomic_write_bytes(fs, join(p, SELECTION_FILE), json.dumps(self.selection, indent=1).encode())
 

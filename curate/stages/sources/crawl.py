@@ -46,8 +46,8 @@ from curate.ingest.charset import decode_bytes
 from curate.ingest.crawler import (HTML_TYPES, SKIP_EXTENSIONS, Crawler, connect, extract_links,  # noqa: F401
                                    lock_file, parse_iso, run_coroutine)
 from curate.ingest.urls import Allowlist, host_of, normalize_url
-from curate.pipeline.schema import WEB_DOC_SCHEMA, dumps_meta, make_id
-from curate.pipeline.stage import Resources, SourceStage, StageConfig, StageError, Task, register
+from curate.pipeline.api import (WEB_DOC_SCHEMA, Resources, SourceStage, StageConfig, StageError, Task, dumps_meta,
+                                 make_id, register)
 
 OUTPUT_SCHEMA = WEB_DOC_SCHEMA
 

@@ -36,9 +36,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from curate.ingest.charset import decode_bytes, looks_binary
-from curate.pipeline.io import get_fs
-from curate.pipeline.schema import HTML_DOC_SCHEMA, batched_tables, dumps_meta, make_id
-from curate.pipeline.stage import FileSource, StageConfig, Task, register
+from curate.pipeline.api import (HTML_DOC_SCHEMA, FileSource, StageConfig, Task, batched_tables, dumps_meta, get_fs,
+                                 make_id, register)
 
 log = logging.getLogger("curate")
 

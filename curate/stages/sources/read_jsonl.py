@@ -13,9 +13,7 @@ from typing import Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.io import get_fs
-from curate.pipeline.schema import docs_table, dumps_meta, make_id
-from curate.pipeline.stage import FileSource, StageConfig, Task, register
+from curate.pipeline.api import FileSource, StageConfig, Task, docs_table, dumps_meta, get_fs, make_id, register
 
 
 class ReadJsonlConfig(StageConfig):

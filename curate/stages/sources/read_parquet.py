@@ -7,9 +7,7 @@ from typing import Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.io import iter_parquet
-from curate.pipeline.schema import ensure_doc_columns
-from curate.pipeline.stage import FileSource, StageConfig, StageError, Task, register
+from curate.pipeline.api import FileSource, StageConfig, StageError, Task, ensure_doc_columns, iter_parquet, register
 
 
 class ReadParquetConfig(StageConfig):

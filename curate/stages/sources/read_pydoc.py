@@ -19,8 +19,7 @@ from typing import Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from curate.pipeline.schema import docs_table, make_id
-from curate.pipeline.stage import SourceStage, StageConfig, Task, register
+from curate.pipeline.api import SourceStage, StageConfig, Task, docs_table, make_id, register
 
 DEFAULT_MODULES = [
     "abc", "argparse", "array", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs",

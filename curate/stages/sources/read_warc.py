@@ -33,9 +33,8 @@ import pyarrow as pa
 from pydantic import Field
 
 from curate.ingest.charset import decode_bytes
-from curate.pipeline.io import get_fs
-from curate.pipeline.schema import WEB_DOC_SCHEMA, batched_tables, dumps_meta, make_id
-from curate.pipeline.stage import FileSource, StageConfig, Task, register
+from curate.pipeline.api import (WEB_DOC_SCHEMA, FileSource, StageConfig, Task, batched_tables, dumps_meta, get_fs,
+                                 make_id, register)
 
 log = logging.getLogger("curate")
 

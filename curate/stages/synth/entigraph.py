@@ -40,8 +40,7 @@ from pydantic import Field, model_validator
 from curate.engines import Completion
 from curate.llm.parse import ParseError, parse_json_object, salvage_string, salvage_string_list, string_list
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
-from curate.pipeline.schema import seeded_rng
-from curate.pipeline.stage import register
+from curate.pipeline.api import register, seeded_rng
 
 
 class EntiGraphConfig(LLMStageConfig):

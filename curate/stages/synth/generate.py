@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from curate.engines import Completion, Request
 from curate.llm.stage import JobResult, LLMStage, LLMStageConfig
-from curate.pipeline.stage import register
+from curate.pipeline.api import register
 
 
 class GenerateConfig(LLMStageConfig):

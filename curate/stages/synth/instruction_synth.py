@@ -42,8 +42,7 @@ from pydantic import Field
 from curate.engines import Completion, Request
 from curate.llm.parse import ParseError, format_tagged_pairs, parse_tagged_pairs
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
-from curate.pipeline.schema import seeded_rng
-from curate.pipeline.stage import register
+from curate.pipeline.api import register, seeded_rng
 
 QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 

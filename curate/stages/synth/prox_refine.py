@@ -74,7 +74,7 @@ from curate.llm.chunking import cut_text
 from curate.llm.parse import ParseError
 from curate.llm.prompts import TemplateError, load_template
 from curate.llm.stage import PROVENANCE, DropAnswer, LLMStage, LLMStageConfig
-from curate.pipeline.stage import StageError, register
+from curate.pipeline.api import StageError, register
 from curate.text import prox
 
 _CHUNK_OPS = ("remove_lines", "remove_all", "normalize", "keep_chunk")

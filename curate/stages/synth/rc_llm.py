@@ -37,8 +37,7 @@ from pydantic import Field, create_model
 from curate.engines import Completion
 from curate.llm.parse import parse_qa_pairs
 from curate.llm.stage import Job, JobResult, LLMStage, LLMStageConfig, Unit
-from curate.pipeline.stage import StageError, register
-from curate.pipeline.tables import set_column as _set_column
+from curate.pipeline.api import StageError, register, set_column as _set_column
 from curate.stages.synth.reading_comprehension import ReadingComprehension, ReadingComprehensionConfig
 from curate.text.adaptllm import SUBTYPES
 

@@ -69,8 +69,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from curate.pipeline.stage import MapStage, StageConfig, StageError, register
-from curate.pipeline.tables import set_column as _set_column
+from curate.pipeline.api import MapStage, StageConfig, StageError, register, set_column as _set_column
 from curate.text.adaptllm import (FAMILIES, SUBTYPES, AdaptLLMError, KeywordMiner, KeywordOptions, Miner,
                                   has_two_sentences, split_long, split_sentences, train_domain_tokenizer,
                                   unwrap_lines)
@@ -266,7 +265,7 @@ class ReadingComprehension(MapStage):
         model on ``keywords.train_from``."""
         import tempfile
 
-        from curate.pipeline.io import Dataset, expand_paths, get_fs
+        from curate.pipeline.api import Dataset, expand_paths, get_fs
 
         k = self.config.keywords
         paths = [k.train_from] if isinstance(k.train_from, str) else list(k.train_from)

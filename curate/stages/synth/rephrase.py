@@ -30,7 +30,7 @@ from pydantic import Field
 from curate.engines import Completion, Request
 from curate.llm.parse import ParseError, parse_bullets
 from curate.llm.stage import DropAnswer, LLMStage, LLMStageConfig
-from curate.pipeline.stage import register
+from curate.pipeline.api import register
 
 _QA = re.compile(r"^\s*(?:\*\*)?Question\s*\d*\s*:(?:\*\*)?\s*\S.*?^\s*(?:\*\*)?Answer\s*\d*\s*:(?:\*\*)?\s*\S",
                  re.S | re.M | re.I)
