@@ -98,6 +98,49 @@ def test_unknown_engine_reference(tmp_path, corpus):
     assert "options.engine" in msg and "unknown engine 'big'" in msg
 
 
+def _llm_pipeline(tmp_path, corpus, engines, *step_engines):
+    d = pipeline_dict(corpus, str(tmp_path / "out"), engines=engines)
+    d["stages"] = [{"name": f"g{i}", "stage": "generate", "input": "docs",
+                    "options": {"engine": e, "template": "Say: {text}"}} for i, e in enumerate(step_engines)]
+    return write_yaml(str(tmp_path / "p.yaml"), d)
+
+
+def test_a_named_engine_is_parsed_once_and_shared_by_the_steps_naming_it(tmp_path, corpus):
+    p = _llm_pipeline(tmp_path, corpus, {"small": {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}},
+                      "small", "small", {"kind": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"})
+    pipe = load_pipeline(p, check=False)
+    a, b, inline = (pipe.steps[n].stage.config.engine for n in ("g0", "g1", "g2"))
+    assert a is b and a.kind == "openai" and a.model == "m"
+    assert inline == a and inline is not a                      # an inline mapping is its own config
+    assert pipe.steps["g0"].fingerprint == pipe.steps["g1"].fingerprint != ""
+
+
+def test_unknown_engine_name_names_file_step_key_and_the_close_name(tmp_path, corpus):
+    p = _llm_pipeline(tmp_path, corpus, {"small": {"kind": "openai", "model": "m"}}, "smal")
+    _, msg = problems_of(p)
+    assert p in msg and "stage 'g0'" in msg and "key 'options.engine'" in msg
+    assert "unknown engine 'smal' (did you mean 'small'?)" in msg
+
+
+def test_an_invalid_named_engine_is_reported_once_under_engines(tmp_path, corpus):
+    p = _llm_pipeline(tmp_path, corpus, {"small": {"kind": "openai", "modle": "m"}}, "small", "small")
+    err, msg = problems_of(p)
+    assert "key 'engines.small.modle'" in msg and "unknown key" in msg
+    assert "key 'engines.small.model'" in msg                   # openai needs a model
+    assert msg.count("engines.small.modle") == 1 and "g0" not in msg and "g1" not in msg
+
+
+def test_a_string_engine_in_a_library_call_is_an_error_not_a_kind():
+    """`engine:` has one meaning: a string names an engine of a pipeline file's `engines:`."""
+    from pydantic import ValidationError
+
+    from curate.stages.synth.generate import Generate
+
+    with pytest.raises(ValidationError, match="names an engine defined under `engines:`"):
+        Generate(engine="openai")
+    assert Generate(engine={"kind": "openai", "model": "m"}).config.engine.kind == "openai"
+
+
 def test_all_problems_reported_at_once(tmp_path, corpus):
     d = pipeline_dict(corpus, str(tmp_path / "out"))
     d["stages"][1]["options"]["bogus"] = 1

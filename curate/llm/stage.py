@@ -128,7 +128,12 @@ class LLMStageConfig(StageConfig):
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
+        # `engine: NAME` is resolved by the pipeline loader (pipeline/refs.py); a string that gets
+        # here is a library call, where there are no named engines
+        if isinstance(v, str):
+            from curate.engines.config import string_engine_message
+            raise ValueError(string_engine_message(v))
+        return v
 
 
 class DropAnswer(Exception):

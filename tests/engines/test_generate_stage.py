@@ -22,7 +22,7 @@ def test_registered_and_config():
     assert get_stage("generate") is Generate
     g = Generate(engine={"kind": "vllm", "model": "/models/m", "tensor_parallel_size": 2}, template="{text}")
     assert g.resources.gpus == 2
-    assert Generate(engine="transformers").resources.gpus == 0
+    assert Generate(engine={"kind": "transformers"}).resources.gpus == 0
     assert Generate().reads == ("text",)
     assert Generate(template="Q: {question}\nA: {answer}").reads == ("question", "answer")
     assert Generate(prompt_column="p", output_column="summary").writes == {
