@@ -33,7 +33,7 @@ test-slow: $(STAMP)
 AIRFLOW_VENV ?= $(HOME)/.cache/curate/airflow-venv
 
 container-test: $(STAMP)
-	CURATE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/shipping -m container
+	CURATE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/e2e/shipping -m container
 
 $(AIRFLOW_VENV)/bin/airflow: pyproject.toml
 	CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) PY=$(PY) docker/setup_airflow_venv.sh
@@ -42,7 +42,7 @@ $(AIRFLOW_VENV)/bin/airflow: pyproject.toml
 airflow-venv: $(AIRFLOW_VENV)/bin/airflow
 
 airflow-test: $(STAMP) $(AIRFLOW_VENV)/bin/airflow
-	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/shipping -m airflow
+	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/e2e/shipping -m airflow
 
 .PHONY: container-test airflow-venv airflow-test
 

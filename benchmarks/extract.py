@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))  # pages.py: offline HTML builders
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))  # pages.py: offline HTML builders
 
 PLAIN_OPTS = {"include_comments": False}  # the stage's defaults, spelled for trafilatura.extract
 

@@ -1,7 +1,7 @@
 """fastText scoring speed: ``fasttext_score`` through the runner vs a plain ``model.predict`` loop
 vs datatrove's ``FastTextClassifierFilter``, on the same documents and the same model.
 
-Documents: synthetic finance/cooking text (``tests/scoring/domain_text.py``), ``--files`` Parquet
+Documents: synthetic finance/cooking text (``tests/support/domain_text.py``), ``--files`` Parquet
 files of ``--docs``/files documents (~``--words`` words each). Model: a bigram classifier trained
 here on separate documents by ``train_classifier``'s trainer (``--dim``, ``--bucket``).
 
@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # this file is named like the library: take its folder off the path so `import fasttext` is fastText
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-sys.path.insert(0, os.path.join(ROOT, "tests", "scoring"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 
 def _accept_fasttext_numpy2() -> None:

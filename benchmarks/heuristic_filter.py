@@ -1,6 +1,6 @@
 """heuristic_filter vs datatrove's four filters called directly, on the same documents, in one run.
 
-The documents are the parity test's varied corpus (tests/ingest/heuristic_docs.py: Python
+The documents are the parity test's varied corpus (tests/support/heuristic_docs.py: Python
 language-reference prose, standard-library docstrings and source, German/French prose, and
 generated edge cases: repetition, bullets, ellipses, symbols, code, lorem ipsum, javascript and
 policy lines, citations, odd whitespace, CJK, emoticons...), built offline.
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 from heuristic_docs import varied_documents  # noqa: E402
 

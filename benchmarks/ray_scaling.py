@@ -23,7 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))  # pages.py: offline HTML builders
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))  # pages.py: offline HTML builders
 sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "configs", "warc_example.yaml")

@@ -1,4 +1,4 @@
-"""crawl: a local site on 127.0.0.1 (tests/ingest/http_site.py) with links in and out of the allow-list,
+"""crawl: a local site on 127.0.0.1 (tests/support/http_site.py) with links in and out of the allow-list,
 robots.txt, redirects, errors, binary, slow and huge pages; determinism; resume after SIGKILL."""
 
 import json

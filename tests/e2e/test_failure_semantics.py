@@ -17,11 +17,11 @@ from curate.pipeline.runner import PipelineError
 from curate.run import run_pipeline
 from helpers import curate_bin, read_step, write_yaml
 
-PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+PLUGINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
 
 
 def _env():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, PLUGINS, os.environ.get("PYTHONPATH", "")])}
 
 
@@ -49,7 +49,7 @@ def _fragile_pipeline(tmp_path, **over):
 
 
 def test_a_rerun_after_too_many_errors_fails_again_then_recovers_every_document(tmp_path):
-    """Issue 16.1: the failed step's task records used to make a plain rerun exit 0 with the 30
+    """The failed step's task records used to make a plain rerun exit 0 with the 30
     failed documents gone (and a rerun after the fix kept them gone)."""
     _two_files(str(tmp_path / "in"))
     d, broken = _fragile_pipeline(tmp_path)
@@ -111,7 +111,7 @@ def _three_step(tmp_path, last):
 
 
 def test_a_failed_run_leaves_stats_funnel_report_and_inspect_per_step(tmp_path):
-    """Issue 18.3: a failed run wrote no stats.json, funnel or report, and `curate inspect` merged
+    """A failed run wrote no stats.json, funnel or report, and `curate inspect` merged
     every step's shards into one dataset."""
     d = _three_step(tmp_path, {"name": "boom", "stage": "explode", "options": {"bad_word": " "}})
     cfg = write_yaml(str(tmp_path / "p.yaml"), d)
@@ -230,7 +230,7 @@ def _generate_pipeline(tmp_path, server, n=12, **options):
 
 @pytest.mark.slow
 def test_budget_reached_exits_3_with_what_was_spent_and_the_option_to_raise(tmp_path, echo_server):
-    """Issue 16.4: a budget stop exited 1 ("run the same command again to retry"), which Airflow
+    """A budget stop exited 1 ("run the same command again to retry"), which Airflow
     retries and which sends nothing."""
     from curate.pipeline.runner import BudgetReached
 
@@ -302,7 +302,7 @@ def test_scheduler_policy_does_not_retry_budget_or_invalid(tmp_path):
 
 @pytest.mark.slow
 def test_no_secret_from_the_environment_reaches_any_written_file(tmp_path, echo_server):
-    """Issue 16.6: ``${VAR}`` values were written expanded to ``_curate/pipeline.json``."""
+    """``${VAR}`` values were written expanded to ``_curate/pipeline.json``."""
     secret = "sk-THIS-IS-A-SECRET-4f9c2e"
     d = _generate_pipeline(tmp_path, echo_server, n=6)
     d["engines"]["api"].update({"api_key_env": "CURATE_TEST_KEY", "extra_body": {"user": "${CURATE_TEST_SECRET}"}})
@@ -345,7 +345,7 @@ def test_no_secret_from_the_environment_reaches_any_written_file(tmp_path, echo_
 
 
 def test_the_same_input_in_two_folders_gives_byte_identical_shards(tmp_path):
-    """Issue 16.9: ids (and sources) came from absolute input paths, so the same files gave other
+    """Ids (and sources) came from absolute input paths, so the same files gave other
     ids on a host and in a container. Now they come from the path under the input root."""
     import shutil
 

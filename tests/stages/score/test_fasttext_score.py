@@ -205,7 +205,7 @@ def test_carriage_returns_and_tabs_stay_inside_one_example(tmp_path, domain_data
     assert st.card["metrics"]["test_docs"] == st.card["data"]["test"] and st.card["metrics"]["f1"] >= 0.9
 
 
-# -- issue 18.7: defaults that work on small data, warnings on a poor or tiny held-out set -----------
+# -- defaults that work on small data, warnings on a poor or tiny held-out set ---------------------
 
 @pytest.fixture(scope="module")
 def small_imbalanced(tmp_path_factory):

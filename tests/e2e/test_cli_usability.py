@@ -1,4 +1,4 @@
-"""What a new user hit (issues 8 and 13): clear one-line errors instead of tracebacks, fast failure
+"""The CLI for a first-time user: clear one-line errors instead of tracebacks, fast failure
 on a broken install, inspect on fused and empty steps, plugins next to the pipeline file, readable
 stage options, quiet third-party logs."""
 
@@ -29,7 +29,7 @@ def extract_pipeline(tmp_path) -> str:
         "stages": [{"stage": "extract_html"}]})
 
 
-# -- issue 8.2: a module a configured stage needs cannot be imported ---------------------------------
+# -- a module a configured stage needs cannot be imported ------------------------------------------
 
 def test_missing_required_module_fails_at_validate_with_the_module_named(tmp_path, monkeypatch):
     p = extract_pipeline(tmp_path)
@@ -46,7 +46,7 @@ def test_missing_required_module_fails_at_validate_with_the_module_named(tmp_pat
     assert not os.path.exists(tmp_path / "out")  # nothing started
 
 
-# -- issue 13.1: an output location that cannot be written -------------------------------------------
+# -- an output location that cannot be written -----------------------------------------------------
 
 @pytest.fixture
 def locked_dir(tmp_path):
@@ -119,7 +119,7 @@ def test_force_on_a_step_folder_that_cannot_be_removed(tmp_path, locked_dir):
     assert_one_line_error(r, 1, os.path.join(out, "word_count"), "cannot write the output")
 
 
-# -- issue 13.2: inspect on a broken shard or a file that is not Parquet -----------------------------
+# -- inspect on a broken shard or a file that is not Parquet ---------------------------------------
 
 def test_inspect_names_a_truncated_shard_or_a_non_parquet_file(tmp_path):
     write_corpus(str(tmp_path / "d"), files=2, rows=200)
@@ -135,7 +135,7 @@ def test_inspect_names_a_truncated_shard_or_a_non_parquet_file(tmp_path):
     assert cli("inspect", str(tmp_path / "d" / "f0.parquet")).exit_code == 0
 
 
-# -- issue 13.5: inspect a step that ran fused into the next one, and an empty step ------------------
+# -- inspect a step that ran fused into the next one, and an empty step ----------------------------
 
 def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
     from curate.run import run_pipeline
@@ -165,7 +165,7 @@ def test_inspect_resolves_fused_steps_and_shows_empty_steps(tmp_path):
     assert r.exit_code == 0 and "0 rows" in r.output, r.output
 
 
-# -- issue 13.3: a library call whose glob matches nothing -------------------------------------------
+# -- a library call whose glob matches nothing -----------------------------------------------------
 
 @pytest.mark.parametrize("paths", ["data/*.parquet", "data/", ["data/a.parquet"]])
 def test_library_source_with_no_matching_files_raises_what_validate_reports(tmp_path, monkeypatch, paths):
@@ -186,7 +186,7 @@ def test_library_source_with_no_matching_files_raises_what_validate_reports(tmp_
     assert "key 'options.paths'" in str(err.value)
 
 
-# -- issue 13.6: every problem of a file at once -----------------------------------------------------
+# -- every problem of a file at once ---------------------------------------------------------------
 
 def test_unknown_inputs_are_reported_next_to_unknown_stages_and_bad_options(tmp_path):
     p = write_yaml(str(tmp_path / "p.yaml"), {
@@ -208,9 +208,9 @@ def test_unknown_inputs_are_reported_next_to_unknown_stages_and_bad_options(tmp_
     assert r.exit_code == 2 and "nosuchstep" in r.output and "otherstep" in r.output
 
 
-# -- issue 13.7: plugins next to the pipeline file or in the working directory -----------------------
+# -- plugins next to the pipeline file or in the working directory ---------------------------------
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def readme_plugin_code() -> str:
@@ -283,7 +283,7 @@ def test_plugin_next_to_the_pipeline_file_in_a_library_run_with_workers(tmp_path
     check_char_counts(str(tmp_path / "o2"), 90)
 
 
-# -- issue 13.11: readable options; stage classes by name ---------------------------------------------
+# -- readable options; stage classes by name -------------------------------------------------------
 
 def test_stage_options_show_allowed_values_and_nested_groups():
     r = cli("stages", "minhash_dedup")
@@ -331,7 +331,7 @@ def test_curate_stage_by_name_is_a_configured_library_call():
         curate.stage("minhash_dedup", keep="shortest")
 
 
-# -- issue 13.12: third-party log noise ----------------------------------------------------------------
+# -- third-party log noise -------------------------------------------------------------------------
 
 def test_trafilatura_log_lines_are_counted_and_logged_at_debug_with_the_page(caplog, capfd):
     import logging

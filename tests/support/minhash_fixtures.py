@@ -1,11 +1,8 @@
-import os
-import sys
+"""Fixture ``planted``: the MinHash tests' planted near-duplicate corpus (built once a session)."""
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from minhash_corpus import Planted, build_planted  # noqa: E402
+from minhash_corpus import Planted, build_planted
 
 
 @pytest.fixture(scope="session")

@@ -198,7 +198,7 @@ def test_empty_results_and_empty_input(tmp_path):
     assert Select(by="score", stratify="language", top_fraction=0.5)(empty).num_rows == 0
 
 
-# -- issue 18.1: a column named twice in `where` ----------------------------------------------------
+# -- a column named twice in `where` ---------------------------------------------------------------
 
 def test_where_naming_a_column_twice_runs_and_validates(tmp_path):
     from click.testing import CliRunner

@@ -253,15 +253,12 @@ def test_local_runner_honours_replicas_and_gpus_per_worker(tmp_path, monkeypatch
 
 
 def _echo_server():
-    """The OpenAI-compatible test server of tests/engines/conftest.py, with its instant echo backend."""
-    import importlib.util
+    """The OpenAI-compatible test server of tests/support/openai_server.py, with its instant echo backend."""
     import threading
 
-    spec = importlib.util.spec_from_file_location(
-        "_engines_conftest", os.path.join(os.path.dirname(__file__), "engines", "conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    srv = mod.OpenAIServer(None)
+    from openai_server import OpenAIServer
+
+    srv = OpenAIServer(None)
     srv.state.backend = "echo"
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return srv

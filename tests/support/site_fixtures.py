@@ -1,4 +1,4 @@
-"""Fixtures of the ingest tests: ``serve_site(pages) -> (base_url, stop, hits)`` (see http_site.py)."""
+"""Fixture ``serve_site(pages) -> (base_url, stop, hits)`` (see http_site.py)."""
 
 import pytest
 from http_site import serve_site as _serve_site

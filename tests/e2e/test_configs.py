@@ -17,7 +17,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 def _load_site():
-    sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))
+    sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
     from http_site import serve_site
     return serve_site
 
@@ -36,11 +36,11 @@ def step_table(out, step):
 
 def test_every_config_is_tested():
     tested = {"crawl_example.yaml", "warc_example.yaml",
-              "domain_adaptation.yaml",   # tests/test_domain_adaptation.py
-              "synthetic_example.yaml",   # tests/llm/test_synthetic_example.py
-              "prox_example.yaml",        # tests/llm/test_prox_example.py
-              "domain_classifier.yaml",   # tests/scoring/test_domain_pipeline.py
-              "decontaminate_example.yaml"}   # tests/decont/test_decontaminate.py
+              "domain_adaptation.yaml",   # tests/e2e/test_domain_adaptation.py
+              "synthetic_example.yaml",   # tests/e2e/test_synthetic_example.py
+              "prox_example.yaml",        # tests/e2e/test_prox_example.py
+              "domain_classifier.yaml",   # tests/e2e/test_domain_classifier.py
+              "decontaminate_example.yaml"}   # tests/stages/clean/test_decontaminate.py
     assert {os.path.basename(p) for p in glob.glob(os.path.join(CONFIGS, "*.yaml"))} <= tested | set(
         os.environ.get("CURATE_EXTRA_TESTED_CONFIGS", "").split())
 

@@ -1,4 +1,4 @@
-"""What a new user building a domain corpus hit (issue 18): step warnings, heuristic presets, the
+"""A first run building a domain corpus: step warnings, heuristic presets, the
 raw html carried along, one-row shards, short Latin-1 files, typos without suggestions, inspect."""
 
 from __future__ import annotations

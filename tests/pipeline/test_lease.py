@@ -1,5 +1,5 @@
 """One run per output: the lease on ``<output>/_curate/lease.json`` (curate/pipeline/lease.py) on
-an s3:// output through the real S3 protocol (a moto server on 127.0.0.1, as tests/test_s3.py)
+an s3:// output through the real S3 protocol (a moto server on 127.0.0.1, as tests/pipeline/test_s3.py)
 and on local folders."""
 
 import json
@@ -21,7 +21,7 @@ s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed")
 
 @pytest.fixture
 def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (as tests/test_s3.py), with fresh filesystem instances."""
+    """A moto S3 server on 127.0.0.1 (as tests/pipeline/test_s3.py), with fresh filesystem instances."""
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
@@ -37,11 +37,11 @@ def s3(monkeypatch):
     server.stop()
     s3fs.S3FileSystem.clear_instance_cache()
 
-PLUGINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins")
+PLUGINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
 
 
 def _env(**extra):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, PLUGINS, os.environ.get("PYTHONPATH", "")]),
             **extra}
 
@@ -59,7 +59,7 @@ def _slow_pipeline(tmp_path, out, seconds=0.5, files=2):
 
 @pytest.mark.slow
 def test_a_second_run_on_an_s3_output_is_refused_and_deletes_nothing(tmp_path, s3):
-    """Issue 16.8: a --force run started 8 s after another one deleted its shards."""
+    """A --force run started 8 s after another one deleted its shards."""
     out = f"s3://{s3.bucket}/out"
     d = _slow_pipeline(tmp_path, out, seconds=0.6, files=5)   # about 30 s, a task every 6 s
     cfg = write_yaml(str(tmp_path / "p.yaml"), d)

