@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CACHE = os.environ.get("CURATE_CONTAINER_CACHE") or os.path.expanduser("~/.cache/curate/containers")
 BASE_TAG = "localhost/curate-test-base:bookworm"
 CPU_TAG = "localhost/curate:cpu-test"
