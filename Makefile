@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/curate run configs/quickstart.yaml
+	$(BIN)/curate run   # the built-in quickstart, curate/configs/quickstart.yaml
 
 # the default suite (every stage, under 5 minutes on a quiet 2-core machine); CI (.ci/run) runs it,
 # then the slow tests (`make test-slow`): real LLM generation, kill-and-resume, Ray clusters, big corpora
@@ -51,7 +51,7 @@ lock: $(STAMP)
 AIRFLOW_VENV ?= $(HOME)/.cache/curate/airflow-venv
 
 container-test: $(STAMP)
-	CURATE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/shipping -m container
+	CURATE_CONTAINER_TESTS=1 $(BIN)/python -m pytest -q tests/e2e/shipping -m container
 
 $(AIRFLOW_VENV)/bin/airflow: pyproject.toml
 	CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) PY=$(PY) docker/setup_airflow_venv.sh
@@ -60,7 +60,7 @@ $(AIRFLOW_VENV)/bin/airflow: pyproject.toml
 airflow-venv: $(AIRFLOW_VENV)/bin/airflow
 
 airflow-test: $(STAMP) $(AIRFLOW_VENV)/bin/airflow
-	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/shipping -m airflow
+	CURATE_AIRFLOW_TESTS=1 CURATE_AIRFLOW_VENV=$(AIRFLOW_VENV) $(BIN)/python -m pytest -q tests/e2e/shipping -m airflow
 
 .PHONY: container-test airflow-venv airflow-test
 

@@ -35,7 +35,7 @@ os.environ.setdefault("POLARS_MAX_THREADS", "1")   # one core: polars would use 
 
 import pyarrow as pa  # noqa: E402
 
-from curate.stages.decontaminate import Decontaminate  # noqa: E402
+from curate.stages.clean.decontaminate import Decontaminate  # noqa: E402
 from curate.testing.decont_corpus import PlainNgramSet, planted_corpus  # noqa: E402
 
 

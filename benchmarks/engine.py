@@ -32,7 +32,7 @@ def make_table(n: int) -> pa.Table:
 
 def bench(engine_cfg: dict, table: pa.Table, max_tokens: int, repeat: int) -> tuple[float, float]:
     from curate.engines import Request, SamplingParams
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     template = "{text}"
     stage = Generate(engine=engine_cfg, template=template, max_tokens=max_tokens, cache=False)
@@ -70,7 +70,7 @@ def bench_runner(engine_cfg: dict, table: pa.Table, max_tokens: int) -> float:
 
     import pyarrow.parquet as pq
 
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     tmp = tempfile.mkdtemp(prefix="curate-bench-engine-")
     try:

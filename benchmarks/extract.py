@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))  # pages.py: offline HTML builders
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))  # pages.py: offline HTML builders
 
 PLAIN_OPTS = {"include_comments": False}  # the stage's defaults, spelled for trafilatura.extract
 
@@ -44,7 +44,7 @@ def build_pages(path: str, articles: int = 200, modules: list[str] | None = None
     """Write the benchmark's page set (id, source, html, text, metadata, url) to ``path``."""
     from pages import article_pages, html_table
 
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     src = ReadPydoc(**({"modules": modules} if modules else {}))()
     arts = html_table(article_pages(articles, seed=seed))
@@ -95,7 +95,7 @@ def time_plain_meta(path: str) -> Timing:
 
 def time_stage(path: str, **opts) -> Timing:
     """curate's extract_html as a library call on the same table."""
-    from curate.stages.extract_html import ExtractHtml
+    from curate.stages.clean.extract_html import ExtractHtml
 
     table = _load(path)
     _warm(lambda t: ExtractHtml(**opts)(t), table)
@@ -144,7 +144,7 @@ def time_runner(path: str, workers: int) -> Timing:
     import shutil
     import tempfile
 
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     folder = _split(path, 16)
     out = tempfile.mkdtemp(prefix="curate-bench-extract-")

@@ -1,7 +1,7 @@
 """fastText scoring speed: ``fasttext_score`` through the runner vs a plain ``model.predict`` loop
 vs datatrove's ``FastTextClassifierFilter``, on the same documents and the same model.
 
-Documents: synthetic finance/cooking text (``tests/scoring/domain_text.py``), ``--files`` Parquet
+Documents: synthetic finance/cooking text (``tests/support/domain_text.py``), ``--files`` Parquet
 files of ``--docs``/files documents (~``--words`` words each). Model: a bigram classifier trained
 here on separate documents by ``train_classifier``'s trainer (``--dim``, ``--bucket``).
 
@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # this file is named like the library: take its folder off the path so `import fasttext` is fastText
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-sys.path.insert(0, os.path.join(ROOT, "tests", "scoring"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 
 def _accept_fasttext_numpy2() -> None:
@@ -78,7 +78,7 @@ def make_data(folder: str, files: int, docs: int, words: int) -> list[str]:
 def train_model(folder: str, dim: int, bucket: int) -> str:
     from domain_text import documents
 
-    from curate.stages.train_classifier import train_fasttext
+    from curate.stages.score.train_classifier import train_fasttext
 
     train = os.path.join(folder, "train.txt")
     with open(train, "w") as f:
@@ -103,7 +103,7 @@ def plain(inp: str, model_path: str, out: str, workers: int) -> tuple[int, float
 
 
 def curate(inp: str, model_path: str, out: str, workers: int) -> tuple[int, float]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 2000,

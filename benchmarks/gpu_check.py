@@ -238,7 +238,7 @@ class Check:
         if use_stage:
             import pyarrow as pa
 
-            from curate.stages.generate import Generate
+            from curate.stages.synth.generate import Generate
 
             stage = Generate(engine=engine_cfg, prompt_column="text", chat=False, max_tokens=new,
                              batch_size=n, cache=False, output_column="gen")
@@ -325,7 +325,7 @@ class Check:
         if use_stage:
             import pyarrow as pa
 
-            from curate.stages.hf_classify import HfClassify
+            from curate.stages.score.hf_classify import HfClassify
 
             stage = HfClassify(model=folder, device=self.device, dtype=dtype_name, max_length=L,
                                batch_tokens=sh["batch_tokens"], max_batch_size=256, prefix="q_")
@@ -337,7 +337,7 @@ class Check:
                 self._sync()
                 return np.stack([out[c].to_numpy() for c in ("q_low", "q_medium", "q_high")], 1)
         else:
-            from curate.stages._hf_classifier import SequenceClassifier
+            from curate.stages.score._hf_classifier import SequenceClassifier
 
             sc = SequenceClassifier(folder, device=self.device, dtype=dtype_name, max_length=L,
                                     batch_tokens=sh["batch_tokens"], max_batch_size=256).load()

@@ -1,6 +1,6 @@
 """heuristic_filter vs datatrove's four filters called directly, on the same documents, in one run.
 
-The documents are the parity test's varied corpus (tests/ingest/heuristic_docs.py: Python
+The documents are the parity test's varied corpus (tests/support/heuristic_docs.py: Python
 language-reference prose, standard-library docstrings and source, German/French prose, and
 generated edge cases: repetition, bullets, ellipses, symbols, code, lorem ipsum, javascript and
 policy lines, citations, odd whitespace, CJK, emoticons...), built offline.
@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 
 from heuristic_docs import varied_documents  # noqa: E402
 
@@ -63,7 +63,7 @@ def datatrove_run(texts: list[str]) -> tuple[float, list[str | None]]:
 
 
 def curate_run(texts: list[str]) -> tuple[float, list[str | None]]:
-    from curate.stages.heuristic_filter import HeuristicFilter
+    from curate.stages.clean.heuristic_filter import HeuristicFilter
 
     table = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts})
     st = HeuristicFilter(save_dropped=True)
@@ -79,7 +79,7 @@ def curate_run(texts: list[str]) -> tuple[float, list[str | None]]:
 
 
 def runner_run(folder: str, out: str, workers: int) -> tuple[float, int]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline({"name": "bench", "output": out, "report": False, "workers": workers, "batch_size": 1000,

@@ -52,7 +52,7 @@ def main() -> None:
     import torch
     from transformers import pipeline
 
-    from curate.stages.hf_classify import HfClassify
+    from curate.stages.score.hf_classify import HfClassify
     from curate.testing.tiny_hf import make_texts, tiny_classifier
 
     if args.threads:

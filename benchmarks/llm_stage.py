@@ -74,7 +74,7 @@ def table(n: int) -> pa.Table:
 
 
 def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) -> None:
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     import multiprocessing as mp
 
@@ -119,7 +119,7 @@ def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) ->
 
 def bench_transformers(prompts: int, max_tokens: int, repeat: int) -> None:
     from curate.engines import Request
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     tab = table(prompts)
     stage = Generate(engine={"kind": "transformers", "num_threads": 1}, template="{text}", max_tokens=max_tokens,

@@ -218,7 +218,7 @@ def run_curate(data: str, work: str, workers: int, verify: bool = False, memory:
     """Parquet folder in, Parquet file out (like datatrove) -- or, with ``memory``, an in-memory
     table in and a table out (like datasketch, which also works on texts in memory)."""
     from curate.pipeline.io import Dataset
-    from curate.stages.minhash_dedup import MinhashDedup
+    from curate.stages.dedup.minhash_dedup import MinhashDedup
 
     # warm-up: numba kernels are compiled (or loaded from their cache) once per process
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests", "ingest"))  # pages.py: offline HTML builders
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))  # pages.py: offline HTML builders
 sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "configs", "warc_example.yaml")
@@ -38,7 +38,7 @@ def build_warcs(folder: str, articles: int, files: int) -> int:
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
-    from curate.stages.read_pydoc import ReadPydoc
+    from curate.stages.sources.read_pydoc import ReadPydoc
 
     pages = ReadPydoc()().select(["url", "html"]).to_pylist()
     pages += html_table(article_pages(articles, seed=0)).select(["url", "html"]).to_pylist()
@@ -57,7 +57,7 @@ def build_warcs(folder: str, articles: int, files: int) -> int:
 
 
 def run_once(out: str, runner: str) -> tuple[float, dict]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     t0 = time.perf_counter()
     res = run_pipeline(CONFIG, output=out, runner=runner, workers=2, force=True, progress=False)

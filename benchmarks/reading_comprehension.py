@@ -90,7 +90,7 @@ def make_docs(n: int, words: int = 2000) -> pa.Table:
 
 
 def run_ours(path: str, options: dict, workdir: str) -> tuple[float, float, dict[str, int]]:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     out = os.path.join(workdir, "out-" + str(abs(hash(json.dumps(options, sort_keys=True))) % 10**8))
     t = time.perf_counter()
@@ -108,7 +108,7 @@ def run_ours(path: str, options: dict, workdir: str) -> tuple[float, float, dict
 
 def cpu_rate_ours(table: pa.Table, options: dict) -> float:
     """Documents per CPU-second of the stage as a library call (per core; robust to a busy machine)."""
-    from curate.stages.reading_comprehension import ReadingComprehension
+    from curate.stages.synth.reading_comprehension import ReadingComprehension
 
     st = ReadingComprehension(**options)
     st(table.slice(0, 10))

@@ -58,7 +58,7 @@ def plain_loop(inp: str, out: str, batch_size: int) -> int:
 
 
 def runner(inp: str, out: str, workers: int, batch_size: int) -> int:
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
     res = run_pipeline({"name": "bench", "output": out, "workers": workers, "batch_size": batch_size,
                         "rows_per_shard": 1_000_000, "plugins": ["runner_overhead"], "report": False,
                         "inputs": {"docs": {"stage": "read_parquet", "options": {"paths": inp}}},

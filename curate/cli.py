@@ -152,8 +152,10 @@ def run(file: str | None, force: bool, runner: str | None, workers: int | None, 
     if estimate is not None:
         estimate["_path"] = est_path
         logging.getLogger("curate").info("comparing the LLM steps with the estimate %s", est_path)
+    from curate.run import write_report
+
     runner_ = Runner(pipe, force=force, workers=workers, progress=not quiet, break_lock=break_lock,
-                     estimate=estimate)
+                     estimate=estimate, report=write_report)
 
     def funnel(stats: dict) -> None:
         """The funnel table, or in JSON mode one ``step`` event per step."""
@@ -575,7 +577,7 @@ def train_classifier(positive, negative, output, label, negative_label, text_col
     from pydantic import ValidationError
 
     from curate.pipeline.stage import StageError
-    from curate.stages.train_classifier import TrainClassifier
+    from curate.stages.score.train_classifier import TrainClassifier
 
     _setup_logging(True)
     try:

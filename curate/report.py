@@ -31,8 +31,7 @@ import pyarrow.parquet as pq
 from curate.pipeline.io import atomic_write_bytes, get_fs, join
 from curate.pipeline.stats import step_time
 from curate.pipeline.warnings import warning_lines
-from curate.stages.fasttext_score import STEP_CARD_FILE
-from curate.stages.select import SELECTION_FILE
+from curate.pipeline.state import SELECTION_FILE, STEP_CARD_FILE
 
 REPORT_FILE = "report.html"
 BINS = 30
@@ -306,7 +305,7 @@ def _plots(step: _Step, thresholds: list[dict]) -> tuple[str, dict]:
 
 def _decontamination(fs, root: str, name: str, s: dict) -> str:
     """Contamination per eval set (stats.json counters) and a few matches from ``_matches/``."""
-    from curate.stages.decontaminate import report_counts
+    from curate.decont.index import report_counts
 
     sets = report_counts(s.get("counters", {}))
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td class=n>{v['docs']:,}</td><td class=n>{v['ngrams']:,}</td></tr>"

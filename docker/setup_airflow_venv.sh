@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the Airflow venv the `airflow` tests use (tests/shipping/test_airflow.py), apart from the
+# Creates the Airflow venv the `airflow` tests use (tests/e2e/shipping/test_airflow.py), apart from the
 # project's .venv: Airflow pins many packages and must not change the main environment.
 #   docker/setup_airflow_venv.sh            # -> ~/.cache/curate/airflow-venv (or $CURATE_AIRFLOW_VENV)
 # It holds Airflow, the Docker provider and curate itself (the core package: a worker that runs

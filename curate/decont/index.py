@@ -432,3 +432,13 @@ def match_batch(index: NgramIndex, texts: "Sequence[str | None] | pa.Array | pa.
     for d, w in found.items():
         out[d] = DocMatches(sorted(w))
     return out, toks
+
+
+def report_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
+    """{eval set: {docs, ngrams}} from a step's counters (stats.json)."""
+    out: dict[str, dict[str, int]] = {}
+    for key, v in counters.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "decontaminate" and parts[2] in ("docs", "ngrams"):
+            out.setdefault(parts[1], {"docs": 0, "ngrams": 0})[parts[2]] = v
+    return dict(sorted(out.items()))

@@ -173,6 +173,7 @@ class VLLMConfig(_EngineConfigBase):
 
 
 EngineConfig = Annotated[Union[TransformersConfig, OpenAIConfig, VLLMConfig], Field(discriminator="kind")]
+ENGINE_KINDS = ("transformers", "openai", "vllm")
 _ADAPTER: TypeAdapter = TypeAdapter(EngineConfig)
 
 
@@ -180,5 +181,11 @@ def parse_engine_config(config: Any) -> TransformersConfig | OpenAIConfig | VLLM
     if isinstance(config, (TransformersConfig, OpenAIConfig, VLLMConfig)):
         return config
     if isinstance(config, str):
-        config = {"kind": config}
+        raise ValueError(string_engine_message(config))
     return _ADAPTER.validate_python(config)
+
+
+def string_engine_message(name: str) -> str:
+    """What a string engine means, for the error when it reaches a place without named engines."""
+    return (f"engine {name!r}: a string names an engine defined under `engines:` of a pipeline file; "
+            f"give the engine itself here, e.g. {{kind: {name if name in ENGINE_KINDS else 'transformers'}, ...}}")

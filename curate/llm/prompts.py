@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prompts")
+from curate.prompts import PROMPTS_DIR, prompt_file
 
 
 class TemplateError(ValueError):
@@ -113,10 +113,9 @@ def template_path(template_id: str, prompts_dir: str | None = None) -> str:
         return os.path.abspath(os.path.expanduser(template_id))
     if "/" not in template_id or template_id.startswith("/") or ".." in template_id.split("/"):
         raise TemplateError(f"template id {template_id!r} must look like 'recipe/name'")
-    for base in ([prompts_dir] if prompts_dir else []) + [PROMPTS_DIR]:
-        p = os.path.join(os.path.expanduser(base), template_id + ".yaml")
-        if os.path.exists(p):
-            return p
+    p = prompt_file(template_id, prompts_dir)
+    if p is not None:
+        return p
     where = f"{prompts_dir} or {PROMPTS_DIR}" if prompts_dir else PROMPTS_DIR
     raise TemplateError(f"no prompt template {template_id!r} in {where}")
 

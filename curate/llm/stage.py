@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from curate.engines import Completion, EngineConfig, Request, RequestCache, SamplingParams, parse_engine_config
 from curate.llm import pool
@@ -129,10 +129,21 @@ class LLMStageConfig(StageConfig):
     max_cost: float | None = Field(None, ge=0, description="stop at this cost (engine price_prompt/price_completion)")
     prompts_dir: str | None = Field(None, description="folder of <recipe>/<name>.yaml templates overriding the shipped ones")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        from curate.prompts import renamed_prompts_dir
+        return renamed_prompts_dir(data, "an LLM stage")
+
     @field_validator("engine", mode="before")
     @classmethod
     def _engine(cls, v: Any) -> Any:
-        return {"kind": v} if isinstance(v, str) else v
+        # `engine: NAME` is resolved by the pipeline loader (pipeline/refs.py); a string that gets
+        # here is a library call, where there are no named engines
+        if isinstance(v, str):
+            from curate.engines.config import string_engine_message
+            raise ValueError(string_engine_message(v))
+        return v
 
 
 class DropAnswer(Exception):

@@ -11,7 +11,7 @@
     rows_per_shard: 50000          # rows per output Parquet shard
     max_error_fraction: 0.01       # stop the run when more documents than this fail in a step
     report: true                   # write report.html next to stats.json at the end of a run
-    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_runner.py)
+    env: [HF_TOKEN]                # variables Ray workers get from `curate run` (ray_executor.py)
     engines:                       # named LLM engines stages refer to with `engine: <name>`
       small: {kind: transformers}
     inputs:                        # named sources
@@ -38,7 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from curate.pipeline.plugins import import_plugins
-from curate.pipeline.refs import bind_step_refs
+from curate.pipeline.refs import bind_engine_names, bind_step_refs
 from curate.pipeline.stage import Resources, Stage, get_stage
 
 
@@ -127,6 +127,31 @@ class Pipeline:
 
 def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err.get("loc", ()))
+
+
+def _parse_engines(raw: dict[str, Any], problems: list[tuple[str, str]]) -> tuple[dict[str, Any], set[str]]:
+    """The file's named engines, each parsed once (every step naming it gets that config); an
+    invalid entry is reported under ``engines.<name>``. Returns (parsed by name, invalid names)."""
+    if not raw:
+        return {}, set()
+    from curate.engines.config import ENGINE_KINDS, parse_engine_config
+
+    engines: dict[str, Any] = {}
+    bad: set[str] = set()
+    for name, value in raw.items():
+        try:
+            engines[name] = parse_engine_config(value)
+        except (ValidationError, ValueError) as exc:
+            bad.add(name)
+            errors = exc.errors() if isinstance(exc, ValidationError) else [{"msg": str(exc), "loc": ()}]
+            for e in errors:
+                loc = tuple(e.get("loc", ()))
+                if len(loc) > 1 and loc[0] in ENGINE_KINDS:   # the union's tag: not a key of the file
+                    loc = loc[1:]
+                key = ".".join(["engines", str(name), *map(str, loc)])
+                problems.append((f"key {key!r}", e.get("msg", "invalid") if e.get("type") != "extra_forbidden"
+                                 else "unknown key"))
+    return engines, bad
 
 
 def _did_you_mean(word: Any, choices: Any) -> str:
@@ -228,6 +253,8 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
     if not spec.inputs and not spec.stages:
         problems.append(("", "the pipeline has no inputs and no stages"))
 
+    engines, bad_engines = _parse_engines(spec.engines, problems)
+
     steps: dict[str, Step] = {}
     entries: list[tuple[str, str, StepSpec, bool]] = []
     for name, s in spec.inputs.items():
@@ -261,13 +288,13 @@ def load_pipeline(source: str | dict, *, overrides: dict[str, Any] | None = None
             problems.append((where, f"stage {s.stage!r} needs a module that cannot be imported: {missing} "
                              "(reinstall curate so that its dependencies are complete)"))
         options = dict(s.options)
-        eng = options.get("engine")
-        if isinstance(eng, str):
-            if eng not in spec.engines:
-                problems.append((f"{where}: key 'options.engine'",
-                                 f"unknown engine {eng!r}; defined engines: {sorted(spec.engines) or 'none'}"))
-                continue
-            options["engine"] = spec.engines[eng]
+        if isinstance(options.get("engine"), str) and options["engine"] in bad_engines:
+            continue    # its `engines:` entry is invalid: reported once, under `engines.<name>`
+        # `engine: NAME`: the named engine's parsed config (see pipeline/refs.py)
+        options, engine_problems = bind_engine_names(options, engines)
+        if engine_problems:
+            problems.extend((f"{where}: key 'options.{key}'", msg) for key, msg in engine_problems)
+            continue
         try:
             stage = cls(options)
         except ValidationError as exc:

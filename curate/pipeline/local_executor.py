@@ -1,7 +1,7 @@
 """``runner: local``: a pool of forkserver worker processes on this machine (or, with one worker,
 the calling process itself).
 
-Executors share one small interface with the Ray executor (``ray_runner.py``):
+Executors share one small interface with the Ray executor (``ray_executor.py``):
 ``submit(fn, job, index, item) -> Future``, ``map(fn, items)`` for global stages' parallel work,
 ``set_sink(fn)`` / ``drain()`` for per-batch progress messages, ``shutdown()``, and optionally
 ``prepare(pipe) -> [(where, problem)]``: what the steps' ``resources`` ask that the machines cannot
@@ -71,7 +71,7 @@ class LocalExecutor:
 
     def _pool_for(self, job: Any) -> Any:
         """The pool a job's tasks run on: a pinned GPU pool for GPU jobs when GPUs are visible."""
-        if not isinstance(job, worker.Job) or job.gpus <= 0 or gpu_count() == 0:
+        if not isinstance(job, worker.SegmentJob) or job.gpus <= 0 or gpu_count() == 0:
             return self._pool
         if self._gpu_pool is None or self._gpu_pool[0] != job.key:
             if self._gpu_pool is not None:
@@ -99,7 +99,7 @@ class LocalExecutor:
                 return
             self._sink(msg)
 
-    def slots(self, job: "worker.Job") -> int:
+    def slots(self, job: "worker.SegmentJob") -> int:
         """How many tasks of ``job`` may run at once (at most its ``replicas`` when set)."""
         limit = job.replicas or self.workers
         if job.gpus > 0:

@@ -1,4 +1,6 @@
-"""Step references: an option value ``{step: NAME}`` names another step's output folder.
+"""References by name in a stage's options, resolved by the pipeline loader.
+
+Step references: an option value ``{step: NAME}`` names another step's output folder.
 
 A stage declares an option of type ``StepRef`` (or ``str | StepRef``) when it can use what an
 earlier step wrote: a model trained by ``train_classifier`` (``fasttext_score``'s
@@ -6,6 +8,10 @@ earlier step wrote: a model trained by ``train_classifier`` (``fasttext_score``'
 (:func:`bind_step_refs`) checks that the named step exists and comes earlier, fills ``path`` with
 that step's output folder, makes sure that step is written out, and adds its fingerprint to the
 fingerprint of the referring step: retraining the model re-runs the steps that use it.
+
+Engine names: ``engine: NAME`` (a string) names an entry of the pipeline's ``engines:``; the loader
+(:func:`bind_engine_names`) puts that engine's config, parsed once for the whole file, in its place.
+A string ``engine`` means nothing else: a library call gives the engine itself (a mapping).
 """
 
 from __future__ import annotations
@@ -70,3 +76,21 @@ def bind_step_refs(config: BaseModel, output: str, earlier: set[str], known: set
             ref.path = step_output_url(output, ref.step)
             names.append(ref.step)
     return list(dict.fromkeys(names)), problems
+
+
+
+def bind_engine_names(options: dict[str, Any], engines: dict[str, Any]
+                      ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """``options`` with ``engine: NAME`` replaced by the parsed config ``engines[NAME]``. Returns
+    (options, problems as (option key, message)); a name not in ``engines`` is a problem."""
+    name = options.get("engine")
+    if not isinstance(name, str):
+        return options, []
+    if name not in engines:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(engines), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return options, [("engine", f"unknown engine {name!r}{hint}; defined engines (`engines:` at the top "
+                          f"of the file): {sorted(engines) or 'none'}")]
+    return {**options, "engine": engines[name]}, []

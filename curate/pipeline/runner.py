@@ -1,5 +1,5 @@
 """Runs a validated pipeline: plans segments (``plan.py``), hands their tasks to an executor
-(``local_executor.py``, ``ray_runner.py``), which runs them in workers (``worker.py``), and keeps the
+(``local_executor.py``, ``ray_executor.py``), which runs them in workers (``worker.py``), and keeps the
 run state (``state.py``) that makes a killed run resumable.
 
 Completion and resume
@@ -35,7 +35,7 @@ import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from curate import exit_codes
 from curate.pipeline.config import ConfigError, Pipeline, Step
@@ -44,13 +44,13 @@ from curate.pipeline.io import Dataset, ShardWriter, join
 from curate.pipeline.plan import Segment, plan
 from curate.pipeline.plugins import plugin_dirs
 from curate.pipeline.stage import Resources
-from curate.pipeline.stats import Progress, StepStats, funnel_table
+from curate.pipeline.stats import Progress, StepStats
 from curate.pipeline.state import Layout, StepMarker, StepRecord, TaskRecord, read_task_records
-from curate.pipeline.worker import InputSlice, Job, StageSpec, TaskDeferred, run_task
+from curate.pipeline.worker import InputSlice, SegmentJob, TaskDeferred, WorkerStep, run_task
 
 log = logging.getLogger("curate")
 
-__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "run_pipeline", "make_executor", "plan", "Segment"]
+__all__ = ["PipelineError", "BudgetReached", "OutputLocked", "Runner", "RunResult", "make_executor", "plan", "Segment"]
 
 
 class PipelineError(Exception):
@@ -98,7 +98,7 @@ def _record_errors(rec: TaskRecord) -> int:
 class Runner:
     def __init__(self, pipe: Pipeline, *, force: bool = False, workers: int | None = None,
                  progress: bool = True, executor: Any = None, break_lock: str | None = None,
-                 estimate: dict | None = None):
+                 estimate: dict | None = None, report: Callable[[str], str] | None = None):
         self.pipe = pipe
         self.estimate = estimate          # a `curate estimate` JSON: stats.json/report show estimate vs actual
         self.spec = pipe.spec
@@ -115,10 +115,13 @@ class Runner:
         self.break_lock = break_lock      # take over the lease of this holder ("host:pid")
         self._lease: Any = None
         self.partial: RunResult | None = None   # what a failed/interrupted run finished
+        # writes report.html into an output, returns its path; given by the caller (the CLI,
+        # curate.run.run_pipeline), so that the runner does not depend on the report
+        self.report = report
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _stage_spec(self, step: Step) -> StageSpec:
-        return StageSpec(name=step.name, stage=step.stage.name, options=step.options(),
+    def _worker_step(self, step: Step) -> WorkerStep:
+        return WorkerStep(name=step.name, stage=step.stage.name, options=step.options(),
                          workdir=self.layout.workdir(step.name))
 
     def _reset_step(self, step: Step, workdir: bool = False) -> None:
@@ -282,7 +285,7 @@ class Runner:
                     "steps": {s.name: {"fingerprint": s.fingerprint, "shards": self._shards[s.name]}
                               for s in self.pipe.steps.values() if s.name in self._shards}}
         self.layout.write_json(join(self.layout.root, "manifest.json"), manifest)
-        if self.spec.report:
+        if self.spec.report and self.report is not None:
             self._write_report()
         return result
 
@@ -307,10 +310,8 @@ class Runner:
     def _write_report(self) -> None:
         """``report.html`` next to stats.json (the data is already safe: a report that cannot be
         drawn is a warning, not a failed run)."""
-        from curate.report import write_report
-
         try:
-            path = write_report(self.layout.url)
+            path = self.report(self.layout.url)
             log.info("report: %s", path)
         except Exception as exc:  # noqa: BLE001 - reported, and `curate report` can retry it
             log.warning("the run report could not be written (%s: %s); try `curate report %s`",
@@ -398,9 +399,9 @@ class Runner:
             log.info("step %s: resuming, %d of %d tasks already done", target.name, len(records), len(tasks))
         pending = [i for i in range(len(tasks)) if i not in records]
         res = Resources.combine([s.stage.resources for s in ([seg.source] if seg.source else []) + list(seg.chain)])
-        job = Job(key=f"{target.name}@{target.fingerprint}", fingerprint=target.fingerprint,
-                  source=self._stage_spec(seg.source) if seg.source else None,
-                  chain=tuple(self._stage_spec(s) for s in seg.chain),
+        job = SegmentJob(key=f"{target.name}@{target.fingerprint}", fingerprint=target.fingerprint,
+                  source=self._worker_step(seg.source) if seg.source else None,
+                  chain=tuple(self._worker_step(s) for s in seg.chain),
                   out_dir=self.layout.url_of(self.layout.step_dir(target.name)),
                   state_dir=self.layout.url_of(self.layout.state_dir(target.name)),
                   side_dirs={n: self.layout.url_of(self.layout.step_dir(n)) for n in names},
@@ -572,37 +573,16 @@ def _calls_llm(stage: Any) -> bool:
 def make_executor(runner: str, workers: int, preload: list[str] | None = None) -> Any:
     """Stage plugins reach workers through each task's job; ``preload`` only warms them up."""
     if runner == "ray":
-        from curate.pipeline.ray_runner import RayExecutor
+        from curate.pipeline.ray_executor import RayExecutor
         return RayExecutor(workers)
     from curate.pipeline.local_executor import LocalExecutor
     return LocalExecutor(workers, preload)
 
 
-def run_pipeline(source: str | dict | Pipeline, *, force: bool = False, runner: str | None = None,
-                 workers: int | None = None, output: str | None = None, progress: bool = True,
-                 print_funnel: bool = False, break_lock: str | None = None,
-                 estimate: str | dict | None = None) -> RunResult:
-    """Validate and run a pipeline file/dict. The library equivalent of ``curate run``.
-    ``estimate``: a ``curate estimate`` JSON (path or dict) to compare the LLM steps with
-    (``RunResult.estimate``, ``stats.json``, the report)."""
-    from curate.pipeline.config import load_pipeline
-
-    pipe = source if isinstance(source, Pipeline) else load_pipeline(
-        source, overrides={"runner": runner, "workers": workers, "output": output})
-    if isinstance(estimate, str):
-        from curate.pipeline.estimate import load_estimate
-
-        path, estimate = estimate, load_estimate(estimate)
-        if estimate is None:
-            raise ValueError(f"{path}: not an estimate JSON of `curate estimate`")
-        estimate["_path"] = path
-    result = Runner(pipe, force=force, workers=workers, progress=progress, break_lock=break_lock,
-                    estimate=estimate).run()
-    if print_funnel:
-        print(funnel_table(result.stats))
-        import sys
-
-        from curate.pipeline.stats import funnel_warnings
-        if funnel_warnings(result.stats):
-            print(funnel_warnings(result.stats), file=sys.stderr)
-    return result
+def __getattr__(name: str) -> Any:
+    # ``run_pipeline`` lived here; it is ``curate.run.run_pipeline`` now (it adds the report, which
+    # the runner does not import). The old name keeps working for existing code.
+    if name == "run_pipeline":
+        from curate.run import run_pipeline
+        return run_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ Three kinds exist:
 
 Runners know nothing else about a stage. Every stage is also a library call::
 
-    from curate.stages.language_id import LanguageId
+    from curate.stages.clean.language_id import LanguageId
     table = LanguageId(languages=["en"])(table_or_parquet_path)
 
 Columns: ``reads`` may name an option in braces, ``("{text_column}",)``; each instance resolves it
@@ -52,12 +52,23 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Protocol
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:   # io and context import this module: their names are for annotations only
+    from curate.pipeline.context import RunContext
+    from curate.pipeline.io import Dataset
+
 log = logging.getLogger("curate")
+
+
+class Writer(Protocol):
+    """Where a global stage writes its output rows (``ShardWriter`` in a run, ``MemoryWriter`` in a
+    library call): tables in, in any number of calls."""
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None: ...
 
 
 class StageConfig(BaseModel):
@@ -127,28 +138,27 @@ def register(cls: type["Stage"]) -> type["Stage"]:
 
 
 def load_builtin_stages() -> None:
-    """Import every module of ``curate.stages`` so that their stages register themselves."""
+    """Import every stage module under ``curate.stages`` (one folder per family) so that their
+    stages register themselves. Modules whose name starts with ``_`` are helpers, not stages."""
     import importlib
-    import pkgutil
 
-    import curate.stages as pkg
+    from curate.stages import stage_modules
 
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{mod.name}")
+    for module in stage_modules():
+        importlib.import_module(module)
 
 
 def get_stage(name: str) -> type["Stage"]:
-    """The stage class registered as ``name``. Tries the module ``curate.stages.<name>`` first (one
-    module per stage), so workers import only what they run; then scans all stage modules."""
+    """The stage class registered as ``name``. Tries the module ``curate.stages.<family>.<name>``
+    first (one module per stage), so workers import only what they run; then scans all stage modules."""
     import importlib
 
+    from curate.stages import module_of
+
     if name not in REGISTRY and name.isidentifier():
-        try:
-            importlib.import_module(f"curate.stages.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"curate.stages.{name}":
-                raise
+        module = module_of(name)
+        if module is not None:
+            importlib.import_module(module)
     if name not in REGISTRY:
         load_builtin_stages()
     try:
@@ -554,15 +564,15 @@ class GlobalStage(Stage):
 
     kind = "global"
 
-    def run(self, dataset: "Dataset", writer: "Writer", ctx: "RunContext") -> None:
+    def run(self, dataset: Dataset, writer: Writer, ctx: RunContext) -> None:
         raise NotImplementedError
 
-    def local_scratch(self, ctx: "RunContext", name: str) -> str:
+    def local_scratch(self, ctx: RunContext, name: str) -> str:
         """A fresh, empty folder on this machine's disk (under the step's work folder), for files
         only this process reads (e.g. a training file a library wants as a local path)."""
         return self._fresh_folder(getattr(ctx, "workdir", None) or self.workdir, name)
 
-    def scratch(self, ctx: "RunContext", name: str) -> str:
+    def scratch(self, ctx: RunContext, name: str) -> str:
         """A fresh, empty folder for this run's spill files, under the output location
         (``<output>/_curate/work/<step>/<name>``; a URL when the output is an object store, so
         workers on other nodes can read what each wrote). Read and write it with
@@ -595,8 +605,3 @@ class GlobalStage(Stage):
             self.run(ds, writer, RunContext.inline(self.workdir))
         return writer.table()
 
-
-# typing-only names (defined in io/context) -------------------------------------------------------
-Dataset = Any
-Writer = Any
-RunContext = Any

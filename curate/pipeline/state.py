@@ -7,6 +7,8 @@
     <output>/_curate/state/<step>/done/part-N.json one record per finished task (TaskRecord)
     <output>/_curate/state/<step>/DONE.json        the step is finished (StepMarker)
     <output>/_curate/work/<step>/                  a stage's own local state (crawl frontier, caches)
+    <output>/<step>/_model.bin, _model.json         a trained classifier and its card (train_classifier)
+    <output>/<step>/_selection.json                what select kept and its thresholds (for the report)
     <output>/stats.json, manifest.json             written at the end of every run
 
 Records are written atomically after the shards they name, so a record on disk means its shards are
@@ -22,6 +24,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from curate.pipeline.io import atomic_write_bytes, get_fs, is_local, join, to_url
+
+# Files a step writes next to its shards. Names start with "_": Parquet dataset readers (pyarrow,
+# pandas, curate) skip them, so `pq.read_table("<output>/<step>")` still reads only the shards.
+# The stages that write them and the report that reads them both take the names from here.
+STEP_MODEL_FILE = "_model.bin"
+STEP_CARD_FILE = "_model.json"
+SELECTION_FILE = "_selection.json"
 
 
 class Layout:

@@ -1,7 +1,7 @@
 """Worker side: run one task of a segment end to end and record its completion.
 
-A ``Job`` is everything a worker needs for the tasks of one segment (picklable, sent with every
-task). Stage instances are built inside the worker from (stage name, options), set up once and
+A ``SegmentJob`` is everything a worker needs for the tasks of one segment (picklable, sent with
+every task). Stage instances are built inside the worker from (stage name, options), set up once and
 reused for every task of the same job; a new job tears the previous stages down.
 """
 
@@ -26,8 +26,9 @@ TOKENS_KEY = "llm/completion_tokens"
 
 
 @dataclass(frozen=True)
-class StageSpec:
-    """A stage to build in a worker."""
+class WorkerStep:
+    """A step as a worker builds it: its stage and options (``StepSpec`` is the same step as written
+    in pipeline.yaml, before validation)."""
 
     name: str          # the step name
     stage: str         # the registered stage name
@@ -36,13 +37,13 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
-class Job:
+class SegmentJob:
     """The tasks of one segment: a fused source/map chain writing one materialised step."""
 
     key: str                          # "<step>@<fingerprint>": workers rebuild stages when it changes
     fingerprint: str
-    source: StageSpec | None          # a source fused at the head (tasks are its Task objects)
-    chain: tuple[StageSpec, ...]      # map stages, in order (tasks are InputSlices when no source)
+    source: WorkerStep | None         # a source fused at the head (tasks are its Task objects)
+    chain: tuple[WorkerStep, ...]     # map stages, in order (tasks are InputSlices when no source)
     out_dir: str                      # URL of the step folder
     state_dir: str                    # URL of the step's completion records
     side_dirs: dict[str, str]         # step -> URL where its side outputs go
@@ -58,7 +59,7 @@ class Job:
     max_retries: int = 2
 
     @property
-    def specs(self) -> list[StageSpec]:
+    def specs(self) -> list[WorkerStep]:
         return ([self.source] if self.source else []) + list(self.chain)
 
 
@@ -223,7 +224,7 @@ def reset_worker() -> None:
 # tasks
 
 
-def _build(job: Job) -> list[Stage]:
+def _build(job: SegmentJob) -> list[Stage]:
     if _WORKER["key"] != job.key:
         _teardown_stages()
         if job.plugins:
@@ -232,7 +233,7 @@ def _build(job: Job) -> list[Stage]:
         for mod in job.plugins:
             __import__(mod)
 
-        def make(spec: StageSpec) -> Stage:
+        def make(spec: WorkerStep) -> Stage:
             st = get_stage(spec.stage)(spec.options)
             st.step_name = spec.name
             st.workdir = spec.workdir
@@ -258,7 +259,7 @@ def _rebatch(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
             yield from slices(t, size)
 
 
-def run_task(job: Job, index: int, item: Any) -> TaskRecord:
+def run_task(job: SegmentJob, index: int, item: Any) -> TaskRecord:
     """Run task ``index`` of ``job`` (a source Task or an InputSlice), write its shards and side
     outputs, then its completion record. Returns the record."""
     t0 = time.monotonic()

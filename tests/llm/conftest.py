@@ -1,5 +1,6 @@
-"""Fixtures for the LLM layer tests: the engine tests' SmolLM2 engine and local OpenAI-compatible
-server, and a small JSON-answering stage (``test_facts``) with its prompt in a temporary folder."""
+"""Fixtures for the LLM layer tests: a small JSON-answering stage (``test_facts``) with its prompt in
+a temporary folder. The SmolLM2 engine and the local OpenAI-compatible server are shared fixtures
+(tests/support/openai_server.py, through tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ import os
 import shutil
 
 import pytest
-
-from engines.conftest import OpenAIServer, _server_session, openai_server, smol  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -181,7 +181,7 @@ def fault_run(tmp, stage: dict, step: str, cols: list[str], n_docs: int, seed: i
     tmp = str(tmp)
     write_docs(os.path.join(tmp, "docs.parquet"), n_docs, seed)
     with FakeOpenAI(seed=seed, responder=responder) as clean:
-        from curate.pipeline.runner import run_pipeline
+        from curate.run import run_pipeline
 
         ref = os.path.join(tmp, "ref")
         run_pipeline(spec(tmp, ref, clean, stage, **engine), workers=1, progress=False)

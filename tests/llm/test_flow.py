@@ -108,7 +108,7 @@ def test_window_stays_full_across_rows(openai_server, prompts):
 def test_follow_up_leaves_without_waiting_for_the_batch(openai_server):
     """entigraph: a document's relation request goes out as soon as its entity answer parsed,
     while a slow entity answer of another document is still out."""
-    from curate.stages.entigraph import EntiGraph
+    from curate.stages.synth.entigraph import EntiGraph
 
     st = openai_server.state
     st.backend = "script"
@@ -188,7 +188,7 @@ def test_provenance_names_the_prompt_content_and_annotation_rows_carry_it(openai
     says); annotation stages carry a JSON provenance column."""
     import json
 
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     st = openai_server.state
     st.backend, st.responder = "script", facts_answer

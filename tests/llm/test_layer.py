@@ -16,7 +16,8 @@ from facts_stage import Facts, facts_answer
 
 from curate.llm import pool
 from curate.llm.stage import PROVENANCE
-from curate.pipeline.runner import PipelineError, run_pipeline
+from curate.pipeline.runner import PipelineError
+from curate.run import run_pipeline
 from curate.pipeline.stage import StageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -71,6 +71,6 @@ def test_every_shipped_prompt_file_is_a_chat_template_or_a_template_set():
     assert chat and sets and not chat & sets
     assert chat | sets == set(shipped_prompts())          # no file of another kind
     assert set(shipped_templates()) == chat
-    for pid in sets:                                        # rendered by tests/rc
+    for pid in sets:                                        # rendered by tests/stages/synth/test_reading_comprehension.py
         data = load_prompt(pid)
         assert isinstance(data["version"], int) and data["version"] >= 1

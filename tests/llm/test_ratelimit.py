@@ -71,7 +71,7 @@ def test_requests_per_minute_holds_across_workers(tmp_path):
     """2 workers, requests_per_minute 600 (10/s): measured at the server, no window of a second holds
     more than the rate plus the 2 s burst, and 40 requests take at least (40 - 20) / 10 s. (Before:
     each worker had its own bucket, starting with a minute's burst: all 40 went at once.)"""
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     with FakeOpenAI(latency=0.02) as srv:
         res = run_pipeline(pipeline(str(tmp_path), srv, requests_per_minute=600), progress=False)
@@ -107,7 +107,7 @@ def test_tokens_per_minute_holds(tmp_path):
 def test_429_honours_retry_after_date_and_is_counted(tmp_path):
     """A 429 with an HTTP-date Retry-After: the retry waits for it, the stage counts
     llm/rate_limited, and concurrency is halved (AIMD) then grows back."""
-    from curate.stages.generate import Generate
+    from curate.stages.synth.generate import Generate
 
     with FakeOpenAI(seed=1, faults={"429": 0.4}, retry_after="date:2") as srv:
         eng = {"kind": "openai", "model": "m", "base_url": srv.base_url, "api_key_env": None,
@@ -167,7 +167,8 @@ def test_parse_retry_after():
 def test_dead_endpoint_is_named_and_stops_the_run(tmp_path, status):
     """A server that answers every request 404 (a wrong base_url path) or 401: the run stops at once
     with an error naming the URL and saying it looks unreachable or misconfigured."""
-    from curate.pipeline.runner import PipelineError, run_pipeline
+    from curate.pipeline.runner import PipelineError
+    from curate.run import run_pipeline
 
     with FakeOpenAI(status_for_path=status) as srv:
         url = srv.base_url
@@ -180,7 +181,8 @@ def test_dead_endpoint_is_named_and_stops_the_run(tmp_path, status):
 
 
 def test_connection_refused_is_named_quickly(tmp_path):
-    from curate.pipeline.runner import PipelineError, run_pipeline
+    from curate.pipeline.runner import PipelineError
+    from curate.run import run_pipeline
 
     srv = FakeOpenAI().start()
     spec = pipeline(str(tmp_path), srv, n_docs=3, workers=1)
@@ -208,7 +210,7 @@ def test_identical_requests_in_a_batch_go_out_once():
 def test_llm_progress_and_finer_tasks(tmp_path, caplog):
     """An LLM step's progress line counts requests (done, in flight, failed) and tokens, and the
     step is split into 4 tasks per worker so workers pull work as they free up."""
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
     from curate.pipeline.stats import Progress
 
     caplog.set_level(logging.INFO, logger="curate")
@@ -236,7 +238,7 @@ def test_llm_progress_and_finer_tasks(tmp_path, caplog):
 def test_requests_per_minute_holds_across_ray_workers(tmp_path):
     """runner: ray: the Ray workers share one limiter (a named Ray actor)."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'curate[ray]')")
-    from curate.pipeline.runner import run_pipeline
+    from curate.run import run_pipeline
 
     with FakeOpenAI(latency=0.02) as srv:
         spec = pipeline(str(tmp_path), srv, requests_per_minute=600)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from curate.mixture.dcpt import (MixtureError, fit_law, generate_runs, law, plan_mixture, read_runs)
-from curate.stages.mix import Mix
+from curate.stages.select.mix import Mix
 from helpers import ROOT, curate_bin
 
 PG = {"E": 1.8, "A": 300.0, "alpha": 0.3, "B": 40.0, "eta": 0.3, "beta": 0.28, "C": 0.25, "gamma": 0.3}

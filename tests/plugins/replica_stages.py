@@ -98,7 +98,7 @@ class EnvProbe(MapStage):
             "env_pid", pa.array([os.getpid()] * n, pa.int64()))
 
 
-from curate.stages.generate import Generate, GenerateConfig  # noqa: E402
+from curate.stages.synth.generate import Generate, GenerateConfig  # noqa: E402
 
 
 class CrashGenerateConfig(GenerateConfig):

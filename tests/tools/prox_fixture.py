@@ -1,12 +1,12 @@
-"""Regenerate tests/llm/data/prox_parity.json: seeded ProX cases with the reference's outputs.
+"""Regenerate tests/text/data/prox_parity.json: seeded ProX cases with the reference's outputs.
 
-The parity test (tests/llm/test_prox_parity.py) runs curate's executor (curate/text/prox.py) on the
+The parity test (tests/text/test_prox_parity.py) runs curate's executor (curate/text/prox.py) on the
 cases of that file and compares with the outputs recorded here from the reference code of
 GAIR-NLP/ProX, which cannot be part of this repository. To regenerate (or add cases), point this
 script at a ProX checkout; nothing of it is copied, its functions are only called:
 
     git clone https://github.com/GAIR-NLP/ProX /tmp/prox_ref        # or: git archive HEAD utils data_gen
-    python tests/tools/prox_fixture.py /tmp/prox_ref [--out tests/llm/data/prox_parity.json] [--seed 0]
+    python tests/tools/prox_fixture.py /tmp/prox_ref [--out tests/text/data/prox_parity.json] [--seed 0]
 
 Reference functions used: ``utils/chunk_utils.py`` (``execute_operations``,
 ``execute_meta_operations``), ``utils/doc_utils.py`` (``execute_meta_operations``) and, from
@@ -19,7 +19,7 @@ each mismatch, exits 1 when there is one)::
     PYTHONPATH=. python tests/tools/prox_fixture.py /tmp/prox_ref --seed 7 --compare
 
 A fixture of other cases in the same format runs through the parity test with
-``CURATE_PROX_FIXTURE=/path/to/cases.json pytest tests/llm/test_prox_parity.py``.
+``CURATE_PROX_FIXTURE=/path/to/cases.json pytest tests/text/test_prox_parity.py``.
 
 Case kinds (all seeded, so the same seed gives the same file):
 
