@@ -20,7 +20,7 @@ from domain_text import documents
 from curate.pipeline.runner import run_pipeline
 from curate.pipeline.stage import DROP_SAMPLES, drop_sample_key
 from curate.report import SAMPLE_CHARS, build_report, write_report
-from curate.stages.heuristic_filter import HeuristicFilter
+from curate.stages.clean.heuristic_filter import HeuristicFilter
 from curate.testing.fake_openai import FakeOpenAI
 
 XSS = "<script>alert('x')</script><img src=x onerror=alert(1)>"

@@ -32,7 +32,7 @@ def table(out, step):
 def quality(tmp_path_factory):
     """A fastText classifier with the label `hq` (finance text is "high quality", cooking "cc"),
     and a corpus of both that it did not see."""
-    from curate.stages.train_classifier import TrainClassifier
+    from curate.stages.score.train_classifier import TrainClassifier
 
     d = tmp_path_factory.mktemp("route")
     hq, cc = documents("finance", 200, seed=1), documents("cooking", 200, seed=1)

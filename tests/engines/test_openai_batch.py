@@ -23,7 +23,7 @@ from curate.llm import pool
 from curate.llm.accounting import Budget
 from curate.pipeline.stage import StageError
 from curate.pipeline.stats import Progress
-from curate.stages.generate import Generate
+from curate.stages.synth.generate import Generate
 from curate.testing.fake_batch import FakeBatchOpenAI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -121,7 +121,7 @@ def test_engine_generate_raw_prompts_and_polling_states(tmp_path):
 
 KILLED = r"""
 import sys
-from curate.stages.generate import Generate
+from curate.stages.synth.generate import Generate
 import pyarrow as pa
 eng = {"kind": "openai", "model": "fake", "base_url": sys.argv[1], "api_key_env": None, "mode": "batch",
        "batch_poll_interval": 0.01, "batch_max_requests": 5}

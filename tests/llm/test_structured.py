@@ -21,8 +21,8 @@ from curate.engines import AnswerSchema, Request, cache_key, make_engine
 from curate.llm.parse import ParseError
 from curate.llm.prompts import load_template
 from curate.llm.structured import EchoCheck, validate_answer
-from curate.stages.entigraph import EntiGraph, EntitiesAnswer
-from curate.stages.llm_rate import KEYS, LlmRate, Ratings
+from curate.stages.synth.entigraph import EntiGraph, EntitiesAnswer
+from curate.stages.score.llm_rate import KEYS, LlmRate, Ratings
 from curate.testing.fake_openai import FakeOpenAI, check_response_format
 
 TEXTS = ["The Danube flows through Vienna and Budapest before it reaches the Black Sea.",

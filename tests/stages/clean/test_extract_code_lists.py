@@ -5,7 +5,7 @@ import pyarrow as pa
 import trafilatura
 
 from curate.ingest.code_blocks import has_code_in_list
-from curate.stages.extract_html import ExtractHtml
+from curate.stages.clean.extract_html import ExtractHtml
 
 INTRO = "<p>" + "An introduction with enough words to count as the main content of the page. " * 3 + "</p>"
 
