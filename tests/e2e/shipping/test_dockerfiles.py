@@ -273,5 +273,5 @@ def test_make_image_targets_use_the_build_script():
     assert re.search(r"^image-gpu:\n\tpython3 docker/build.py --gpu \$\(BUILD_FLAGS\)$", make, re.M)
     assert "--offline" in make and "docker/lock.py" in make
     # the container tests build through the same script (one implementation)
-    src = open(os.path.join(ROOT, "tests", "shipping", "podman_util.py")).read()
+    src = open(os.path.join(ROOT, "tests", "e2e", "shipping", "podman_util.py")).read()
     assert "build.build(" in src and "debootstrap\", \"--variant" not in src
