@@ -17,6 +17,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [PLUGINS, os.environ.get("
 from helpers import curate_bin  # noqa: E402
 # fixtures shared across the tree (tests mirror curate/, so one subject's fixtures serve several folders)
 from minhash_fixtures import planted  # noqa: E402,F401
+from s3_fixtures import s3  # noqa: E402,F401
 from openai_server import OpenAIServer, _server_session, openai_server, smol  # noqa: E402,F401
 from scoring_fixtures import domain_data, trained  # noqa: E402,F401
 from site_fixtures import serve_site  # noqa: E402,F401

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 
 import pytest
 
@@ -15,27 +14,7 @@ from curate.pipeline.runner import OutputLocked
 from curate.run import run_pipeline
 from helpers import curate_bin, pipeline_dict, write_corpus, write_yaml
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 (as tests/pipeline/test_s3.py), with fresh filesystem instances."""
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()   # a port used again must not find an old listing cache
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
-    fs.bucket = f"lease-{uuid.uuid4().hex[:8]}"   # moto keeps buckets across servers of one process
-    fs.mkdir(fs.bucket)
-    yield fs
-    server.stop()
-    s3fs.S3FileSystem.clear_instance_cache()
 
 PLUGINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plugins")
 

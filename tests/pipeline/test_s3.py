@@ -11,38 +11,20 @@ import pytest
 from curate.run import run_pipeline
 from helpers import pipeline_dict, write_corpus
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
 s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
-    if not fs.exists("curate-test"):  # moto's store outlives a server in this process
-        fs.mkdir("curate-test")
-    yield fs
-    server.stop()
-
 
 @pytest.mark.slow
 def test_s3_input_and_output_with_workers(tmp_path, s3):
     for p in write_corpus(str(tmp_path / "in"), files=3, rows=200):
-        s3.put(p, f"curate-test/in/{os.path.basename(p)}")
-    d = pipeline_dict("s3://curate-test/in", "s3://curate-test/out", workers=2)
+        s3.put(p, f"{s3.bucket}/in/{os.path.basename(p)}")
+    d = pipeline_dict(f"s3://{s3.bucket}/in", f"s3://{s3.bucket}/out", workers=2)
     res = run_pipeline(d, progress=False)
     assert res.stats["docs"]["out"] == 600 and res.stats["top"]["out"] == 50
-    shards = s3.glob("curate-test/out/min_words/*.parquet")
-    assert shards and not s3.glob("curate-test/out/**/*.tmp-*")
+    shards = s3.glob(f"{s3.bucket}/out/min_words/*.parquet")
+    assert shards and not s3.glob(f"{s3.bucket}/out/**/*.tmp-*")
     kept = pa.concat_tables([pq.read_table(s3.open(f)) for f in sorted(shards)])
     assert kept.num_rows == res.stats["min_words"]["out"]
-    manifest = json.loads(s3.cat("curate-test/out/manifest.json"))
+    manifest = json.loads(s3.cat(f"{s3.bucket}/out/manifest.json"))
     assert sum(sh["rows"] for sh in manifest["steps"]["min_words"]["shards"]) == kept.num_rows
     again = run_pipeline(d, progress=False)
     assert all(s["status"] == "skipped" for s in again.stats.values())
@@ -54,8 +36,8 @@ def test_s3_input_and_output_with_workers(tmp_path, s3):
 def test_object_store_output_is_probed_and_left_clean(s3):
     from curate.pipeline.output_check import output_problem
 
-    assert output_problem("s3://curate-test/corpus") is None
-    assert s3.find("curate-test/corpus") == []          # the probe object was deleted
+    assert output_problem(f"s3://{s3.bucket}/corpus") is None
+    assert s3.find(f"{s3.bucket}/corpus") == []          # the probe object was deleted
     problem = output_problem("s3://no-such-bucket-curate/corpus")
     assert problem.startswith("output s3://no-such-bucket-curate/corpus: cannot write no-such-bucket-curate/corpus/_curate/")
     assert "no such bucket" in problem
@@ -71,7 +53,7 @@ def test_object_store_output_without_credentials(s3, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        problem = output_problem("s3://curate-test/corpus")
+        problem = output_problem(f"s3://{s3.bucket}/corpus")
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert problem and "no usable credentials" in problem and "AWS_ACCESS_KEY_ID" in problem, problem
