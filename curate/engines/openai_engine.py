@@ -148,10 +148,12 @@ class OpenAIEngine(Engine):
     kind = "openai"
     max_logprobs = 20  # top_logprobs of the chat API (the legacy completions API allows 5)
 
-    def __init__(self, config: OpenAIConfig | dict, cache: RequestCache | None = None):
+    def __init__(self, config: OpenAIConfig | dict, cache: RequestCache | None = None,
+                 transport: Any = None):
         super().__init__(cache)
         self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.model_validate(config)
         self.model_id = f"{self.config.base_url.rstrip('/')}|{self.config.model}"
+        self._transport = transport  # batch mode's httpx client only (tests: httpx.MockTransport)
         self._ssl: Any = None
         # one event loop in a background thread for the engine's life: HTTP connections and the
         # rate limiter's buckets carry over from one batch to the next
