@@ -3,10 +3,11 @@
 Requests go out concurrently (asyncio + aiohttp, at most ``concurrency`` in flight over one
 ``ClientSession`` whose connector keeps up to ``concurrency`` keep-alive connections), from one event
 loop in a background thread that lives as long as the engine. ``timeout`` bounds connecting and each
-wait for data from the server; ``HTTP(S)_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE`` are honoured. Chat requests use ``POST {base_url}/chat/completions``, raw prompts
-``POST {base_url}/completions``. Timeouts, network errors, 408/409/429 and 5xx answers are retried
-with exponential backoff and jitter; other 4xx answers fail the request at once. A request that
-still fails becomes a ``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
+wait for data from the server; ``HTTP(S)_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE`` are honoured.
+Chat requests use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``.
+Timeouts, network errors, 408/409/429 and 5xx answers are retried with exponential backoff and
+jitter; other 4xx answers fail the request at once. A request that still fails becomes a
+``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
 
 ``requests_per_minute``/``tokens_per_minute`` hold for the whole run: every attempt takes its turn
 from a limiter shared by all workers (:mod:`curate.llm.ratelimit`; the stage points it at the run's
@@ -163,6 +164,7 @@ class OpenAIEngine(Engine):
         self._session: list[Any] = [None]     # [aiohttp.ClientSession of the loop] (made in the loop)
         self._finalizer: Any = None           # closes the session and stops the loop (close() or GC)
         self._proxy: tuple[Any, Any] = (None, None)   # (proxy URL, its BasicAuth) from the environment
+        self._urls: dict[str, Any] = {}       # endpoint path -> yarl.URL
         self._rate: Any = None                # curate.llm.ratelimit limiter (shared by the run's workers)
         self._aimd: Any = None                # concurrency that halves on HTTP 429
         self._rate_folder: str | None = None  # where the shared limiter keeps its state
@@ -409,7 +411,12 @@ class OpenAIEngine(Engine):
 
         try:
             proxy, proxy_auth = self._proxy
-            async with session.post(self.url(path), data=_dumps(body), proxy=proxy, proxy_auth=proxy_auth) as resp:
+            url = self._urls.get(path)
+            if url is None:  # parsed once per path, not per request
+                from yarl import URL
+
+                url = self._urls[path] = URL(self.url(path))
+            async with session.post(url, data=_dumps(body), proxy=proxy, proxy_auth=proxy_auth) as resp:
                 status = resp.status
                 raw = await resp.read()
                 headers = resp.headers
