@@ -216,7 +216,13 @@ class OpenAIEngine(Engine):
                 th = threading.Thread(target=loop.run_forever, name="curate-openai-engine", daemon=True)
                 th.start()
                 if self._finalizer is not None:
-                    self._finalizer()  # the old loop's (a forked child's copy is left alone)
+                    if self._pid == os.getpid():
+                        self._finalizer()  # the old loop (its thread died): close what is left
+                    else:
+                        # a forked child's copy of the parent's loop, thread and session: kept, never
+                        # closed nor collected (closing them would unregister the parent's sockets
+                        # from the epoll instance both processes share)
+                        _ORPHANS.append(self._finalizer.detach())
                 self._loop, self._thread, self._pid = loop, th, os.getpid()
                 self._session = [None]
                 self._finalizer = weakref.finalize(self, _shutdown, loop, th, self._pid, self._session)
@@ -523,6 +529,9 @@ class _AsyncBackend(_Backend):
         self.closed = True   # requests still waiting for a connection are not sent
         if self.batch:
             self.batch = []
+
+
+_ORPHANS: list[Any] = []  # see OpenAIEngine._event_loop
 
 
 def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, pid: int, box: list[Any]) -> None:
