@@ -1,11 +1,13 @@
 """Any OpenAI-compatible server (OpenAI, ``vllm serve``, llama.cpp server, TGI, ...).
 
-Requests go out concurrently (asyncio + httpx, at most ``concurrency`` in flight, each slot with its
-own keep-alive connection), from one event loop in a background thread that lives as long as the
-engine. Chat requests use ``POST {base_url}/chat/completions``, raw prompts
-``POST {base_url}/completions``. Timeouts, network errors, 408/409/429 and 5xx answers are retried
-with exponential backoff and jitter; other 4xx answers fail the request at once. A request that
-still fails becomes a ``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
+Requests go out concurrently (asyncio + aiohttp, at most ``concurrency`` in flight over one
+``ClientSession`` whose connector keeps up to ``concurrency`` keep-alive connections), from one event
+loop in a background thread that lives as long as the engine. ``timeout`` bounds connecting and each
+wait for data from the server; ``HTTP(S)_PROXY``/``NO_PROXY`` and ``SSL_CERT_FILE`` are honoured.
+Chat requests use ``POST {base_url}/chat/completions``, raw prompts ``POST {base_url}/completions``.
+Timeouts, network errors, 408/409/429 and 5xx answers are retried with exponential backoff and
+jitter; other 4xx answers fail the request at once. A request that still fails becomes a
+``Completion`` with ``error`` set (naming the endpoint); the batch goes on.
 
 ``requests_per_minute``/``tokens_per_minute`` hold for the whole run: every attempt takes its turn
 from a limiter shared by all workers (:mod:`curate.llm.ratelimit`; the stage points it at the run's
@@ -33,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import json as _json
 import logging
 import os
 import queue
 import random
 import threading
 import time
+import weakref
 from typing import Any
 
 from curate.engines.base import Choice, Completion, Engine, Request, TokenLogprob, _Backend, before_send
@@ -150,14 +154,17 @@ class OpenAIEngine(Engine):
         super().__init__(cache)
         self.config = config if isinstance(config, OpenAIConfig) else OpenAIConfig.model_validate(config)
         self.model_id = f"{self.config.base_url.rstrip('/')}|{self.config.model}"
-        self._transport = transport  # tests: httpx.MockTransport
+        self._transport = transport  # batch mode's httpx client only (tests: httpx.MockTransport)
         self._ssl: Any = None
         # one event loop in a background thread for the engine's life: HTTP connections and the
         # rate limiter's buckets carry over from one batch to the next
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._pid = 0
-        self._clients: "_ClientPool | None" = None
+        self._session: list[Any] = [None]     # [aiohttp.ClientSession of the loop] (made in the loop)
+        self._finalizer: Any = None           # closes the session and stops the loop (close() or GC)
+        self._proxy: tuple[Any, Any] = (None, None)   # (proxy URL, its BasicAuth) from the environment
+        self._urls: dict[str, Any] = {}       # endpoint path -> yarl.URL
         self._rate: Any = None                # curate.llm.ratelimit limiter (shared by the run's workers)
         self._aimd: Any = None                # concurrency that halves on HTTP 429
         self._rate_folder: str | None = None  # where the shared limiter keeps its state
@@ -208,8 +215,17 @@ class OpenAIEngine(Engine):
                 loop = asyncio.new_event_loop()
                 th = threading.Thread(target=loop.run_forever, name="curate-openai-engine", daemon=True)
                 th.start()
+                if self._finalizer is not None:
+                    if self._pid == os.getpid():
+                        self._finalizer()  # the old loop (its thread died): close what is left
+                    else:
+                        # a forked child's copy of the parent's loop, thread and session: kept, never
+                        # closed nor collected (closing them would unregister the parent's sockets
+                        # from the epoll instance both processes share)
+                        _ORPHANS.append(self._finalizer.detach())
                 self._loop, self._thread, self._pid = loop, th, os.getpid()
-                self._clients = _ClientPool(self._client, self.config.concurrency)
+                self._session = [None]
+                self._finalizer = weakref.finalize(self, _shutdown, loop, th, self._pid, self._session)
                 self._rate = None
                 from curate.llm.ratelimit import AIMD
 
@@ -240,11 +256,10 @@ class OpenAIEngine(Engine):
         return asyncio.run_coroutine_threadsafe(self._agenerate(requests, on_done), loop).result()
 
     async def _agenerate(self, requests: list[Request], on_done: Any = None) -> list[Completion]:
-        clients, limiter = self._clients, self._rate
-        assert clients is not None
+        limiter = self._rate
 
         async def one(i: int, r: Request) -> Completion:
-            c = await self._one(clients, r, limiter)
+            c = await self._one(r, limiter)
             if on_done is not None and c.ok:
                 on_done(i, c)  # into the request cache now: an interrupted batch keeps it
                 c.stored = True
@@ -254,35 +269,38 @@ class OpenAIEngine(Engine):
 
     def close(self) -> None:
         super().close()
-        loop, self._loop = self._loop, None
-        if loop is not None and self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-            if self._clients is not None:
-                try:
-                    asyncio.run_coroutine_threadsafe(self._clients.aclose(), loop).result(10)
-                except Exception as exc:  # noqa: BLE001  (closing: a broken connection does not matter)
-                    log.debug("openai engine: closing connections: %s", exc)
-            loop.call_soon_threadsafe(loop.stop)
-            self._thread.join(10)
-            loop.close()
+        self._loop = None
+        if self._finalizer is not None:
+            self._finalizer()
         if self._rate is not None:
             self._rate.close()
-        self._clients = self._rate = None
+        self._rate = None
 
     def _client(self) -> Any:
-        """One HTTP client holding one keep-alive connection. ``concurrency`` of them are used side
-        by side: httpx's shared connection pool costs O(requests x connections) per event, which
-        capped a 64-connection pool at ~40 requests/s on this machine (benchmarks/llm_stage.py)."""
-        import httpx
+        """The loop's HTTP session (made on first use, in the loop thread): one aiohttp
+        ``ClientSession`` whose connector holds up to ``concurrency`` keep-alive connections (the
+        AIMD gate keeps at most that many requests in flight). aiohttp costs ~0.3 ms of CPU per
+        request at 512 in flight, where a single httpx pool cost ~20 ms (benchmarks/llm_stage.py).
+        ``HTTP(S)_PROXY``/``NO_PROXY`` apply as they did with httpx (looked up once per session, not
+        per request as aiohttp's ``trust_env`` does, in a thread each time; no ``.netrc``, as with
+        httpx); the TLS context is httpx's (certifi, ``SSL_CERT_FILE``/``SSL_CERT_DIR``)."""
+        session = self._session[0]
+        if session is None or session.closed:
+            import aiohttp
 
-        cfg = self.config
-        kwargs: dict[str, Any] = {}
-        if self._transport is not None:
-            kwargs["transport"] = self._transport
-        if self._ssl is None:
-            self._ssl = httpx.create_ssl_context()  # built once: loading the CA bundle per client is slow
-        return httpx.AsyncClient(base_url=cfg.base_url.rstrip("/"), headers=self._headers(),
-                                 timeout=httpx.Timeout(cfg.timeout), verify=self._ssl,
-                                 limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), **kwargs)
+            cfg = self.config
+            if self._ssl is None:
+                self._ssl = _ssl_context()  # built once: loading the CA bundle is slow
+            t = cfg.timeout
+            # sock_connect: the TCP/TLS connect; sock_read: each wait for data (like httpx's read timeout)
+            timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=t, sock_read=t)
+            connector = aiohttp.TCPConnector(limit=cfg.concurrency, limit_per_host=0, ssl=self._ssl,
+                                             force_close=False, enable_cleanup_closed=False)
+            session = self._session[0] = aiohttp.ClientSession(
+                connector=connector, headers=self._headers(), timeout=timeout, trust_env=False,
+                auto_decompress=True, raise_for_status=False)
+            self._proxy = env_proxy(cfg.base_url)
+        return session
 
     def _limiter(self) -> Any:
         """The run-wide limiter when the config has rates (a SQLite file in the work folder, or a
@@ -297,22 +315,22 @@ class OpenAIEngine(Engine):
     def url(self, path: str) -> str:
         return self.config.base_url.rstrip("/") + path
 
-    async def _one(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
+    async def _one(self, request: Request, limiter: Any = None) -> Completion:
         """One request, with its schema as ``response_format`` while the server takes it (decided
         when the request goes out). An HTTP 400/422 to a request with a schema is asked once more
         without it: when that passes, the server does not do structured outputs (logged once; no
         later request carries it) and the answer is marked ``unconstrained`` (the stage validates
         it and counts ``llm/structured_fallback``)."""
-        c = await self._send(clients, request, limiter)
+        c = await self._send(request, limiter)
         if c.ok or request.constrained is None or c.unconstrained or c.http_status not in (400, 422):
             return c
-        plain = await self._send(clients, request.unconstrained(), limiter)
+        plain = await self._send(request.unconstrained(), limiter)
         if plain.ok:
             self._refuse_structured(c.error or "")
             plain.unconstrained = True
         return plain
 
-    async def _send(self, clients: "_ClientPool", request: Request, limiter: Any = None) -> Completion:
+    async def _send(self, request: Request, limiter: Any = None) -> Completion:
         from curate.llm.ratelimit import wait_for_slot
 
         cfg = self.config
@@ -330,18 +348,18 @@ class OpenAIEngine(Engine):
             retry_after = None
             try:
                 async with aimd:  # at most `concurrency` (lowered after 429s) requests in flight
-                    async with clients.lease() as client:
-                        if limiter is not None:  # every attempt counts (the server counts it)
-                            await wait_for_slot(limiter, tokens)
-                        before_send()  # a runner's worker whose run is gone stops here
-                        stream = _STREAM.get()
-                        if stream is not None and stream.closed:   # its stage stopped: not sent
-                            return Completion.failed("not sent: the stage stopped", request.id, transient=True)
-                        if "response_format" in body and request.constrained is not None \
-                                and not self.supports_structured:
-                            path, body = build_body(cfg.model, request.unconstrained(), cfg.extra_body)
-                            dropped = True
-                        c = await self._post(client, path, body, request.is_chat)
+                    session = self._client()  # (made before the rate limiter's turn is taken)
+                    if limiter is not None:  # every attempt counts (the server counts it)
+                        await wait_for_slot(limiter, tokens)
+                    before_send()  # a runner's worker whose run is gone stops here
+                    stream = _STREAM.get()
+                    if stream is not None and stream.closed:   # its stage stopped: not sent
+                        return Completion.failed("not sent: the stage stopped", request.id, transient=True)
+                    if "response_format" in body and request.constrained is not None \
+                            and not self.supports_structured:
+                        path, body = build_body(cfg.model, request.unconstrained(), cfg.extra_body)
+                        dropped = True
+                    c = await self._post(session, path, body, request.is_chat)
                 aimd.success()
                 self._ever_ok = True
                 c.throttled = throttled
@@ -394,25 +412,34 @@ class OpenAIEngine(Engine):
                     "name and api_key_env)")
         return msg
 
-    async def _post(self, client: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
-        import httpx
+    async def _post(self, session: Any, path: str, body: dict[str, Any], chat: bool) -> Completion:
+        import aiohttp
 
         try:
-            resp = await client.post(path, json=body)
-        except httpx.TimeoutException as exc:
-            raise _Retryable(f"timeout ({type(exc).__name__})") from None
-        except httpx.ConnectError as exc:  # refused, DNS, TLS: nothing was sent
-            raise _Retryable(f"cannot connect: {type(exc).__name__}: {exc}", unreachable=True) from None
-        except httpx.TransportError as exc:
-            raise _Retryable(f"network error: {type(exc).__name__}: {exc}") from None
-        status = resp.status_code
+            proxy, proxy_auth = self._proxy
+            url = self._urls.get(path)
+            if url is None:  # parsed once per path, not per request
+                from yarl import URL
+
+                url = self._urls[path] = URL(self.url(path))
+            async with session.post(url, data=_dumps(body), proxy=proxy, proxy_auth=proxy_auth) as resp:
+                status = resp.status
+                raw = await resp.read()
+                headers = resp.headers
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise _Retryable(f"timeout ({_error_name(exc)})") from None
+        except aiohttp.ClientConnectorError as exc:  # refused, DNS, TLS: nothing was sent
+            raise _Retryable(f"cannot connect: {_error_name(exc)}: {exc}", unreachable=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Retryable(f"network error: {_error_name(exc)}: {exc}") from None
         if status in RETRY_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_snippet(resp)}", _retry_after(resp), status=status)
+            raise _Retryable(f"HTTP {status}: {_snippet(raw)}", parse_retry_after(headers.get("Retry-After")),
+                             status=status)
         if status >= 400:
-            raise _Fatal(f"HTTP {status}: {_snippet(resp)}", unreachable=status in (401, 403, 404), status=status)
+            raise _Fatal(f"HTTP {status}: {_snippet(raw)}", unreachable=status in (401, 403, 404), status=status)
         try:
-            return parse_response(resp.json(), chat)
-        except (ValueError, KeyError, TypeError) as exc:
+            return parse_response(_loads(raw), chat)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # a garbled body from a proxy is worth another try
             raise _Retryable(f"malformed response: {type(exc).__name__}: {exc}") from None
 
@@ -430,7 +457,7 @@ _STREAM: "contextvars.ContextVar[_AsyncBackend | None]" = contextvars.ContextVar
 
 class _AsyncBackend(_Backend):
     """A stream's requests as tasks on the engine's event loop (at most ``concurrency`` of them in
-    HTTP at a time, through the client pool); answers come back through a thread-safe queue.
+    HTTP at a time, over the engine's session); answers come back through a thread-safe queue.
     Submissions are handed to the loop in groups (one wake-up per ``wait``), and answers are handed
     back in groups too: when ``concurrency / 8`` have gathered, when none is left running, or 2 ms
     after the first of a group (each hand-over wakes the stage's thread, and two threads trading
@@ -463,7 +490,7 @@ class _AsyncBackend(_Backend):
     async def _one(self, request: Request) -> Completion:
         _STREAM.set(self)   # this task's context only: _one sends nothing once the stream closed
         eng = self.engine
-        return await eng._one(eng._clients, request, eng._rate)  # type: ignore[arg-type]
+        return await eng._one(request, eng._rate)
 
     def _done(self, number: int, task: asyncio.Task) -> None:  # in the loop thread
         self.tasks.discard(task)
@@ -504,49 +531,36 @@ class _AsyncBackend(_Backend):
             self.batch = []
 
 
-class _Lease:
-    """``async with pool.lease() as client``: a free client (waits while all are in use)."""
-
-    def __init__(self, pool: "_ClientPool"):
-        self.pool = pool
-        self.client: Any = None
-
-    async def __aenter__(self) -> Any:
-        pool = self.pool
-        async with pool.cond:
-            while not pool.free and len(pool.all) >= pool.size:
-                await pool.cond.wait()
-            if pool.free:
-                self.client = pool.free.pop()
-            else:
-                self.client = pool.factory()
-                pool.all.append(self.client)
-        return self.client
-
-    async def __aexit__(self, *exc: Any) -> None:
-        pool = self.pool
-        async with pool.cond:
-            pool.free.append(self.client)
-            pool.cond.notify()
+_ORPHANS: list[Any] = []  # see OpenAIEngine._event_loop
 
 
-class _ClientPool:
-    """At most ``size`` HTTP clients, each used by one request at a time (created on demand)."""
+def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, pid: int, box: list[Any]) -> None:
+    """Close the loop's HTTP session, then stop the loop (``close()``, or the engine garbage
+    collected, or the interpreter exiting). Another process's (forked) copy is not touched."""
+    if pid != os.getpid() or not thread.is_alive():
+        return
+    session, box[0] = box[0], None
+    done = threading.Event()
 
-    def __init__(self, factory: Any, size: int):
-        self.factory = factory
-        self.size = size
-        self.free: list[Any] = []
-        self.all: list[Any] = []
-        self.cond = asyncio.Condition()
+    async def stop() -> None:
+        try:
+            if session is not None:
+                await session.close()
+        except Exception as exc:  # noqa: BLE001  (closing: a broken connection does not matter)
+            log.debug("openai engine: closing connections: %s", exc)
+        finally:
+            loop.stop()
+            done.set()
 
-    def lease(self) -> "_Lease":
-        return _Lease(self)
-
-    async def aclose(self) -> None:
-        clients, self.all, self.free = self.all, [], []
-        for c in clients:
-            await c.aclose()
+    try:
+        loop.call_soon_threadsafe(lambda: loop.create_task(stop()))
+    except RuntimeError:  # the loop is closed already
+        return
+    if threading.current_thread() is not thread:  # (a garbage collection may run in the loop's thread)
+        done.wait(10)
+        thread.join(10)
+        if not thread.is_alive():
+            loop.close()
 
 
 def estimate_tokens(request: Request) -> int:
@@ -556,15 +570,59 @@ def estimate_tokens(request: Request) -> int:
     return (len(text.encode("utf-8", "surrogatepass")) + 3) // 4 + request.params.max_tokens * request.params.n
 
 
-def _snippet(resp: Any) -> str:
+def _snippet(raw: bytes) -> str:
+    return " ".join(raw[:2000].decode("utf-8", "replace").split())[:200]
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
     try:
-        return " ".join(resp.text.split())[:200]
-    except Exception:  # noqa: BLE001
-        return ""
+        return _json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: escaped as \uXXXX, the body stays valid UTF-8
+        return _json.dumps(body, separators=(",", ":")).encode("ascii")
 
 
-def _retry_after(resp: Any) -> float | None:
-    return parse_retry_after(resp.headers.get("retry-after"))
+def _loads(raw: bytes) -> Any:
+    return _json.loads(raw)
+
+
+# aiohttp's exceptions under the names httpx gave them (errors, logs and docs read the same as before)
+_ERROR_NAMES = {
+    "ClientConnectorError": "ConnectError", "ClientConnectorDNSError": "ConnectError",
+    "ClientConnectorSSLError": "ConnectError", "ClientConnectorCertificateError": "ConnectError",
+    "ClientProxyConnectionError": "ProxyError", "ConnectionTimeoutError": "ConnectTimeout",
+    "SocketTimeoutError": "ReadTimeout", "ServerTimeoutError": "ReadTimeout", "TimeoutError": "ReadTimeout",
+    "ServerDisconnectedError": "RemoteProtocolError", "ClientPayloadError": "RemoteProtocolError",
+    "ClientResponseError": "RemoteProtocolError", "ClientOSError": "ReadError",
+    "InvalidURL": "UnsupportedProtocol", "InvalidUrlClientError": "UnsupportedProtocol",
+    "NonHttpUrlClientError": "UnsupportedProtocol",
+}
+
+
+def _error_name(exc: BaseException) -> str:
+    name = type(exc).__name__
+    return _ERROR_NAMES.get(name, name)
+
+
+def env_proxy(url: str) -> tuple[Any, Any]:
+    """(proxy URL, proxy BasicAuth) for ``url`` from ``HTTP_PROXY``/``HTTPS_PROXY`` (any case), none
+    when ``NO_PROXY`` covers its host: aiohttp's own lookup (``trust_env``; ``ALL_PROXY`` is not read)."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
+
+
+def _ssl_context() -> Any:
+    """The TLS context httpx would use (certifi's CA bundle, ``SSL_CERT_FILE``/``SSL_CERT_DIR``)."""
+    import httpx
+
+    try:
+        return httpx.create_ssl_context(trust_env=True)
+    except TypeError:  # older httpx
+        return httpx.create_ssl_context()
 
 
 def parse_retry_after(v: str | None, now: float | None = None) -> float | None:

@@ -25,6 +25,7 @@ window of successes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import os
 import sqlite3
@@ -235,7 +236,13 @@ def kill_ray_limiters(ray: Any) -> None:
 
 async def wait_for_slot(limiter: Any, tokens: int) -> None:
     """Wait until the limiter lets a request of ``tokens`` go (it is charged then). The limiter is
-    asked off the event loop: its SQLite transaction or Ray call may block."""
+    asked off the event loop: its SQLite transaction or Ray call may block. A ``LocalLimiter`` (a
+    lock and some arithmetic) is asked on the loop: a thread hand-off per request cost more CPU
+    than the request itself at hundreds of requests per second."""
+    if isinstance(limiter, LocalLimiter):
+        while (wait := limiter.acquire(tokens)) > 0:
+            await asyncio.sleep(wait)
+        return
     loop = asyncio.get_running_loop()
     while (wait := await loop.run_in_executor(None, limiter.acquire, tokens)) > 0:
         await asyncio.sleep(wait)
@@ -244,7 +251,9 @@ async def wait_for_slot(limiter: Any, tokens: int) -> None:
 class AIMD:
     """Per-process concurrency: at most ``limit`` requests in flight. A 429 halves it
     (multiplicative decrease, at most once per ``cooldown`` seconds so one burst of 429s counts
-    once); each success adds ``1/limit`` (additive increase: +1 per window), up to ``maximum``."""
+    once); each success adds ``1/limit`` (additive increase: +1 per window), up to ``maximum``.
+    Waiters queue in order; a freed slot is handed to the first one (O(1) per request: waking every
+    waiter on each answer cost O(concurrency) per request). One event loop only."""
 
     def __init__(self, maximum: int, cooldown: float = 1.0):
         self.maximum = maximum
@@ -252,30 +261,45 @@ class AIMD:
         self.in_flight = 0
         self.cooldown = cooldown
         self._last_cut = -1e9
-        self._cond: asyncio.Condition | None = None
-
-    def _c(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
+        self._waiters: "collections.deque[asyncio.Future[None]]" = collections.deque()
 
     async def __aenter__(self) -> "AIMD":
-        c = self._c()
-        async with c:
-            while self.in_flight >= max(1, int(self.limit)):
-                await c.wait()
+        if not self._waiters and self.in_flight < max(1, int(self.limit)):
             self.in_flight += 1
+            return self
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # the slot is counted for us when we are woken
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # woken, then cancelled: give the slot on
+                self.in_flight -= 1
+                self._wake()
+            else:
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        c = self._c()
-        async with c:
-            self.in_flight -= 1
-            c.notify_all()
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters = self._waiters
+        while waiters and self.in_flight < max(1, int(self.limit)):
+            fut = waiters.popleft()
+            if not fut.done():
+                self.in_flight += 1
+                fut.set_result(None)
 
     def success(self) -> None:
         if self.limit < self.maximum:
             self.limit = min(float(self.maximum), self.limit + 1.0 / max(1.0, self.limit))
+            if self._waiters:
+                self._wake()
 
     def throttled(self) -> bool:
         """A 429: halve the limit. True when this call lowered it."""
