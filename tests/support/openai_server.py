@@ -40,9 +40,11 @@ class _State:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.in_flight = 0  # not reset: a request from an earlier test may still be running
-        self.reset()
+        self.generation = 0  # one per test: in the base URL, so that late requests of an earlier
+        self.reset()         # test (a stage stopped with requests on the wire) are not counted
 
     def reset(self) -> None:
+        self.generation += 1
         self.fail_next: list[str] = []   # "500", "429", "400", "sleep:<s>", "garbage"
         self.delay = 0.0                 # seconds each request is held (to build up concurrency)
         self.backend = "model"           # "model" (SmolLM2), "echo" (instant, no model) or "script"
@@ -64,7 +66,7 @@ class OpenAIServer(ThreadingHTTPServer):
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self.server_address[1]}/g{self.state.generation}/v1"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -89,6 +91,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         st = self.server.state
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if not self.path.startswith(f"/g{st.generation}/"):
+            # a late request of an earlier test: answered (echo), neither counted nor recorded
+            chat = self.path.endswith("/chat/completions")
+            text = "late"
+            choice = {"index": 0, "finish_reason": "stop",
+                      **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+            self._send(200, {"id": "late", "object": "chat.completion" if chat else "text_completion",
+                             "model": body.get("model"), "choices": [choice],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+            return
         with st.lock:
             st.hits += 1
             st.in_flight += 1
@@ -184,3 +196,6 @@ def openai_server(_server_session):
     _server_session.state.reset()
     yield _server_session
     _server_session.state.reset()
+    from curate.llm import pool
+
+    pool.clear()   # the test's engines (one base URL per test) are not kept for later tests
