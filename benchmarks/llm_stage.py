@@ -4,7 +4,9 @@
    a 2,000-request ``generate`` stage (library call, no cache) on the ``openai`` engine at
    concurrency 64 (``--requests 10000 --concurrency 512`` for the large case). The ideal is the
    concurrency bound, concurrency / mean latency requests/s (mean of the latencies the server
-   actually served). Target: >= 90% of it.
+   actually served). Target: >= 90% of it. The peer, a bare aiohttp client (one session, no stage,
+   no engine), then sends the same number of requests to the same server: its ratio is what the
+   machine allows a client at all, and "stage / peer" is the stage's own cost.
 2. Transformers engine: the same prompts through the ``generate`` stage and through the engine
    called directly (greedy, same tokens). Target: stage >= 0.95x direct.
 
@@ -93,6 +95,8 @@ def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) ->
         t0, c0 = time.perf_counter(), time.process_time()
         out = stage(table(n))
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        # the peer: a bare aiohttp client (no stage, no engine) on the same server, right after
+        raw_dt, raw_cpu = raw_client(base_url, n, concurrency)
     finally:
         proc.terminate()
         proc.join(10)
@@ -115,6 +119,36 @@ def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) ->
         heapq.heappush(slots, heapq.heappop(slots) + x)
     print(f"  (a zero-overhead client on the same latencies: {n / max(slots):8.1f} req/s, "
           f"ratio {n / max(slots) / ideal:.3f})")
+    raw_lat = latencies(concurrency + 2 * n, 0.05, 0.5, 0)[concurrency + n:]   # the server's next draws
+    raw_ideal = concurrency / (sum(raw_lat) / len(raw_lat))
+    print(f"  peer, a bare aiohttp client (same server, next {n} requests): {n / raw_dt:8.1f} req/s, ratio "
+          f"{n / raw_dt / raw_ideal:.3f}, client CPU {raw_cpu * 1000 / n:.2f} ms per request; "
+          f"stage / peer: {(got / ideal) / (n / raw_dt / raw_ideal):.2f}")
+
+
+def raw_client(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
+    """Seconds and CPU seconds of ``n`` chat requests from one aiohttp session at ``concurrency``."""
+    import asyncio
+
+    import aiohttp
+
+    async def go() -> tuple[float, float]:
+        conn = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as cl:
+            sem = asyncio.Semaphore(concurrency)
+
+            async def one(i: int) -> None:
+                body = {"model": "m", "messages": [{"role": "user", "content": f"Explain item {i} briefly."}],
+                        "max_tokens": 16}
+                async with sem:
+                    async with cl.post(base_url + "/chat/completions", json=body) as r:
+                        await r.json()
+
+            t0, c0 = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    return asyncio.run(go())
 
 
 def bench_transformers(prompts: int, max_tokens: int, repeat: int) -> None:
