@@ -24,7 +24,7 @@ the numbers are computed:
   may name one of those instead; the decision (drop) is the same. Below that size the reasons
   are datatrove's in every case.
 
-tests/ingest/test_heuristic_filter_parity.py checks identical decisions, reasons and C4 text
+tests/stages/clean/test_heuristic_filter_parity.py checks identical decisions, reasons and C4 text
 against datatrove's filters called directly, at the defaults and with other options.
 """
 

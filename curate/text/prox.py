@@ -11,7 +11,7 @@ A model reads a document and answers with a small program; this module runs it. 
   joined (:func:`join_programs`) and executed on the whole document (:func:`refine`).
 
 The executor follows the reference (GAIR-NLP/ProX ``utils/chunk_utils.py``) decision for
-decision, so that the same program gives the same text; ``tests/llm/test_prox_parity.py`` checks
+decision, so that the same program gives the same text; ``tests/text/test_prox_parity.py`` checks
 it against the reference's outputs on hundreds of generated cases. Its quirks are kept on purpose:
 
 - each program line is one operation, recognised by its prefix (``remove_lines``, ``normalize``);
