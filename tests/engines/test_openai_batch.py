@@ -384,7 +384,10 @@ def test_curate_run_killed_while_polling_uploads_nothing_again(tmp_path):
             p.send_signal(signal.SIGKILL)
             p.wait()
         first = list(srv.created)
-        assert len(first) == 2     # one task per worker, each waiting for the batch of its first 4 rows
+        # one task per worker, each waiting for the batch of its first 4 rows; once (1 run of ~10 in
+        # the slow suite) the second worker had not created its batch within the wait: the resume
+        # checks below hold for whatever batches exist at the kill
+        assert 1 <= len(first) <= 2, first
         time.sleep(1.5)            # orphaned workers end themselves (parent watchdog)
         srv.hold = False
         r = subprocess.run([curate_bin(), "run", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
@@ -392,11 +395,11 @@ def test_curate_run_killed_while_polling_uploads_nothing_again(tmp_path):
         out = pq.read_table(str(tmp_path / "out" / "gen")).sort_by("id")
         assert out.num_rows == 12
         assert sorted(out.column("completion").to_pylist()) == sorted(("Rewrite: " + t)[::-1] for t in TEXTS)
-        assert srv.created[:2] == first and srv.lines == 12 and len(srv.uploads) == len(srv.created)
+        assert srv.created[:len(first)] == first and srv.lines == 12 and len(srv.uploads) == len(srv.created)
         recs = records(tmp_path / "out" / "_curate" / "work" / "gen" / "llm_batches.sqlite")
         assert {r[0] for r in recs} == set(srv.created) and {r[1] for r in recs} == {"completed"}
         stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-        assert '"llm/batches_resumed": 2' in json.dumps(stats)
+        assert f'"llm/batches_resumed": {len(first)}' in json.dumps(stats)
 
 
 def test_recorded_batch_unknown_to_the_server_is_sent_again(tmp_path):
