@@ -228,26 +228,6 @@ class FakeBatchOpenAI(FakeOpenAI):
 
 
 class _BatchHandler(_Handler):
-    def _send(self, status: int, data: bytes, headers: dict[str, str] | None = None) -> bool:
-        """Headers and body in one write (two small writes on a keep-alive connection meet Nagle
-        and delayed ACKs: 40 ms per call)."""
-        import socket
-
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self._headers_buffer.append(b"\r\n")
-            buf = b"".join(self._headers_buffer) + data
-            self._headers_buffer = []
-            self.wfile.write(buf)
-            self.wfile.flush()
-            return True
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            return False
-
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data).encode())
 

@@ -31,13 +31,11 @@ WARC_CONFIG = os.path.join(ROOT, "configs", "warc_example.yaml")
 def s3_env():
     """A moto S3 server on 127.0.0.1; its endpoint is in the environment before the cluster starts,
     so every Ray worker reaches it."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    from s3_fixtures import start_moto
+
+    server, env = start_moto()
+    import s3fs
+
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})

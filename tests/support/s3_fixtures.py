@@ -8,15 +8,23 @@ import uuid
 import pytest
 
 
-@pytest.fixture
-def s3(monkeypatch):
+def start_moto():
+    """A started moto S3 server on 127.0.0.1 and the AWS_* variables that point s3fs at it."""
     moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed")
-    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed")
+    pytest.importorskip("s3fs", reason="s3fs is not installed")
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    return server, env
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    import s3fs
+
+    server, env = start_moto()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     s3fs.S3FileSystem.clear_instance_cache()   # a port used again must not find an old listing cache
