@@ -5,8 +5,10 @@
    concurrency 64 (``--requests 10000 --concurrency 512`` for the large case). The ideal is the
    concurrency bound, concurrency / mean latency requests/s (mean of the latencies the server
    actually served). Target: >= 90% of it. The peer, a bare aiohttp client (one session, no stage,
-   no engine), then sends the same number of requests to the same server: its ratio is what the
-   machine allows a client at all, and "stage / peer" is the stage's own cost.
+   no engine; the same kind of event loop as the engine, uvloop's where installed; warmed up and
+   with the garbage collector paced as the stage's), then sends the same number of requests to
+   the same server: its ratio is what the machine allows a client
+   at all, and "stage / peer" is the stage's own cost.
 2. Transformers engine: the same prompts through the ``generate`` stage and through the engine
    called directly (greedy, same tokens). Target: stage >= 0.95x direct.
 
@@ -105,7 +107,7 @@ def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) ->
     mean = sum(lat) / len(lat)
     ideal = concurrency / mean
     got = n / dt
-    print(f"openai engine through the stage: {n} requests, concurrency {concurrency}, batch_size "
+    print(f"openai engine through the stage ({loop_name()} loop): {n} requests, concurrency {concurrency}, batch_size "
           f"{stage.config.batch_size}, latency 50-500 ms (mean {mean * 1000:.0f} ms), {ok} answered; "
           f"client CPU {cpu * 1000 / n:.2f} ms per request (load average {os.getloadavg()[0]:.1f})")
     print(f"  stage: {got:8.1f} req/s   ideal {concurrency}/mean latency: {ideal:8.1f} req/s   "
@@ -119,15 +121,25 @@ def bench_saturation(n: int, concurrency: int, batch_size: int | None = None) ->
         heapq.heappush(slots, heapq.heappop(slots) + x)
     print(f"  (a zero-overhead client on the same latencies: {n / max(slots):8.1f} req/s, "
           f"ratio {n / max(slots) / ideal:.3f})")
-    raw_lat = latencies(concurrency + 2 * n, 0.05, 0.5, 0)[concurrency + n:]   # the server's next draws
+    # the server's draws after the stage's and the peer's warm-up
+    raw_lat = latencies(2 * concurrency + 2 * n, 0.05, 0.5, 0)[2 * concurrency + n:]
     raw_ideal = concurrency / (sum(raw_lat) / len(raw_lat))
-    print(f"  peer, a bare aiohttp client (same server, next {n} requests): {n / raw_dt:8.1f} req/s, ratio "
+    print(f"  peer, a bare aiohttp client on a {loop_name()} loop (same server, warmed up the same way, next {n} requests): {n / raw_dt:8.1f} req/s, ratio "
           f"{n / raw_dt / raw_ideal:.3f}, client CPU {raw_cpu * 1000 / n:.2f} ms per request; "
           f"stage / peer: {(got / ideal) / (n / raw_dt / raw_ideal):.2f}")
 
 
+def loop_name() -> str:
+    from curate.engines.openai_engine import new_event_loop
+
+    loop = new_event_loop()
+    loop.close()
+    return type(loop).__module__.split(".")[0]
+
+
 def raw_client(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
-    """Seconds and CPU seconds of ``n`` chat requests from one aiohttp session at ``concurrency``."""
+    """Seconds and CPU seconds of ``n`` chat requests from one aiohttp session at ``concurrency``, on
+    the same kind of event loop as the engine's, with the garbage collector paced as for a stage."""
     import asyncio
 
     import aiohttp
@@ -144,11 +156,21 @@ def raw_client(base_url: str, n: int, concurrency: int) -> tuple[float, float]:
                     async with cl.post(base_url + "/chat/completions", json=body) as r:
                         await r.json()
 
+            # warm-up, as the stage had: the connections open before the clock starts (not counted)
+            await asyncio.gather(*(one(i) for i in range(concurrency)))
             t0, c0 = time.perf_counter(), time.process_time()
             await asyncio.gather(*(one(i) for i in range(n)))
             return time.perf_counter() - t0, time.process_time() - c0
 
-    return asyncio.run(go())
+    from curate.engines.openai_engine import new_event_loop
+    from curate.llm.gcpace import paced
+
+    loop = new_event_loop()  # the loop the engine runs on (uvloop's where installed)
+    try:
+        with paced():  # the collector paced as it is for a stage's stream
+            return loop.run_until_complete(go())
+    finally:
+        loop.close()
 
 
 def bench_transformers(prompts: int, max_tokens: int, repeat: int) -> None:

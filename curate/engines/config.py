@@ -107,6 +107,9 @@ class OpenAIConfig(_EngineConfigBase):
         True, description="send a recipe's answer schema as response_format (json_schema, strict); a server "
                           "that refuses it (HTTP 400) is asked without it from then on. false: never send it "
                           "(answers are validated against the schema and asked again)")
+    uvloop: bool = Field(
+        True, description="run the engine's event loop on uvloop when it is installed (less client CPU per "
+                          "request; false: asyncio's own loop)")
     requests_per_minute: float | None = Field(None, gt=0, description="rate limit: requests per minute")
     tokens_per_minute: float | None = Field(
         None, gt=0, description="rate limit: tokens per minute (prompt estimated as bytes/4, plus max_tokens)")

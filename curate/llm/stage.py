@@ -76,6 +76,7 @@ import logging
 import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import pyarrow as pa
@@ -85,6 +86,7 @@ from curate.engines import Completion, EngineConfig, Request, RequestCache, Samp
 from curate.llm import pool
 from curate.llm.accounting import Budget, LLMAccounting
 from curate.llm.chunking import split_text
+from curate.llm.gcpace import paced
 from curate.llm.parse import ParseError
 from curate.llm.prompts import PromptTemplate, TemplateError, load_template
 from curate.llm.structured import EchoCheck, validate_answer
@@ -536,6 +538,11 @@ class LLMStage(MapStage):
         """The JSON provenance of an annotated row (one string per template and sampling)."""
         t = res.job.template
         params = res.job.requests[0].params if res.job.requests else self.sampling()
+        # the jobs of a stage share one params object: the last one's answer, by identity, before
+        # the memo by value (hashing a pydantic model for each of 10,000 rows cost 27 ms)
+        last = self.__dict__.get("_provenance_last")
+        if last is not None and last[0] is t and last[1] is params:
+            return last[2]
         key = (t.id if t else None, t.hash if t else None, params)
         memo = self.__dict__.setdefault("_provenance_memo", {})
         out = memo.get(key)
@@ -545,17 +552,22 @@ class LLMStage(MapStage):
                 {"engine": eng.kind, "model": eng.model_id, "template": t.id if t else None,
                  "version": t.version if t else None, "hash": t.hash if t else self.prompt_hash(),
                  "sampling": params.model_dump(mode="json")}, sort_keys=True)
+        self._provenance_last = (t, params, out)
         return out
 
     def assemble(self, table: pa.Table, outputs: list[tuple[int, dict[str, Any]]]) -> pa.Table:
         """The output table: input row ``i`` (all its columns) with the columns of each dict."""
-        outputs = sorted(outputs, key=lambda x: x[0])  # stable: keeps each row's order
-        out = table.take(pa.array([i for i, _ in outputs], pa.int64()))
-        names = list(self.writes)
-        for _, d in outputs:
-            names += [k for k in d if k not in names]
+        index = [i for i, _ in outputs]
+        if any(a > b for a, b in zip(index, index[1:])):
+            outputs = sorted(outputs, key=itemgetter(0))  # stable: keeps each row's order
+            index = [i for i, _ in outputs]
+        out = table.take(pa.array(index, pa.int64()))
+        names = dict.fromkeys(self.writes)
+        for keys in dict.fromkeys(tuple(d) for _, d in outputs):  # the distinct key sequences
+            names.update(dict.fromkeys(keys))
+        dicts = [d for _, d in outputs]
         for name in names:
-            values = [d.get(name) for _, d in outputs]
+            values = [d.get(name) for d in dicts]
             typ = self.writes.get(name)
             if typ is None and name in out.schema.names:
                 typ = out.schema.field(name).type
@@ -586,7 +598,10 @@ class LLMStage(MapStage):
             yield Unit(i, row)
 
     def process(self, table: pa.Table) -> pa.Table:
-        return _Flow(self, table).run()
+        # no collector pauses while answers are arriving (curate.llm.gcpace); the flow's rows and
+        # answers are freed before the threshold goes back, so that does not set off a collection
+        with paced():
+            return _Flow(self, table).run()
 
     # -- library calls ---------------------------------------------------------------------------------
     def __call__(self, data: Any) -> pa.Table:
@@ -601,13 +616,24 @@ class LLMStage(MapStage):
         return out
 
 
+@dataclass(slots=True)
+class _Out:
+    """What a finished "ok" job gives the output (see ``_Flow._out``)."""
+
+    row: int
+    dicts: list[dict[str, Any]]
+
+
 class _Flow:
     """One ``process()`` call: units -> jobs -> engine stream -> parse/retry/follow-ups -> output."""
 
     def __init__(self, stage: LLMStage, table: pa.Table):
         self.stage, self.table = stage, table
         self.rows = stage.rows(table)
-        self.results: list[tuple[tuple, int, JobResult]] = []  # (sort key, seq, result)
+        # (sort key, seq, result): a JobResult that did not end "ok", or an emitting job's output
+        # dicts, made when it finished (its job, requests and answers are freed then, not kept
+        # for the table's end: 17 objects a row that the collector and the end of the batch walked)
+        self.results: list[tuple[tuple, int, JobResult | _Out]] = []
         self.live: dict[int, tuple[Job, list[Completion | None]]] = {}
         self.todo: deque[Job] = deque()
         self.seq = 0
@@ -685,13 +711,32 @@ class _Flow:
 
     def _finished(self, res: JobResult) -> None:
         job = res.job
-        self.results.append(((job.row, *job.order), self._next_seq(), res))
+        if res.status != "ok":
+            self.results.append(((job.row, *job.order), self._next_seq(), res))
+        elif job.emit:
+            self.results.append(((job.row, *job.order), self._next_seq(), self._out(res)))
         if job.then is not None:
             follow = job.then(res)
             for n, f in enumerate(follow):
                 if not f.order:
                     f.order = (*job.order, n)
             self.todo.extendleft(reversed(follow))  # before new rows: finish what was started
+
+    def _out(self, res: JobResult) -> "_Out":
+        """An "ok" emitting job's contribution to the output: synthetic stages, one dict per parsed
+        row with the provenance columns (the id is given in order at the end); annotation stages,
+        the parsed rows merged with the provenance column."""
+        st = self.stage
+        if st.synthetic:
+            if not res.rows:
+                return _Out(res.job.row, [])
+            prov = st.provenance(self.rows[res.job.row], res)
+            return _Out(res.job.row, [{**prov, **d} for d in res.rows])
+        d: dict[str, Any] = {}
+        for r in res.rows:
+            d.update(r)
+        d[st.provenance_column()] = st.annotation_provenance(res)
+        return _Out(res.job.row, [d])
 
     def _resolve(self, job: Job, cs: list[Completion]) -> None:
         st = self.stage
@@ -733,7 +778,10 @@ class _Flow:
     def _output(self, empty: list[int]) -> pa.Table:
         st = self.stage
         rows, table = self.rows, self.table
-        results = [r for _, _, r in sorted(self.results, key=lambda x: (x[0], x[1]))]
+        self.results.sort(key=itemgetter(0, 1))
+        entries = [r for _, _, r in self.results]
+        self.results = []
+        results = [r for r in entries if isinstance(r, JobResult)]   # the ones that did not end "ok"
         deferred_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
         transient = [r for r in results if r.status == "deferred" and r.error != "budget"]
         deferred = deferred_budget | {r.job.row for r in transient}
@@ -755,15 +803,20 @@ class _Flow:
         outputs: list[tuple[int, dict[str, Any]]] = []
         if st.synthetic:
             n_per_row: Counter[int] = Counter()
-            for res in results:
-                if res.status != "ok" or not res.job.emit:
+            name = st.recipe or st.name
+            for res in entries:
+                if isinstance(res, JobResult):
                     continue
-                row = rows[res.job.row]
-                for d in res.rows:
-                    k = n_per_row[res.job.row]
-                    n_per_row[res.job.row] = k + 1
-                    d = {**st.provenance(row, res), **d, "id": f"{row.get('id')}#{st.recipe or st.name}-{k}"}
-                    outputs.append((res.job.row, d))
+                i = res.row
+                if not res.dicts:
+                    continue
+                source = rows[i].get("id")
+                k = n_per_row[i]
+                for d in res.dicts:
+                    d["id"] = f"{source}#{name}-{k}"
+                    outputs.append((i, d))
+                    k += 1
+                n_per_row[i] = k
             if empty:
                 st.drop("empty_text", len(empty))
             produced = len(n_per_row)
@@ -772,15 +825,16 @@ class _Flow:
             per_row: dict[int, dict[str, Any]] = {}
             failed: dict[int, JobResult] = {}
             pcol = st.provenance_column()
-            for res in results:
-                i = res.job.row
-                if res.status == "failed":
-                    failed.setdefault(i, res)
-                elif res.status == "ok" and res.job.emit:
-                    d = per_row.setdefault(i, {})
-                    for r in res.rows:
-                        d.update(r)
-                    d[pcol] = st.annotation_provenance(res)
+            for res in entries:
+                if isinstance(res, JobResult):
+                    if res.status == "failed":
+                        failed.setdefault(res.job.row, res)
+                    continue
+                d = per_row.get(res.row)
+                if d is None:
+                    per_row[res.row] = res.dicts[0]
+                else:
+                    d.update(res.dicts[0])
             produced = 0
             for i in range(len(rows)):
                 if i in deferred:

@@ -174,3 +174,28 @@ def test_body_encoding(text):
         eng.close()
     assert c.ok, c.error
     assert c.text == text[::-1]
+
+
+@pytest.mark.parametrize("use_uvloop", [True, False])
+def test_event_loop_uvloop_or_asyncio(use_uvloop):
+    """The engine's loop is uvloop's when it is installed (the default), asyncio's with ``uvloop:
+    false``; requests go through either, with the stage's stream (the loop thread's task path)."""
+    pytest.importorskip("uvloop")
+    with _SlowServer(0.01) as srv:
+        eng = make_engine({"kind": "openai", "model": "m", "base_url": f"http://127.0.0.1:{srv.port}/v1",
+                           "api_key_env": None, "concurrency": 8, "timeout": 30, "uvloop": use_uvloop})
+        try:
+            out = eng.generate([_chat(i) for i in range(20)])
+            kind = type(eng._loop).__module__.split(".")[0]
+            stream = eng.stream()
+            for i in range(20, 40):
+                stream.submit(i, _chat(i))
+            got: dict[int, str] = {}
+            while len(got) < 20:
+                got.update((tag, c.text) for tag, c in stream.next())
+            stream.close()
+        finally:
+            eng.close()
+    assert kind == ("uvloop" if use_uvloop else "asyncio")
+    assert [c.text for c in out] == [f"question {i}"[::-1] for i in range(20)]
+    assert got == {i: f"question {i}"[::-1] for i in range(20, 40)}
