@@ -625,24 +625,40 @@ class _Out:
 
 
 class _Flow:
-    """One ``process()`` call: units -> jobs -> engine stream -> parse/retry/follow-ups -> output."""
+    """One ``process()`` call: units -> jobs -> engine stream -> parse/retry/follow-ups -> output.
+
+    Rows are written out in input order while answers still arrive: a row is final once the units
+    have moved past it and none of its jobs is open (follow-ups and retries count as open), and its
+    output dicts are made then, so the end of the table only assembles columns (the answers of a
+    10,000-row table were walked again at its end: 0.13 s, which the last answer waited for). This
+    needs rows whose units come in order and jobs for their own row (the base ``units``; a job made
+    for another row turns it off for the rest of the table: everything is then written at the end)."""
 
     def __init__(self, stage: LLMStage, table: pa.Table):
         self.stage, self.table = stage, table
         self.rows = stage.rows(table)
-        # (sort key, seq, result): a JobResult that did not end "ok", or an emitting job's output
-        # dicts, made when it finished (its job, requests and answers are freed then, not kept
-        # for the table's end: 17 objects a row that the collector and the end of the batch walked)
-        self.results: list[tuple[tuple, int, JobResult | _Out]] = []
         self.live: dict[int, tuple[Job, list[Completion | None]]] = {}
         self.todo: deque[Job] = deque()
         self.seq = 0
+        # a row's finished jobs, until the row is final: (sort key, seq, result); a result is the
+        # JobResult of a job that did not end "ok", or an emitting job's output dicts (``_Out``:
+        # its job, requests and answers are freed at once)
+        self.by_row: dict[int, list[tuple[tuple, int, JobResult | _Out]]] = {}
+        self.failures: list[tuple[tuple, int, JobResult]] = []   # every job that did not end "ok"
+        self.open: dict[int, int] = {}     # row -> its jobs made and not finished
+        self.in_order = type(stage).units is LLMStage.units
+        self.frontier = 0                  # rows below it have all their units made
+        self.cursor = 0                    # rows below it are final (in ``outputs``)
+        self.outputs: list[tuple[int, dict[str, Any]]] = []
+        self.produced = 0
+        self.empty: list[int] = []
+        self.empty_set: set[int] = set()   # ``empty`` as a set, up to ``empty_seen`` of it
+        self.empty_seen = 0
 
     def run(self) -> pa.Table:
         st = self.stage
         cfg = st.config
-        empty: list[int] = []
-        units = st.units(self.rows, empty)
+        units = st.units(self.rows, self.empty)
         eng = st.engine
         stream = eng.shared.stream(eng.cache, st._admit, st._charge, stats=[eng.stats], records=st.batch_records())
         window = eng.window(cfg.batch_size)
@@ -656,7 +672,9 @@ class _Flow:
                         unit = next(units, None)
                         if unit is None:
                             more = False
+                            self.frontier = len(self.rows)
                             continue
+                        self.frontier = max(self.frontier, unit.index)
                         self.todo.extend(self._jobs(unit))
                         continue
                     self._submit(stream, self.todo.popleft())
@@ -670,6 +688,7 @@ class _Flow:
                     if all(x is not None for x in comps):
                         del self.live[jid]
                         self._resolve(job, comps)  # type: ignore[arg-type]
+                self._advance()
         finally:
             stream.close()
             for k, v in stream.backend.counters.items():   # batch mode: batches, expired, resumed...
@@ -677,7 +696,9 @@ class _Flow:
                     st.count(f"llm/{k}", v)
             if st.budget is not None:
                 st.budget.release()
-        return self._output(empty)
+        self.in_order, self.frontier = True, len(self.rows)
+        self._advance()
+        return self._output()
 
     def _jobs(self, unit: Unit) -> list[Job]:
         st = self.stage
@@ -687,7 +708,7 @@ class _Flow:
             reason = f"prompt: {type(exc).__name__}: {exc}"
             st.accounting.invalid_prompt(self.rows[unit.index].get("id"), reason)
             res = JobResult(Job(unit.index, [], lambda cs: []), "failed", error=reason)
-            self.results.append(((unit.index,), self._next_seq(), res))
+            self._record((unit.index,), res)
             st.accounting.check()
             return []
         for n, job in enumerate(jobs):
@@ -695,7 +716,18 @@ class _Flow:
                 job.meta.setdefault("chunk", unit.chunk)
             if not job.order:
                 job.order = (unit.chunk or 0, n)
+            self._opened(job, unit.index)
         return jobs
+
+    def _opened(self, job: Job, expected: int) -> None:
+        """Count ``job`` open for its row (made for row ``expected``: another row stops writing
+        rows before the end)."""
+        if job.row != expected:
+            if job.row < self.cursor:
+                raise StageError(f"stage {self.stage.step_name!r}: a job for row {job.row}, which was "
+                                 "already written; jobs and follow-ups must be for their own row")
+            self.in_order = False
+        self.open[job.row] = self.open.get(job.row, 0) + 1
 
     def _next_seq(self) -> int:
         self.seq += 1
@@ -703,29 +735,45 @@ class _Flow:
 
     def _submit(self, stream: Any, job: Job) -> None:
         if not job.requests:
+            self._closed(job.row)   # nothing to ask: the job gives nothing
             return
         jid = self._next_seq()
         self.live[jid] = (job, [None] * len(job.requests))
         for k, r in enumerate(job.requests):
             stream.submit((jid, k), r)
 
+    def _closed(self, row: int) -> None:
+        left = self.open.get(row, 0) - 1
+        if left > 0:
+            self.open[row] = left
+        else:
+            self.open.pop(row, None)
+
+    def _record(self, key: tuple, res: "JobResult | _Out") -> None:
+        entry = (key, self._next_seq(), res)
+        self.by_row.setdefault(key[0], []).append(entry)
+        if isinstance(res, JobResult):
+            self.failures.append(entry)  # type: ignore[arg-type]
+
     def _finished(self, res: JobResult) -> None:
         job = res.job
         if res.status != "ok":
-            self.results.append(((job.row, *job.order), self._next_seq(), res))
+            self._record((job.row, *job.order), res)
         elif job.emit:
-            self.results.append(((job.row, *job.order), self._next_seq(), self._out(res)))
+            self._record((job.row, *job.order), self._out(res))
         if job.then is not None:
             follow = job.then(res)
             for n, f in enumerate(follow):
                 if not f.order:
                     f.order = (*job.order, n)
+                self._opened(f, job.row)
             self.todo.extendleft(reversed(follow))  # before new rows: finish what was started
+        self._closed(job.row)
 
     def _out(self, res: JobResult) -> "_Out":
         """An "ok" emitting job's contribution to the output: synthetic stages, one dict per parsed
-        row with the provenance columns (the id is given in order at the end); annotation stages,
-        the parsed rows merged with the provenance column."""
+        row with the provenance columns (the id is given when the row is written); annotation
+        stages, the parsed rows merged with the provenance column."""
         st = self.stage
         if st.synthetic:
             if not res.rows:
@@ -775,13 +823,68 @@ class _Flow:
         self._finished(JobResult(job, "ok", rows=rows, completions=cs))
 
     # -- the batch's output --------------------------------------------------------------------------
-    def _output(self, empty: list[int]) -> pa.Table:
+    def _advance(self) -> None:
+        """Write the rows that are final, in input order."""
+        if not self.in_order:
+            return
+        if len(self.empty) > self.empty_seen:
+            self.empty_set.update(self.empty[self.empty_seen:])
+            self.empty_seen = len(self.empty)
+        open_, frontier = self.open, self.frontier
+        while self.cursor < frontier and self.cursor not in open_:
+            self._write(self.cursor)
+            self.cursor += 1
+
+    def _write(self, i: int) -> None:
+        """Row ``i``'s outputs (its jobs all finished), as the end of the table would make them."""
+        st = self.stage
+        entries = self.by_row.pop(i, None)
+        if entries is None:
+            entries = []
+        elif len(entries) > 1:
+            entries.sort(key=itemgetter(0, 1))
+        if st.synthetic:
+            k = 0
+            name = st.recipe or st.name
+            source = self.rows[i].get("id")
+            for _, _, res in entries:
+                if isinstance(res, _Out):
+                    for d in res.dicts:
+                        d["id"] = f"{source}#{name}-{k}"
+                        self.outputs.append((i, d))
+                        k += 1
+            if k:
+                self.produced += 1
+            return
+        failed: JobResult | None = None
+        merged: dict[str, Any] | None = None
+        for _, _, res in entries:
+            if isinstance(res, JobResult):
+                if res.status == "deferred":
+                    return   # the row is left for the next run
+                if failed is None and res.status == "failed":
+                    failed = res
+            elif merged is None:
+                merged = res.dicts[0]
+            else:
+                merged.update(res.dicts[0])
+        if failed is not None:
+            d = st.failed_row(self.rows[i], failed)
+        elif merged is not None:
+            d = merged
+            self.produced += 1
+        elif i in self.empty_set:
+            d = st.empty_row(Unit(i, self.rows[i]))
+        else:
+            return
+        if d is not None:
+            self.outputs.append((i, d))
+
+    def _output(self) -> pa.Table:
         st = self.stage
         rows, table = self.rows, self.table
-        self.results.sort(key=itemgetter(0, 1))
-        entries = [r for _, _, r in self.results]
-        self.results = []
-        results = [r for r in entries if isinstance(r, JobResult)]   # the ones that did not end "ok"
+        self.failures.sort(key=itemgetter(0, 1))
+        results = [r for _, _, r in self.failures]   # the jobs that did not end "ok", in order
         deferred_budget = {r.job.row for r in results if r.status == "deferred" and r.error == "budget"}
         transient = [r for r in results if r.status == "deferred" and r.error != "budget"]
         deferred = deferred_budget | {r.job.row for r in transient}
@@ -800,65 +903,20 @@ class _Flow:
             raw = [r.completions[0].text if r.completions and r.completions[0] is not None else None for r in bad]
             side = side.append_column("llm_answer", pa.array(raw, pa.string()))
             st.side("failed", side)
-        outputs: list[tuple[int, dict[str, Any]]] = []
+        outputs, self.outputs = self.outputs, []
         if st.synthetic:
-            n_per_row: Counter[int] = Counter()
-            name = st.recipe or st.name
-            for res in entries:
-                if isinstance(res, JobResult):
-                    continue
-                i = res.row
-                if not res.dicts:
-                    continue
-                source = rows[i].get("id")
-                k = n_per_row[i]
-                for d in res.dicts:
-                    d["id"] = f"{source}#{name}-{k}"
-                    outputs.append((i, d))
-                    k += 1
-                n_per_row[i] = k
-            if empty:
-                st.drop("empty_text", len(empty))
-            produced = len(n_per_row)
+            if self.empty:
+                st.drop("empty_text", len(self.empty))
             out = st.assemble(table, outputs)
         else:
-            per_row: dict[int, dict[str, Any]] = {}
-            failed: dict[int, JobResult] = {}
-            pcol = st.provenance_column()
-            for res in entries:
-                if isinstance(res, JobResult):
-                    if res.status == "failed":
-                        failed.setdefault(res.job.row, res)
-                    continue
-                d = per_row.get(res.row)
-                if d is None:
-                    per_row[res.row] = res.dicts[0]
-                else:
-                    d.update(res.dicts[0])
-            produced = 0
-            for i in range(len(rows)):
-                if i in deferred:
-                    continue
-                if i in failed:
-                    d = st.failed_row(rows[i], failed[i])
-                elif i in per_row:
-                    d = per_row[i]
-                    produced += 1
-                else:
-                    continue
-                if d is not None:
-                    outputs.append((i, d))
-            for i in empty:
-                d = st.empty_row(Unit(i, rows[i]))
-                if d is not None:
-                    outputs.append((i, d))
             if st.count_scored:
-                st.count(f"{st.name}/scored", produced)
+                st.count(f"{st.name}/scored", self.produced)
+            pcol = st.provenance_column()
             if pcol not in st.writes:
                 st.writes = {**st.writes, pcol: pa.string()}
             out = st.assemble(table, outputs)
-            out = st.finish_table(table, out, sorted(i for i, _ in outputs))
-        self._check_yield(len(rows) - len(deferred), produced, results)
+            out = st.finish_table(table, out, [i for i, _ in outputs])
+        self._check_yield(len(rows) - len(deferred), self.produced, results)
         return out
 
     def _check_yield(self, n_in: int, produced: int, results: list[JobResult]) -> None:
