@@ -1,5 +1,6 @@
 """The LLM layer's loop: budgets charged per answer across kill -9, continuous flow across rows,
-follow-ups without a batch barrier, answers that give nothing, min_yield, library-call warnings."""
+follow-ups without a batch barrier, answers that give nothing, min_yield, library-call warnings, rows
+written in order while answers still arrive."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from facts_stage import Facts, facts_answer
 
 from curate.engines import RequestCache
 from curate.llm.accounting import Budget
+from curate.llm.stage import Job
+from curate.pipeline.stage import StageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -255,3 +258,82 @@ def test_a_stage_stopped_mid_flight_leaves_the_shared_engine_usable(openai_serve
     out = s2(docs(40))
     c = s2.counters.to_dict()
     assert out.num_rows == 120 and not [k for k in c if k.startswith("errors/")] and s2.deferred == 0
+
+
+def _spy_flows(monkeypatch) -> list:
+    import curate.llm.stage as stage_mod
+
+    flows: list = []
+    init = stage_mod._Flow.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        flows.append(self)
+
+    monkeypatch.setattr(stage_mod._Flow, "__init__", spy)
+    return flows
+
+
+def test_rows_are_written_while_answers_still_arrive(openai_server, prompts, monkeypatch):
+    """A row is written (its output dicts made, its answers freed) once the rows before it are and
+    its own jobs are done, not at the end of the table: while the last row's answer is held, every
+    other row is already written; the output is the same rows in input order."""
+    flows = _spy_flows(monkeypatch)
+    n = 30
+    seen_written: list[int] = []
+
+    def responder(body):
+        if f"word{n - 1} alpha" in body["messages"][-1]["content"]:
+            deadline = time.time() + 20
+            while time.time() < deadline and (not flows or flows[-1].cursor < n - 1):
+                time.sleep(0.01)
+            seen_written.append(flows[-1].cursor)
+        return facts_answer(body)
+
+    st = openai_server.state
+    st.backend, st.responder = "script", responder
+    s = Facts(engine=engine(openai_server, concurrency=6), prompts_dir=str(prompts), max_tokens=32, cache=False)
+    out = s(docs(n))
+    assert seen_written == [n - 1]
+    assert out.column("source_id").to_pylist() == [f"d{i}" for i in range(n) for _ in range(3)]
+    assert out.column("id").to_pylist() == [f"d{i}#facts-{k}" for i in range(n) for k in range(3)]
+    assert not flows[-1].by_row and not flows[-1].open   # nothing left behind
+
+
+class _FollowUpElsewhere(Facts):
+    """A stage whose follow-up job is for another row (``target``) than its parent's (row 0)."""
+
+    name = "test_facts_elsewhere"
+    target = 0
+
+    def jobs(self, unit):
+        jobs = super().jobs(unit)
+        if unit.index == 3:
+            for job in jobs:
+                job.then = lambda res: [Job(self.target, [self.ask(self.config.template, row={"id": "x"},
+                                                                   text="word0 again")],
+                                            lambda cs: self.parse({"id": "x"}, cs))]
+        return jobs
+
+
+def test_follow_up_for_a_written_row_is_an_error_and_for_a_later_row_writes_at_the_end(openai_server, prompts):
+    """Jobs are for their own row. A follow-up for a row already written cannot join it: a clear
+    error naming the step. One for a row not written yet turns writing-as-you-go off: all rows come
+    out at the end, in order, the follow-up's rows with its target row."""
+    def responder(body):
+        if "word3 alpha" in body["messages"][-1]["content"]:
+            time.sleep(0.5)   # row 0 is written by the time row 3's answer comes back
+        return facts_answer(body)
+
+    st = openai_server.state
+    st.backend, st.responder = "script", responder
+    s = _FollowUpElsewhere(engine=engine(openai_server, concurrency=4), prompts_dir=str(prompts), max_tokens=32,
+                           cache=False)
+    with pytest.raises(StageError, match="test_facts_elsewhere.*row 0, which was already written"):
+        s(docs(8))
+    s = _FollowUpElsewhere(engine=engine(openai_server, concurrency=4), prompts_dir=str(prompts), max_tokens=32,
+                           cache=False)
+    s.target = 7
+    out = s(docs(8))
+    src = out.column("source_id").to_pylist()
+    assert src == sorted(src, key=lambda x: int(x[1:])) and src.count("d7") == 3 + 2 and src.count("d3") == 3   # "word0 again": 2 facts
