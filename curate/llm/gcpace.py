@@ -45,6 +45,19 @@ def threshold() -> int:
                          "as it is)") from None
 
 
+def _after_fork_in_child() -> None:
+    """A child forked while a stream ran: no stream runs in it, so its collector is put back."""
+    global _lock, _depth, _saved
+    _lock = threading.Lock()
+    if _depth and _saved is not None:
+        gc.set_threshold(*_saved)
+    _depth, _saved = 0, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextlib.contextmanager
 def paced() -> Iterator[None]:
     """Raise the collector's young threshold while the body runs (see the module's docstring)."""

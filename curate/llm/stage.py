@@ -40,7 +40,9 @@ The base class does the rest:
 - continuous flow: requests go to an engine :class:`~curate.engines.base.Stream` that keeps the
   engine's window full across rows (``concurrency`` x 2 for the openai engine; ``batch_size``
   requests per call for the local engines), a row's follow-up requests leave as soon as its first
-  answer parsed, and output rows are written in input order;
+  answer parsed, and output rows are written in input order as soon as a row is final (its jobs
+  done, the rows before it written; the table's end only assembles columns), with the garbage
+  collector paced while the stream runs (:mod:`curate.llm.gcpace`);
 - one definition of the sampling options (``temperature``, ``top_p``, ``max_tokens``, ``stop``,
   ``seed``) -> :meth:`LLMStage.sampling`;
 - answer schemas (:mod:`curate.llm.structured`): a recipe's ``answer_schema`` (a pydantic model;

@@ -133,3 +133,19 @@ def test_a_stage_stream_runs_paced_and_frees_its_rows_before_restoring(openai_se
     assert len(seen) == n and set(seen) == {DEFAULT_THRESHOLD}
     assert gc.get_threshold() == (700, 10, 10)
     assert flows and alive_at_exit == [False]
+
+
+def test_a_child_forked_during_a_stream_gets_the_collector_back():
+    import os
+
+    with paced():
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the child: no stream runs in it
+            os.write(w, repr(gc.get_threshold()).encode())
+            os._exit(0)
+        os.close(w)
+        got = os.read(r, 100).decode()
+        os.waitpid(pid, 0)
+        assert gc.get_threshold()[0] == DEFAULT_THRESHOLD   # the parent's stream still runs
+    assert got == "(700, 10, 10)"
