@@ -27,7 +27,9 @@ and accounting cannot be forgotten. What a recipe may give besides ``requests``/
 - ``jobs(unit) -> [Job]`` instead of ``requests``/``parse``, when a row's requests are parsed
   separately; a ``Job`` may carry ``then(result) -> [Job]``, a follow-up phase run as soon as
   that job is finished (entigraph's relation requests after its entity answer; instruction_synth's
-  next round), with ``emit=False`` when its own rows are only input to the follow-up;
+  next round), with ``emit=False`` when its own rows are only input to the follow-up; a job and
+  its follow-ups are for the unit's own row (a job for another row makes the table written at its
+  end instead of as rows become final; one for a row already written is a ``StageError``);
 - annotation stages (``synthetic = False``: the parse result becomes new columns of the input row)
   name what a row without text (``empty_row``) or with a failed request (``failed_row``) becomes.
 
