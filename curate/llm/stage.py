@@ -506,6 +506,20 @@ class LLMStage(MapStage):
                 budget.settle(est_tokens, est_cost, est_tokens, est_cost)
 
     # -- rows in, rows out ---------------------------------------------------------------------------
+    def min_batch_rows(self) -> int:
+        """Rows a runner batch (and task) of this step should hold at least (0: no minimum). A table
+        ends with its engine's window draining (the last answers arriving one by one, fewer and
+        fewer in flight), so a table should be several windows long: 8 windows of the openai engine
+        (16 x ``concurrency``; batch mode uploads a table at once) and of vLLM (1,024 requests a call).
+        With 1,000-row batches, ``concurrency: 512`` ran ``curate run`` at 0.47 of the bound."""
+        eng = self.config.engine
+        kind = getattr(eng, "kind", "")
+        if kind == "openai" and getattr(eng, "mode", "online") == "online":
+            return 16 * int(eng.concurrency)
+        if kind == "vllm":
+            return 8 * 1024
+        return 0
+
     def rows(self, table: pa.Table) -> list[dict[str, Any]]:
         cols = [c for c in dict.fromkeys((*self.reads, "id")) if c in table.schema.names]
         data = {c: table.column(c).to_pylist() for c in cols}

@@ -343,17 +343,22 @@ class Runner:
         return True
 
     # -- segments ----------------------------------------------------------------------------------
-    def _head_tasks(self, head: Step, llm: bool = False) -> list[InputSlice]:
+    def _head_tasks(self, head: Step, llm: bool = False, min_rows: int = 0) -> list[InputSlice]:
         """One task per shard of the materialised input; shards are split into row ranges when
         there are fewer of them than workers. A chain with an LLM stage is split into
         ``LLM_TASKS_PER_WORKER`` tasks per worker: the work of a row varies a lot (chunks, retries,
-        answer lengths), and small tasks pulled as workers free up keep every worker busy."""
+        answer lengths), and small tasks pulled as workers free up keep every worker busy; but not
+        below ``min_rows`` rows a task (the LLM steps' ``min_batch_rows``: each task ends with its
+        engine's window draining) unless that leaves a worker without a task."""
         shards = self._shards[head.name]
         urls = self.outputs[head.name]
         total = sum(s["rows"] for s in shards)
         if total < 2 or (len(shards) >= self.workers and not llm):
             return [InputSlice(u) for u in urls]
-        chunk = max(1, math.ceil(total / (self.workers * (LLM_TASKS_PER_WORKER if llm else 1))))
+        n = self.workers * (LLM_TASKS_PER_WORKER if llm else 1)
+        if llm and min_rows:   # fewer, longer tasks, but one per worker at least
+            n = max(min(self.workers, n), min(n, total // min_rows))
+        chunk = max(1, math.ceil(total / n))
         tasks = []
         for url, sh in zip(urls, shards):
             starts = range(0, sh["rows"], chunk)
@@ -383,11 +388,16 @@ class Runner:
         if self._skip_finished(target):
             return
         t_start = time.monotonic()
+        # a chain with an LLM step: tasks of at least its min_batch_rows, read in one batch each
+        # (up to twice that; a batch ends with the engine's window draining: many small batches
+        # keep it half empty)
+        min_rows = max([s.stage.min_batch_rows() for s in seg.chain if _calls_llm(s.stage)], default=0)
         if seg.source is not None:
             tasks: list[Any] = seg.source.stage.tasks()
             task_ids = [t.id for t in tasks]
         else:
-            tasks = self._head_tasks(seg.head, llm=any(_calls_llm(s.stage) for s in seg.chain))
+            tasks = self._head_tasks(seg.head, llm=any(_calls_llm(s.stage) for s in seg.chain),
+                                     min_rows=min_rows)
             task_ids = [t.id for t in tasks]
         records, stale = read_task_records(self.layout, target.name, target.fingerprint, task_ids)
         if stale:
@@ -405,7 +415,8 @@ class Runner:
                   out_dir=self.layout.url_of(self.layout.step_dir(target.name)),
                   state_dir=self.layout.url_of(self.layout.state_dir(target.name)),
                   side_dirs={n: self.layout.url_of(self.layout.step_dir(n)) for n in names},
-                  task_ids=tuple(task_ids), batch_size=self.spec.batch_size,
+                  task_ids=tuple(task_ids), batch_size=max(self.spec.batch_size, 2 * min_rows),
+                  coalesce=min_rows > 0,
                   rows_per_shard=self.spec.rows_per_shard, plugins=tuple(self.spec.plugins),
                   plugin_dirs=tuple(plugin_dirs(self.pipe.path if os.path.exists(self.pipe.path) else None)),
                   cpus=res.cpus, gpus=res.gpus, memory_gb=res.memory_gb,

@@ -57,6 +57,9 @@ class SegmentJob:
     memory_gb: float | None = None      # the rest of the segment's Resources (stage.py), for runners
     replicas: int | None = None
     max_retries: int = 2
+    # a chain with an LLM step: small tables are joined up to batch_size (each batch ends with the
+    # engine's window draining; a source's own batches can be smaller than the LLM step wants)
+    coalesce: bool = False
 
     @property
     def specs(self) -> list[WorkerStep]:
@@ -251,12 +254,30 @@ def _report(key: str, rows: int, tokens: int = 0) -> None:
         q.put((key, rows, tokens))
 
 
-def _rebatch(tables: Iterator[pa.Table], size: int) -> Iterator[pa.Table]:
+def _rebatch(tables: Iterator[pa.Table], size: int, coalesce: bool = False) -> Iterator[pa.Table]:
+    """Tables of at most ``size`` rows; ``coalesce``: consecutive small tables joined up to it."""
+    if not coalesce:
+        for t in tables:
+            if t.num_rows <= size:
+                yield t
+            else:
+                yield from slices(t, size)
+        return
+    held: list[pa.Table] = []
+    rows = 0
     for t in tables:
-        if t.num_rows <= size:
-            yield t
-        else:
-            yield from slices(t, size)
+        for part in (slices(t, size) if t.num_rows > size else (t,)):
+            if held and rows + part.num_rows > size:
+                yield _concat(held)
+                held, rows = [], 0
+            held.append(part)
+            rows += part.num_rows
+    if held:
+        yield _concat(held)
+
+
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
 
 
 def run_task(job: SegmentJob, index: int, item: Any) -> TaskRecord:
@@ -276,7 +297,7 @@ def run_task(job: SegmentJob, index: int, item: Any) -> TaskRecord:
         tables = src.read(item)
     else:
         tables = item.read(job.batch_size)
-    batches = _rebatch(tables, job.batch_size)
+    batches = _rebatch(tables, job.batch_size, job.coalesce)
     while True:
         c0 = time.perf_counter()
         t = next(batches, None)

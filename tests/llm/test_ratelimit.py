@@ -209,18 +209,27 @@ def test_identical_requests_in_a_batch_go_out_once():
 
 def test_llm_progress_and_finer_tasks(tmp_path, caplog):
     """An LLM step's progress line counts requests (done, in flight, failed) and tokens, and the
-    step is split into 4 tasks per worker so workers pull work as they free up."""
+    step is split into 4 tasks per worker so workers pull work as they free up, as long as a task
+    keeps at least 16 x concurrency rows (each task ends with the engine's window draining); with
+    fewer rows, one task per worker."""
     from curate.run import run_pipeline
     from curate.pipeline.stats import Progress
 
     caplog.set_level(logging.INFO, logger="curate")
     with FakeOpenAI(latency=0.01) as srv:
-        res = run_pipeline(pipeline(str(tmp_path), srv, n_docs=30, price_prompt=1.0, price_completion=2.0))
-    assert res.stats["generate"]["out"] == 30
+        res = run_pipeline(pipeline(str(tmp_path), srv, n_docs=128, concurrency=1, price_prompt=1.0,
+                                    price_completion=2.0))
+    assert res.stats["generate"]["out"] == 128
     done = os.listdir(os.path.join(str(tmp_path), "out", "_curate", "state", "generate", "done"))
-    assert len(done) == 2 * 4
+    assert len(done) == 2 * 4   # 128 rows = 8 tasks of 16 x concurrency
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[generate]")]
-    assert any("LLM requests 30 done, 0 in flight, 0 failed" in l for l in lines), lines
+    assert any("LLM requests 128 done, 0 in flight, 0 failed" in l for l in lines), lines
+    with FakeOpenAI(latency=0.01) as srv:
+        (tmp_path / "few").mkdir()
+        res = run_pipeline(pipeline(str(tmp_path / "few"), srv, n_docs=30), progress=False)
+    assert res.stats["generate"]["out"] == 30
+    done = os.listdir(os.path.join(str(tmp_path / "few"), "out", "_curate", "state", "generate", "done"))
+    assert len(done) == 2       # 30 rows at concurrency 8: one task per worker
     # the ETA comes from the first answers, before any batch of rows is finished
     p = Progress("g", total=100, tty=False, interval=1e9)
     p.tasks(0, 4)
