@@ -67,3 +67,16 @@ def read_step(out: str, step: str) -> dict[str, pa.Table]:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recorded(path: str, got: dict) -> dict:
+    """The digests recorded in ``path`` (a golden test's JSON); with ``CURATE_RECORD_GOLDEN=1``
+    ``got`` is written there first (after an intended change of the outputs)."""
+    import json
+
+    if os.environ.get("CURATE_RECORD_GOLDEN"):
+        with open(path, "w") as f:
+            json.dump(got, f, indent=1, sort_keys=True)
+            f.write("\n")
+    with open(path) as f:
+        return json.load(f)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 
 from curate.testing.fake_openai import FakeOpenAI
+from helpers import recorded
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -94,13 +95,7 @@ def test_llm_stage_outputs_have_their_recorded_content():
         s = LlmRate(engine=eng, format="dataman", parse_retries=1, cache=False)
         got["llm_rate"] = digest(s, s(pa.table({"id": [f"l{i}" for i in range(len(RATE_TEXTS))],
                                                 "text": RATE_TEXTS})), url)
-    if os.environ.get("CURATE_RECORD_GOLDEN"):
-        with open(GOLDEN, "w") as f:
-            json.dump(got, f, indent=1, sort_keys=True)
-            f.write("\n")
-    with open(GOLDEN) as f:
-        want = json.load(f)
-    assert got == want
+    assert got == recorded(GOLDEN, got)
 
 
 @pytest.mark.parametrize("stage", ["facts", "generate", "entigraph", "rc_llm", "llm_rate"])

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from curate.cli import quickstart_path
+from helpers import recorded
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "quickstart_digests.json")
 
@@ -47,12 +48,7 @@ def test_quickstart_steps_have_their_recorded_content(tmp_path):
     res = run_pipeline(d, progress=False)
     got = {"python": "%d.%d.%d" % sys.version_info[:3],
            "steps": {name: list(digest(res.output, name)) for name in res.stats}}
-    if os.environ.get("CURATE_RECORD_GOLDEN"):
-        with open(GOLDEN, "w") as f:
-            json.dump(got, f, indent=1, sort_keys=True)
-            f.write("\n")
-    with open(GOLDEN) as f:
-        want = json.load(f)
+    want = recorded(GOLDEN, got)
     if want["python"] != got["python"]:
         pytest.skip(f"digests recorded with Python {want['python']}, this is {got['python']}")
     assert got["steps"] == want["steps"]
