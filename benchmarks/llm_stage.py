@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -33,25 +32,16 @@ def serve(port_box, low: float, high: float, seed: int) -> None:
     latency; run in its own process, as a real inference server would be."""
     import asyncio
 
+    from curate.testing.fake_openai import chat_response, read_request
+
     rng = random.Random(seed)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = json.loads(await reader.readexactly(length))
+                _, body = await read_request(reader)
                 await asyncio.sleep(rng.uniform(low, high))
-                text = body["messages"][-1]["content"][::-1]
-                data = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": text}}],
-                                   "usage": {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(data)).encode() + b"\r\n\r\n" + data)
+                writer.write(chat_response(body, body["messages"][-1]["content"][::-1]))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass

@@ -121,6 +121,30 @@ def echo(body: dict[str, Any]) -> str:
     return str(body.get("prompt") or "")[::-1]
 
 
+async def read_request(reader: Any) -> tuple[bytes, dict[str, Any]]:
+    """One request from an asyncio HTTP/1.1 keep-alive connection (the minimal servers of
+    benchmarks/llm_stage.py and the transport tests): (request line, JSON body). Raises
+    ``asyncio.IncompleteReadError`` when the client closed the connection."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return lines[0], json.loads(await reader.readexactly(length))
+
+
+def chat_response(body: dict[str, Any], text: str, tokens: int = 8) -> bytes:
+    """An HTTP/1.1 200 answer with a chat completion of ``text`` for request ``body``."""
+    data = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": text}}],
+                       "usage": {"prompt_tokens": tokens, "completion_tokens": tokens,
+                                 "total_tokens": 2 * tokens}}).encode()
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(data)).encode() + b"\r\n\r\n" + data)
+
+
 @dataclass
 class Entry:
     t0: float          # time.time() the request arrived

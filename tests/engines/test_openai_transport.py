@@ -5,13 +5,13 @@ in a thread of the test process."""
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 
 import pytest
 
 from curate.engines import Request, SamplingParams, make_engine
+from curate.testing.fake_openai import chat_response, read_request
 
 
 class _SlowServer:
@@ -34,25 +34,15 @@ class _SlowServer:
         self.writers.add(writer)
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.split(b"\r\n")
-                self.lines.append(lines[0])
-                length = 0
-                for line in lines[1:]:
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = json.loads(await reader.readexactly(length))
+                line, body = await read_request(reader)
+                self.lines.append(line)
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
                     await asyncio.sleep(self.delay)
                 finally:
                     self.in_flight -= 1
-                data = json.dumps({"choices": [{"index": 0, "finish_reason": "stop", "message": {
-                    "role": "assistant", "content": body["messages"][-1]["content"][::-1]}}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 3}}).encode()
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(data)).encode() + b"\r\n\r\n" + data)
+                writer.write(chat_response(body, body["messages"][-1]["content"][::-1], tokens=3))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
